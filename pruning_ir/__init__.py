@@ -1,0 +1,19 @@
+"""pruning_ir: structured channel pruning for PyTorch models.
+
+The pipeline, one module each: ``tracing`` (record a forward pass into an fx graph) ->
+``propagation`` + ``channel_rules`` (which channels must go together) -> ``labels``
+(labels and dependency groups) -> ``criteria`` (scores) -> ``selectors`` (which labels
+to remove) -> ``pruning`` (remove them physically).
+"""
+
+from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
+                     TracingError)
+from .ir import PruningIR
+from .labels import DependencyGroup, Label
+from .tracing import LeafModule
+
+__all__ = [
+    "PruningIR", "Label", "DependencyGroup", "LeafModule",
+    "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
+]
+__version__ = "0.1.0"

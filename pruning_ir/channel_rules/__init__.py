@@ -1,0 +1,15 @@
+"""Channel rules, one small function per op, registered by op name or module type.
+
+Where each op's rule lives:
+- ``elementwise``: activations, add/sub/mul/div with broadcasting, reductions, softmax.
+- ``layers``: conv, transposed conv, linear, matmul/addmm, batch/instance/group/layer norm, embedding, PReLU.
+- ``shapes``: view/reshape/flatten, permute/transpose, expand/repeat, cat/stack, split/chunk, indexing.
+- ``spatial``: pooling, interpolate, pad, pixel shuffle, channel shuffle.
+- ``attention``: scaled_dot_product_attention, nn.MultiheadAttention.
+- ``recurrent``: LSTM/GRU/RNN.
+"""
+
+from . import attention, elementwise, layers, recurrent, shapes, spatial  # noqa: F401  (registration)
+from .registry import RuleContext, channel_rule, find_rule, module_rule, registered_ops
+
+__all__ = ["RuleContext", "channel_rule", "module_rule", "find_rule", "registered_ops"]

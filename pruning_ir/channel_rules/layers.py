@@ -1,0 +1,264 @@
+"""Channel rules for layers with parameters: conv, linear, matmul, norms, embedding, PReLU."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from ..channels import TensorLayout, dim_atoms, pinned
+from .registry import RuleContext, channel_rule
+
+
+def consume(ctx: RuleContext, layout: TensorLayout | None, dim: int, size: int,
+            parameter_atoms: np.ndarray | None) -> np.ndarray | None:
+    """Tie the channels an op contracts over (input ``dim``) to the parameter slice reading them."""
+    atoms = None if layout is None else layout.dims[dim]
+    if parameter_atoms is not None:
+        ctx.union(parameter_atoms, atoms if atoms is not None else pinned(size))
+    if atoms is not None and not layout.dead_is_zero:
+        ctx.mark_inexact(atoms, "a removed channel would carry a nonzero value into this op")
+    return atoms
+
+
+def bind_sizes(ctx: RuleContext, parameter, **sizes: np.ndarray | None) -> None:
+    """Bind ``module.<attribute>`` to kept-channel counts when the op runs in the module owning ``parameter``."""
+    owner = ctx.owner_module(parameter)
+    if owner is None:
+        return
+    path, module = owner
+    for attribute, atoms in sizes.items():
+        if atoms is not None and hasattr(module, attribute):
+            ctx.bind_attribute(path, attribute, atoms)
+
+
+@channel_rule("conv1d", "conv2d", "conv3d")
+def convolution(ctx: RuleContext) -> TensorLayout:
+    source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
+    groups = ctx.argument(6, "groups", 1)
+    layout = ctx.layout(source)
+    channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
+    out_channels, in_per_group = ctx.shape(weight)[:2]
+    in_channels = ctx.shape(source)[channel_dim]
+    out_atoms = ctx.atoms_of(weight, 0)
+    out_dims = [None] * len(ctx.out_shape)
+    if out_atoms is None:
+        ctx.pin_layout(layout, "convolution with a computed (non-parameter) weight")
+        return TensorLayout(tuple(out_dims))
+    if isinstance(bias, fx.Node):
+        ctx.union(out_atoms, ctx.atoms_of(bias, 0))
+    kernel_in = ctx.atoms_of(weight, 1)
+    if groups == 1:
+        in_atoms = consume(ctx, layout, channel_dim, in_channels, kernel_in)
+        bind_sizes(ctx, weight, in_channels=kernel_in if in_atoms is not None else None, out_channels=out_atoms)
+    elif in_per_group == 1:
+        # Depthwise family: input channel g feeds outputs g*m..g*m+m-1; whole groups go together.
+        per_group = out_channels // groups
+        in_atoms = consume(ctx, layout, channel_dim, in_channels, None)
+        ctx.pin(kernel_in, "a depthwise kernel has one input channel per group")
+        ctx.union(np.repeat(dim_atoms(layout, channel_dim, in_channels), per_group), out_atoms)
+        owner = ctx.owner_module(weight)
+        if owner is None:
+            ctx.pin(out_atoms, "groups is a literal argument of a functional grouped convolution")
+        else:
+            ctx.bind_attribute(owner[0], "groups", out_atoms, divisor=per_group)
+            bind_sizes(ctx, weight, in_channels=dim_atoms(layout, channel_dim, in_channels),
+                       out_channels=out_atoms)
+    else:
+        # Grouped: keep the number of groups; remove the same channel index from every group.
+        consume(ctx, layout, channel_dim, in_channels, np.tile(kernel_in, groups))
+        by_group = out_atoms.reshape(groups, -1)
+        ctx.union(by_group[1:].ravel(), by_group[:-1].ravel())
+        bind_sizes(ctx, weight, in_channels=np.tile(kernel_in, groups), out_channels=out_atoms)
+    out_dims[channel_dim] = out_atoms
+    return TensorLayout(tuple(out_dims))
+
+
+@channel_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def transposed_convolution(ctx: RuleContext) -> TensorLayout:
+    source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
+    groups = ctx.argument(6, "groups", 1)
+    layout = ctx.layout(source)
+    channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
+    out_dims = [None] * len(ctx.out_shape)
+    if groups != 1 or ctx.parameter_name(weight) is None:
+        ctx.pin_layout(layout, "grouped or computed-weight transposed convolution")
+        return TensorLayout(tuple(out_dims))
+    kernel_in = ctx.atoms_of(weight, 0)
+    in_atoms = consume(ctx, layout, channel_dim, ctx.shape(source)[channel_dim], kernel_in)
+    out_atoms = ctx.atoms_of(weight, 1)
+    if isinstance(bias, fx.Node):
+        ctx.union(out_atoms, ctx.atoms_of(bias, 0))
+    bind_sizes(ctx, weight, in_channels=kernel_in if in_atoms is not None else None, out_channels=out_atoms)
+    out_dims[channel_dim] = out_atoms
+    return TensorLayout(tuple(out_dims))
+
+
+@channel_rule("linear")
+def linear(ctx: RuleContext) -> TensorLayout:
+    source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
+    layout = ctx.layout(source)
+    shape = ctx.shape(source)
+    in_atoms = consume(ctx, layout, len(shape) - 1, shape[-1], ctx.atoms_of(weight, 1))
+    out_atoms = ctx.atoms_of(weight, 0)
+    if out_atoms is not None and isinstance(bias, fx.Node):
+        ctx.union(out_atoms, ctx.atoms_of(bias, 0))
+    bind_sizes(ctx, weight, in_features=ctx.atoms_of(weight, 1) if in_atoms is not None else None,
+               out_features=out_atoms)
+    dims = list(layout.dims[:-1]) if layout is not None else [None] * (len(shape) - 1)
+    return TensorLayout(tuple(dims + [out_atoms]))
+
+
+def matmul_dims(ctx: RuleContext, left, right) -> list:
+    """Output dims of ``left @ right`` (torch.matmul semantics), tying batch and contracted dims."""
+    left_shape, right_shape = ctx.shape(left), ctx.shape(right)
+    left_contracted = len(left_shape) - 1
+    right_contracted = 0 if len(right_shape) == 1 else len(right_shape) - 2
+    consume(ctx, ctx.layout(left), left_contracted, left_shape[-1], ctx.atoms_of(right, right_contracted))
+    out_shape = ctx.out_shape
+    rows = ctx.atoms_of(left, -2) if len(left_shape) >= 2 else None
+    columns = ctx.atoms_of(right, -1) if len(right_shape) >= 2 else None
+    batch_ndim = len(out_shape) - (len(left_shape) >= 2) - (len(right_shape) >= 2)
+    dims = []
+    for d in range(batch_ndim):
+        spanning = []
+        for value, shape in ((left, left_shape[:-2]), (right, right_shape[:-2])):
+            local = d - (batch_ndim - len(shape))
+            if local >= 0 and shape[local] == out_shape[d] and out_shape[d] != 1:
+                spanning.append(ctx.atoms_of(value, local))
+        carriers = [a for a in spanning if a is not None]
+        if carriers and len(carriers) < len(spanning):
+            ctx.pin(carriers[0], "batched matmul against a tensor without channel identity here")
+        elif len(carriers) == 2:
+            ctx.union(carriers[0], carriers[1])
+        dims.append(carriers[0] if carriers else None)
+    if len(left_shape) >= 2:
+        dims.append(rows)
+    if len(right_shape) >= 2:
+        dims.append(columns)
+    return dims
+
+
+@channel_rule("matmul", "mm", "bmm")
+def matmul(ctx: RuleContext) -> TensorLayout:
+    left, right = ctx.argument(0, "input"), ctx.argument(1, "other", ctx.argument(1, "mat2"))
+    return TensorLayout(tuple(matmul_dims(ctx, left, right)), dead_is_zero=True)
+
+
+@channel_rule("rmatmul")
+def reflected_matmul(ctx: RuleContext) -> TensorLayout:
+    return TensorLayout(tuple(matmul_dims(ctx, ctx.argument(1), ctx.argument(0))))
+
+
+@channel_rule("addmm", "baddbmm", "addbmm")
+def add_matmul(ctx: RuleContext) -> TensorLayout:
+    bias, left, right = ctx.argument(0, "input"), ctx.argument(1), ctx.argument(2)
+    dims = matmul_dims(ctx, left, right)
+    bias_shape = ctx.shape(bias)
+    for local in range(len(bias_shape)):
+        d = len(dims) - len(bias_shape) + local
+        if bias_shape[local] == ctx.out_shape[d] and bias_shape[local] != 1:
+            ctx.union(dims[d] if dims[d] is not None else pinned(bias_shape[local]),
+                      ctx.atoms_of(bias, local))
+    return TensorLayout(tuple(dims))
+
+
+def normalization(ctx: RuleContext, parameters: tuple, dead_is_zero: bool) -> TensorLayout | None:
+    """Per-channel normalization along dim 1: every parameter/statistic is indexed by channel."""
+    source = ctx.argument(0, "input")
+    layout = ctx.layout(source)
+    if layout is None or layout.ndim < 2:
+        return layout
+    atoms = dim_atoms(layout, 1, ctx.shape(source)[1])
+    anchor = None
+    for value in parameters:
+        if isinstance(value, fx.Node):
+            ctx.union(atoms, ctx.atoms_of(value, 0))
+            anchor = anchor or value
+    if anchor is not None:
+        bind_sizes(ctx, anchor, num_features=atoms)
+    return TensorLayout(layout.dims, dead_is_zero)
+
+
+@channel_rule("batch_norm")
+def batch_norm(ctx: RuleContext) -> TensorLayout | None:
+    mean, var, weight, bias = (ctx.argument(i, n) for i, n in
+                               ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
+    return normalization(ctx, (weight, bias, mean, var), dead_is_zero=isinstance(weight, fx.Node))
+
+
+@channel_rule("instance_norm")
+def instance_norm(ctx: RuleContext) -> TensorLayout | None:
+    mean, var, weight, bias = (ctx.argument(i, n) for i, n in
+                               ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
+    return normalization(ctx, (weight, bias, mean, var), dead_is_zero=True)
+
+
+@channel_rule("group_norm")
+def group_norm(ctx: RuleContext) -> TensorLayout | None:
+    layout = ctx.layout(ctx.argument(0, "input"))
+    groups, weight, bias = ctx.argument(1, "num_groups"), ctx.argument(2, "weight"), ctx.argument(3, "bias")
+    if layout is None or layout.dims[1] is None:
+        return layout
+    atoms = layout.dims[1]
+    by_group = atoms.reshape(groups, -1)
+    # Statistics are per group: only whole groups can be removed exactly.
+    ctx.union(by_group[:, 1:].ravel(), by_group[:, :-1].ravel())
+    for value in (weight, bias):
+        if isinstance(value, fx.Node):
+            ctx.union(atoms, ctx.atoms_of(value, 0))
+    owner = ctx.owner_module(weight) if isinstance(weight, fx.Node) else None
+    if owner is None:
+        ctx.pin(atoms, "num_groups is a literal argument of a functional group_norm")
+    else:
+        ctx.bind_attribute(owner[0], "num_groups", atoms, divisor=by_group.shape[1])
+        ctx.bind_attribute(owner[0], "num_channels", atoms)
+    return layout
+
+
+@channel_rule("layer_norm", "rms_norm")
+def layer_norm(ctx: RuleContext) -> TensorLayout | None:
+    layout = ctx.layout(ctx.argument(0, "input"))
+    normalized_shape = tuple(ctx.argument(1, "normalized_shape"))
+    weight = ctx.argument(2, "weight")
+    bias = ctx.argument(3, "bias") if ctx.op == "layer_norm" else None
+    if layout is None:
+        return None
+    first = layout.ndim - len(normalized_shape)
+    owner = ctx.owner_module(weight) if isinstance(weight, fx.Node) else None
+    module_owner = next(((p, m) for p, m in ctx.enclosing_modules()
+                         if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)))), None)
+    for index, size in enumerate(normalized_shape):
+        atoms = layout.dims[first + index]
+        if atoms is None:
+            continue
+        ctx.mark_inexact(atoms, "normalized over channels: removing one changes the statistics")
+        for value in (weight, bias):
+            if isinstance(value, fx.Node):
+                ctx.union(atoms, ctx.atoms_of(value, index))
+        if module_owner is not None and module_owner[0] == ctx.module_path:
+            ctx.bind_attribute(module_owner[0], "normalized_shape", atoms, tuple_index=index)
+        elif owner is None:
+            ctx.size_follows(size, atoms, "normalized_shape")
+    return TensorLayout(layout.dims, dead_is_zero=isinstance(weight, fx.Node))
+
+
+@channel_rule("embedding")
+def embedding(ctx: RuleContext) -> TensorLayout:
+    indices, weight = ctx.argument(0, "input"), ctx.argument(1, "weight")
+    columns = ctx.atoms_of(weight, 1)
+    bind_sizes(ctx, weight, embedding_dim=columns)
+    return TensorLayout((None,) * len(ctx.shape(indices)) + (columns,))
+
+
+@channel_rule("prelu")
+def prelu(ctx: RuleContext) -> TensorLayout | None:
+    layout, weight = ctx.layout(ctx.argument(0, "input")), ctx.argument(1, "weight")
+    if layout is None:
+        return None
+    if ctx.shape(weight)[0] > 1:
+        channel_dim = 1 if layout.ndim > 1 else 0
+        atoms = layout.dims[channel_dim]
+        ctx.union(dim_atoms(layout, channel_dim, ctx.shape(weight)[0]), ctx.atoms_of(weight, 0))
+        bind_sizes(ctx, weight, num_parameters=atoms)
+    return layout

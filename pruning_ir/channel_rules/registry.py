@@ -1,0 +1,230 @@
+"""The channel-rule registry and the context a rule works through.
+
+A channel rule is a small function ``rule(ctx) -> layout`` registered for op names
+(``@channel_rule("conv2d")``) or module types (``@module_rule(nn.LSTM)``). It reads its
+inputs' layouts from ``ctx``, states facts through ``ctx`` (unions, pins, parameter and
+attribute bindings) and returns the layout of its output (a tuple for ops returning
+several tensors). Rules share no state: everything goes through the context.
+
+An op without a rule is a barrier: the channels of its inputs are pinned, and its
+outputs carry no channel identity. Nothing is ever assumed element-wise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from ..channels import AttributeBinding, TensorLayout
+from ..tracing import ShapeInt
+
+if TYPE_CHECKING:
+    from ..labels import PropagationState
+
+Rule = Callable[["RuleContext"], Any]
+_OP_RULES: dict[str, Rule] = {}
+_MODULE_RULES: dict[type, Rule] = {}
+
+# Module attributes that forward code commonly uses as sizes; a literal in a size
+# argument equal to one of these on an enclosing module is taken to be that attribute,
+# which is then updated by prune(). Anything else literal on a channel dimension pins it.
+SIZE_ATTRIBUTES = (
+    "num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "heads",
+    "head_dim", "attention_head_size", "all_head_size", "embed_dim", "hidden_size", "split_size",
+    "nf", "inner_dim", "dim", "channels", "num_channels", "in_channels", "out_channels",
+    "in_features", "out_features", "num_features", "hidden_dim", "intermediate_size",
+)
+
+
+def channel_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for torch ops by name (``conv2d`` covers ``torch.conv2d`` and ``F.conv2d``)."""
+
+    def register(rule: Rule) -> Rule:
+        for name in names:
+            if name in _OP_RULES:
+                raise ValueError(f"a channel rule for '{name}' is already registered")
+            _OP_RULES[name] = rule
+        return rule
+
+    return register
+
+
+def module_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for leaf modules of these types (and their subclasses)."""
+
+    def register(rule: Rule) -> Rule:
+        for module_type in types:
+            _MODULE_RULES[module_type] = rule
+        return rule
+
+    return register
+
+
+def op_name(node: fx.Node) -> str:
+    """The name a node's op is registered under: ``torch.add``, ``Tensor.add``, ``x + y`` and
+    ``x.add_`` are all ``add``; reflected operators keep an ``r`` (``rsub``, ``rmatmul``)."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name.startswith("i") and name[1:] in _OP_RULES:
+            name = name[1:]
+    elif name.endswith("_") and name[:-1] in _OP_RULES:
+        name = name[:-1]
+    return name
+
+
+def find_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    if node.op == "call_module":
+        for klass in type(module).__mro__:
+            if klass in _MODULE_RULES:
+                return _MODULE_RULES[klass]
+        return None
+    return _OP_RULES.get(op_name(node))
+
+
+def registered_ops() -> list[str]:
+    return sorted(_OP_RULES)
+
+
+class RuleContext:
+    """What a rule sees of one node, and the only way it states facts."""
+
+    def __init__(self, state: "PropagationState", node: fx.Node):
+        self.state = state
+        self.node = node
+        self.atoms = state.atoms
+        stack = node.meta.get("module_stack", ())
+        self.module_stack: tuple[str, ...] = tuple(stack)
+        self.module_path = self.module_stack[-1] if self.module_stack else ""
+        self.op = op_name(node) if node.op != "call_module" else type(self.module).__name__
+
+    # -- reading ----------------------------------------------------------------------
+    def argument(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def layout(self, value: Any) -> TensorLayout | None:
+        """The layout of a tensor argument; None for anything that is not a tensor."""
+        return self.state.layout_of(value) if isinstance(value, fx.Node) else None
+
+    def shape(self, value: Any) -> tuple[int, ...]:
+        return tuple(value.meta["shape"])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.node.meta["shape"])
+
+    @property
+    def module(self) -> nn.Module | None:
+        if self.node.op != "call_module":
+            return None
+        return self.state.model.get_submodule(self.node.target)
+
+    def enclosing_modules(self):
+        for path in reversed(self.module_stack):
+            yield path, self.state.model.get_submodule(path)
+
+    def parameter_name(self, value: Any) -> str | None:
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            return value.target
+        return None
+
+    def owner_module(self, parameter: Any) -> tuple[str, nn.Module] | None:
+        """The enclosing module that owns this parameter directly (``conv.weight`` -> ``conv``)."""
+        name = self.parameter_name(parameter)
+        if name is None or not self.module_stack:
+            return None
+        owner = name.rpartition(".")[0]
+        if owner != self.module_path:
+            return None
+        return owner, self.state.model.get_submodule(owner)
+
+    def where(self) -> str:
+        return f"{self.op} in '{self.module_path or '<model>'}'"
+
+    # -- facts --------------------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        return self.atoms.fresh(n)
+
+    def union(self, left: np.ndarray, right: np.ndarray) -> None:
+        self.atoms.union(left, right, f"{self.where()}: meets a position without channel identity")
+
+    def union_all(self, atoms: np.ndarray) -> None:
+        atoms = np.asarray(atoms).ravel()
+        self.union(atoms[:-1], atoms[1:]) if atoms.size > 1 else None
+
+    def tie(self, atoms_list: list, reason: str) -> np.ndarray | None:
+        """Positions that meet (element-wise, concatenated side by side, batched): union them
+        all; if one side has no channel identity, pin the others. Returns the joint atoms."""
+        carriers = [a for a in atoms_list if a is not None]
+        if len(carriers) < len(atoms_list):
+            for atoms in carriers:
+                self.pin(atoms, reason)
+            return None
+        for atoms in carriers[1:]:
+            if atoms is not carriers[0]:
+                self.union(carriers[0], atoms)
+        return carriers[0] if carriers else None
+
+    def pin(self, atoms: np.ndarray | None, reason: str) -> None:
+        if atoms is not None:
+            self.atoms.pin(atoms, f"{self.where()}: {reason}")
+
+    def pin_layout(self, layout: TensorLayout | None, reason: str) -> None:
+        if layout is not None:
+            for atoms in layout.dims:
+                self.pin(atoms, reason)
+
+    def mark_inexact(self, atoms: np.ndarray | None, reason: str) -> None:
+        if atoms is not None:
+            self.atoms.mark_inexact(atoms, f"{self.where()}: {reason}")
+
+    def atoms_of(self, value: Any, dim: int) -> np.ndarray | None:
+        """The atoms of dimension ``dim`` of a tensor argument (None: no channel identity)."""
+        layout = self.layout(value)
+        return None if layout is None else layout.dims[dim % layout.ndim]
+
+    def parameter_atoms(self, name: str, dim: int) -> np.ndarray | None:
+        """The atoms of a parameter a leaf module uses internally (no node refers to it)."""
+        return self.state.parameter_atoms(name, dim)
+
+    def bind_attribute(self, module_path: str, attribute: str, atoms: np.ndarray,
+                       divisor: int = 1, tuple_index: int | None = None) -> None:
+        self.state.attribute_bindings.append(
+            AttributeBinding(module_path, attribute, np.asarray(atoms, dtype=np.int64), divisor, tuple_index))
+
+    def size_kind(self, value: Any) -> str:
+        """``free``: -1 or read from a tensor; ``attribute``: a literal equal to a known size
+        attribute of an enclosing module; ``literal``: hard-coded in forward()."""
+        if value is None or isinstance(value, (ShapeInt, fx.Node)) or value == -1:
+            return "free"
+        return "attribute" if self._size_attribute(value) else "literal"
+
+    def _size_attribute(self, value: int) -> tuple[str, str] | None:
+        for path, module in self.enclosing_modules():
+            for attribute in SIZE_ATTRIBUTES:
+                if type(getattr(module, attribute, None)) is int and getattr(module, attribute) == value:
+                    return path, attribute
+        return None
+
+    def size_follows(self, value: Any, atoms: np.ndarray | None, what: str) -> bool:
+        """Whether a size argument on a channel dimension follows pruning.
+
+        A free size follows; an attribute-bound literal is bound to the attribute (prune()
+        updates it); any other literal is hard-coded, and the dimension's channels are pinned.
+        """
+        if atoms is None:
+            return True
+        kind = self.size_kind(value)
+        if kind == "attribute":
+            self.bind_attribute(*self._size_attribute(value), atoms)
+        elif kind == "literal":
+            self.pin(atoms, f"{what} is the literal {value} in forward()")
+        return kind != "literal"

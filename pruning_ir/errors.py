@@ -1,0 +1,23 @@
+"""Errors raised by pruning_ir; each names the problem it reports."""
+
+from __future__ import annotations
+
+
+class PruningIRError(Exception):
+    """Base class of every error pruning_ir raises on purpose."""
+
+
+class TracingError(PruningIRError):
+    """The model could not be recorded into a graph (strict tracing, or a failing forward)."""
+
+
+class ModelExecutionError(TracingError):
+    """The model raised while running on the example inputs it was given."""
+
+
+class LabelsNotInferredError(PruningIRError):
+    """Labels are needed but the IR has not seen example inputs yet."""
+
+
+class InvalidLabelsError(PruningIRError, ValueError):
+    """Labels passed to prune() are foreign, duplicated, or would empty a group."""

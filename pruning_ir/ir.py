@@ -1,0 +1,217 @@
+"""PruningIR: the user-facing object that ties tracing, labels and pruning together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InvalidLabelsError, LabelsNotInferredError, PruningIRError
+from .labels import ChannelIndex, DependencyGroup, Label
+from .propagation import propagate
+from .pruning import prune_model
+from .tracing import LeafModule, LeafPolicy, trace_model
+
+# Modules whose internals are not recorded because a rule describes them whole.
+BUILTIN_LEAF_TYPES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
+
+
+class PruningIR:
+    """Channel-level intermediate representation of a model, for structured pruning.
+
+    ``PruningIR(model)`` is cheap; labels are inferred from concrete inputs, on the first
+    call inside a criterion or explicitly with :meth:`infer_labels`. ``prune(labels=...)``
+    returns a new IR whose ``.model`` is the same class as the original, physically
+    smaller. Pruning replaces parameters: build the optimizer from ``ir.model.parameters()``
+    after pruning (an optimizer made before keeps the old, full-size tensors).
+    """
+
+    LeafModule = LeafModule
+
+    def __init__(self, model: nn.Module, *, leaf_modules: Iterable[Any] | None = None, soft_tracing: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PruningIR expects an nn.Module, got {type(model).__name__}")
+        self._model = model
+        self._leaf_modules = list(leaf_modules or ())
+        self._leaf_policy = LeafPolicy.from_argument(self._leaf_modules, BUILTIN_LEAF_TYPES)
+        self.soft_tracing = soft_tracing
+        self._index: ChannelIndex | None = None
+        self._example_inputs: tuple[tuple, dict] | None = None
+        self._consumed = False
+
+    # -- labels ---------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The model this IR describes (the pruned one, for an IR returned by prune())."""
+        return self._model
+
+    @property
+    def labels_inferred(self) -> bool:
+        return self._index is not None
+
+    def infer_labels(self, *args: Any, **kwargs: Any) -> "PruningIR":
+        """Trace the model on these example inputs and build its labels and dependency groups.
+
+        The model runs once in eval mode without gradients; its train/eval flags and
+        parameters are left as they were.
+        """
+        self._check_usable()
+        traced, _ = trace_model(self._model, args, kwargs, self._leaf_policy, strict=not self.soft_tracing)
+        state = propagate(self._model, traced)
+        self._index = ChannelIndex.from_propagation(state)
+        self._example_inputs = (args, kwargs)
+        self.graph = traced.graph
+        return self
+
+    @property
+    def groups(self) -> list[DependencyGroup]:
+        """Every dependency group, prunable or not."""
+        return list(self._require_index().groups)
+
+    def label_groups(self) -> list[list[Label]]:
+        """The labels of each prunable group, in ascending score (channel order while unscored)."""
+        result = []
+        for group in self._require_index().groups:
+            if group.prunable:
+                order = np.argsort(group.scores, kind="stable")
+                labels = group.labels
+                result.append([labels[i] for i in order])
+        return result
+
+    def labels(self) -> list[Label]:
+        return [label for group in self.label_groups() for label in group]
+
+    def snapshot(self, name: str = "main") -> "PruningIR":
+        """The IR's labels and scores under ``name`` (only "main" exists): selectors accept it."""
+        if name != "main":
+            raise KeyError(f"unknown snapshot '{name}'; this IR has only 'main'")
+        return self
+
+    def set_scores(self, scores: Mapping[Label, float] | Callable[[Label], float]) -> None:
+        """Set label scores directly: a mapping ``{label: score}`` or a callable ``label -> score``."""
+        index = self._require_index()
+        if callable(scores):
+            items = [(label, scores(label)) for label in self.labels()]
+        else:
+            items = list(scores.items())
+            self._check_labels([label for label, _ in items], allow_empty_group=True)
+        for label, score in items:
+            value = float(score)
+            if not np.isfinite(value):
+                raise ValueError(f"score for {label!r} is not finite: {score!r}")
+            index.class_scores[label.class_id] = value
+
+    # -- pruning --------------------------------------------------------------------------
+    def prune(self, name: str = "main", *, labels: Iterable[Label], inplace: bool = False,
+              skip_label_checking: bool = False) -> "PruningIR":
+        """Remove ``labels`` physically; returns the IR of the pruned model.
+
+        ``inplace=False`` (default) leaves the original model untouched and works on a copy;
+        ``inplace=True`` modifies it (less memory) and this IR can no longer be used.
+        """
+        self.snapshot(name)
+        index = self._require_index()
+        labels = list(labels)
+        if not skip_label_checking:
+            self._check_labels(labels)
+        classes = np.array([label.class_id for label in labels], dtype=np.int64)
+        removed = index.removal_mask(classes)
+        model = prune_model(self._model, index, removed, inplace)
+        pruned = PruningIR.__new__(PruningIR)
+        pruned.__dict__.update(self.__dict__)
+        pruned._model = model
+        pruned._index = index.without(removed)
+        if inplace:
+            self._consumed = True
+        return pruned
+
+    def zero_labels(self, labels: Iterable[Label]) -> None:
+        """Zero every parameter slice of these labels in place, so their channels carry exactly 0.
+
+        Pruning such labels afterwards leaves the outputs unchanged for groups whose
+        ``exact`` is True; it is how exactness is checked, and a cheap way to simulate pruning.
+        """
+        index = self._require_index()
+        labels = list(labels)
+        self._check_labels(labels, allow_empty_group=True)
+        removed = index.removal_mask(np.array([label.class_id for label in labels], dtype=np.int64))
+        with torch.no_grad():
+            for binding in index.parameter_bindings:
+                name = binding.target.name
+                module_path, _, attribute = name.rpartition(".")
+                if attribute not in self._model.get_submodule(module_path)._parameters:
+                    continue
+                drop = np.flatnonzero(removed[binding.classes])
+                if drop.size:
+                    tensor = self._model.get_parameter(name)
+                    tensor.index_fill_(binding.target.dim, torch.as_tensor(drop, device=tensor.device), 0.0)
+
+    # -- checks ---------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._consumed:
+            raise PruningIRError("this PruningIR was pruned with inplace=True; use the IR that prune() returned")
+
+    def _require_index(self) -> ChannelIndex:
+        self._check_usable()
+        if self._index is None:
+            raise LabelsNotInferredError(
+                "labels are not inferred yet: call ir.infer_labels(*example_inputs), or run the model "
+                "once inside a criterion (with LossAwareCriterion(ir) as collector: collector(inputs))")
+        return self._index
+
+    def _check_labels(self, labels: list, allow_empty_group: bool = False) -> None:
+        index = self._require_index()
+        removed_per_group: dict[int, set[int]] = {}
+        for label in labels:
+            if not isinstance(label, Label):
+                raise InvalidLabelsError(f"expected Label objects, got {type(label).__name__}: {label!r}")
+            if label.group.index.token != index.token:
+                raise InvalidLabelsError(
+                    f"{label!r} belongs to another PruningIR (labels must come from this IR's "
+                    "label_groups(); after prune(), select again on the returned IR)")
+            removed_per_group.setdefault(label.group.id, set()).add(label.channel)
+        if allow_empty_group:
+            return
+        for gid, channels in removed_per_group.items():
+            group = index.groups[gid]
+            if len(channels) == len(group.classes) and group.pinned_count == 0:
+                raise InvalidLabelsError(
+                    f"these labels remove all {len(channels)} channels of group {gid} "
+                    f"(modules {group.modules[:4]}); keep at least one label per group")
+
+    # -- inspection -----------------------------------------------------------------------
+    def describe(self) -> str:
+        """Per group: modules and parameters it ties, channel counts, and why channels are unprunable."""
+        if self._index is None:
+            return f"PruningIR({type(self._model).__name__}): labels not inferred yet"
+        groups = self._index.groups
+        prunable = [g for g in groups if g.prunable]
+        lines = [f"PruningIR({type(self._model).__name__}): {sum(len(g.classes) for g in prunable)} labels "
+                 f"in {len(prunable)} prunable groups, {len(groups) - len(prunable)} unprunable groups"]
+        for group in groups:
+            status = "exact" if group.exact else "inexact"
+            lines.append(f"group {group.id}: {len(group.classes)}/{group.channel_count} channels prunable "
+                         f"({status}); modules: {', '.join(group.modules[:6]) or '-'}"
+                         f"{' ...' if len(group.modules) > 6 else ''}")
+            lines.append(f"    parameters: {', '.join(group.parameters[:8]) or '-'}"
+                         f"{' ...' if len(group.parameters) > 8 else ''}")
+            for reason in group.unprunable_reasons:
+                lines.append(f"    unprunable: {reason}")
+            for reason in group.inexact_reasons[:2]:
+                lines.append(f"    inexact: {reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def __repr__(self) -> str:
+        state = "not inferred" if self._index is None else f"{len(self._index.groups)} groups"
+        return f"<PruningIR of {type(self._model).__name__}: {state}>"
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("graph", None)  # the recorded graph is for inspection; it is not needed to prune
+        return state

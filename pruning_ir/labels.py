@@ -1,0 +1,226 @@
+"""Labels and dependency groups: the vectorized index maps built once from a propagation.
+
+A *class* is a set of atoms the rules unioned: removing it removes every position that
+holds one of its atoms, in every activation, parameter and buffer. A class that appears
+in an activation and is not pinned is a :class:`Label`. Classes that share an activation
+dimension form a :class:`DependencyGroup` (e.g. all the channels of one residual stream).
+Everything is stored as arrays of class ids, so pruning filters arrays and never
+re-traces or re-propagates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .channels import PINNED, AttributeBinding, ParameterBinding, connected_components
+from .propagation import PropagationState
+
+_MAX_REASONS = 6
+
+
+@dataclass
+class ChannelSite:
+    """Dimension ``dim`` of the output of graph node ``node`` holds these classes."""
+
+    node: str
+    module_path: str
+    dim: int
+    classes: np.ndarray
+
+
+class Label:
+    """One removable channel (or head, or channel group): a class within a dependency group."""
+
+    __slots__ = ("group", "channel")
+
+    def __init__(self, group: "DependencyGroup", channel: int):
+        self.group = group
+        self.channel = channel
+
+    @property
+    def class_id(self) -> int:
+        return int(self.group.classes[self.channel])
+
+    @property
+    def score(self) -> float:
+        return float(self.group.index.class_scores[self.class_id])
+
+    @score.setter
+    def score(self, value: float) -> None:
+        self.group.index.class_scores[self.class_id] = value
+
+    def _key(self) -> tuple:
+        return (self.group.index.token, self.group.id, self.channel)
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Label) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return f"Label(group={self.group.id}, channel={self.channel}, score={self.score:.4g})"
+
+
+@dataclass(eq=False)
+class DependencyGroup:
+    """Channels that must be pruned consistently, and where they live."""
+
+    index: "ChannelIndex"
+    id: int
+    classes: np.ndarray               # prunable classes, in channel order
+    pinned_count: int                 # channels of this group that can never be removed
+    unprunable_reasons: list[str] = field(default_factory=list)
+    inexact_reasons: list[str] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[Label]:
+        return [Label(self, i) for i in range(len(self.classes))]
+
+    @property
+    def channel_count(self) -> int:
+        return len(self.classes) + self.pinned_count
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.classes) > 0
+
+    @property
+    def exact(self) -> bool:
+        """True when removing a dead (all-zero) label leaves the model's outputs unchanged."""
+        return not self.inexact_reasons
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.index.class_scores[self.classes]
+
+    def __repr__(self) -> str:
+        return (f"DependencyGroup(id={self.id}, labels={len(self.classes)}, pinned={self.pinned_count}, "
+                f"parameters={self.parameters[:4]}{'...' if len(self.parameters) > 4 else ''})")
+
+
+def _add_reason(reasons: list[str], reason: str) -> None:
+    if reason not in reasons and len(reasons) < _MAX_REASONS:
+        reasons.append(reason)
+
+
+@dataclass(eq=False)
+class ClassBinding:
+    """A parameter dimension or module attribute, with the class of each of its positions."""
+
+    target: ParameterBinding | AttributeBinding
+    classes: np.ndarray
+
+
+class ChannelIndex:
+    """Class of every position of every bound parameter, attribute and activation site."""
+
+    def __init__(self, class_count: int, parameter_bindings: list[ClassBinding],
+                 attribute_bindings: list[ClassBinding], sites: list[ChannelSite],
+                 pinned: np.ndarray, pin_reasons: list[tuple[np.ndarray, str]],
+                 inexact: list[tuple[np.ndarray, str]], class_scores: np.ndarray | None = None):
+        self.token = uuid.uuid4().hex
+        self.class_count = class_count
+        self.parameter_bindings = parameter_bindings
+        self.attribute_bindings = attribute_bindings
+        self.sites = sites
+        self.pinned = pinned
+        self.pin_reasons = pin_reasons
+        self.inexact = inexact
+        self.class_scores = np.zeros(class_count) if class_scores is None else class_scores
+        self.groups = self._build_groups()
+
+    @classmethod
+    def from_propagation(cls, state: PropagationState) -> "ChannelIndex":
+        class_of = state.atoms.classes()
+        pinned = np.zeros(len(class_of), dtype=bool)
+        pinned[PINNED] = True
+        pin_reasons = [(np.unique(class_of[atoms]), reason) for atoms, reason in state.atoms.pins]
+        for classes, _ in pin_reasons:
+            pinned[classes] = True
+        inexact = [(np.unique(class_of[atoms]), reason) for atoms, reason in state.atoms.inexact]
+        parameters = [ClassBinding(b, class_of[b.atoms]) for b in state.parameter_bindings.values()]
+        attributes = [ClassBinding(b, class_of[b.atoms]) for b in state.attribute_bindings]
+        sites = []
+        for node, layout in state.layouts.items():
+            if node in state.parameter_derived or not hasattr(layout, "dims"):
+                continue
+            stack = node.meta.get("module_stack", ())
+            for dim, atoms in enumerate(layout.dims):
+                if atoms is not None:
+                    sites.append(ChannelSite(node.name, stack[-1] if stack else "", dim, class_of[atoms]))
+        return cls(len(class_of), parameters, attributes, sites, pinned, pin_reasons, inexact)
+
+    # -- groups ---------------------------------------------------------------------------
+    def _build_groups(self) -> list[DependencyGroup]:
+        if not self.sites:
+            return []
+        site_classes = [np.unique(s.classes[s.classes != PINNED]) for s in self.sites]
+        left = np.concatenate([c[:-1] for c in site_classes])
+        right = np.concatenate([c[1:] for c in site_classes])
+        group_of = connected_components(self.class_count, left, right)
+        ordered = np.concatenate([s.classes for s in self.sites])
+        ordered = ordered[ordered != PINNED]
+        present, first = np.unique(ordered, return_index=True)
+        present = present[np.argsort(first, kind="stable")]
+        roots, group_ids = np.unique(group_of[present], return_inverse=True)
+        _, first_member = np.unique(group_ids, return_index=True)
+        root_order = np.argsort(first_member, kind="stable")
+        renumber = np.empty(len(roots), dtype=np.int64)
+        renumber[root_order] = np.arange(len(roots))
+        group_ids = renumber[group_ids]
+        self.group_of_class = np.full(self.class_count, -1, dtype=np.int64)
+        self.group_of_class[present] = group_ids
+        groups = []
+        for gid in range(len(roots)):
+            members = present[group_ids == gid]
+            free = members[~self.pinned[members]]
+            groups.append(DependencyGroup(self, gid, free, int(len(members) - len(free))))
+        self._describe_groups(groups)
+        return groups
+
+    def _groups_touching(self, classes: np.ndarray) -> np.ndarray:
+        groups = self.group_of_class[classes[classes != PINNED]]
+        return np.unique(groups[groups >= 0])
+
+    def _describe_groups(self, groups: list[DependencyGroup]) -> None:
+        for classes, reason in self.pin_reasons:
+            for gid in self._groups_touching(classes):
+                _add_reason(groups[gid].unprunable_reasons, reason)
+        for classes, reason in self.inexact:
+            for gid in self._groups_touching(classes):
+                _add_reason(groups[gid].inexact_reasons, reason)
+        for binding in self.parameter_bindings:
+            for gid in self._groups_touching(binding.classes):
+                groups[gid].parameters.append(f"{binding.target.name}[{binding.target.dim}]")
+                owner = binding.target.name.rpartition(".")[0]
+                if owner not in groups[gid].modules:
+                    groups[gid].modules.append(owner)
+        for site in self.sites:
+            for gid in self._groups_touching(site.classes):
+                if site.module_path and site.module_path not in groups[gid].modules:
+                    groups[gid].modules.append(site.module_path)
+
+    # -- pruning --------------------------------------------------------------------------
+    def removal_mask(self, classes: np.ndarray) -> np.ndarray:
+        removed = np.zeros(self.class_count, dtype=bool)
+        removed[classes] = True
+        return removed
+
+    def without(self, removed: np.ndarray) -> "ChannelIndex":
+        """The index of the pruned model: every array keeps only the surviving positions."""
+
+        def keep(classes: np.ndarray) -> np.ndarray:
+            return classes[~removed[classes]]
+
+        parameters = [ClassBinding(b.target, keep(b.classes)) for b in self.parameter_bindings]
+        attributes = [ClassBinding(b.target, keep(b.classes)) for b in self.attribute_bindings]
+        sites = [ChannelSite(s.node, s.module_path, s.dim, keep(s.classes)) for s in self.sites]
+        sites = [s for s in sites if len(s.classes)]
+        return ChannelIndex(self.class_count, parameters, attributes, sites, self.pinned,
+                            self.pin_reasons, self.inexact, self.class_scores.copy())

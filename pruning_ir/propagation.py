@@ -1,0 +1,122 @@
+"""Propagation: one pass over the traced graph that runs each node's channel rule.
+
+Like ``torch.fx.passes.shape_prop.ShapeProp``, but what flows along the edges is a
+:class:`TensorLayout` (which channel atom sits at each position) instead of a shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+from torch import nn
+
+from .channel_rules import RuleContext, find_rule
+from .channel_rules.registry import op_name
+from .channels import AtomTable, AttributeBinding, ParameterBinding, TensorLayout
+from .errors import PruningIRError
+from .tracing import TracedGraph
+
+
+class PropagationState:
+    """Layouts of the nodes visited so far, and the facts rules stated about them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.atoms = AtomTable()
+        self.layouts: dict[fx.Node, Any] = {}
+        self.parameter_bindings: dict[tuple[str, int], ParameterBinding] = {}
+        self.attribute_bindings: list[AttributeBinding] = []
+        self.parameter_derived: set[fx.Node] = set()
+
+    def parameter_atoms(self, name: str, dim: int) -> np.ndarray | None:
+        """Atoms of one dimension of a parameter or buffer, made once (size-1 dims have none)."""
+        key = (name, dim)
+        if key not in self.parameter_bindings:
+            tensor = _named_tensor(self.model, name)
+            if tensor is None or tensor.shape[dim] == 1:
+                return None
+            self.parameter_bindings[key] = ParameterBinding(name, dim, self.atoms.fresh(tensor.shape[dim]))
+        return self.parameter_bindings[key].atoms
+
+    def layout_of(self, node: fx.Node, allow_tuple: bool = False) -> Any:
+        layout = self.layouts.get(node)
+        if layout is None and node.op == "get_attr":
+            ndim = len(node.meta["shape"])
+            layout = TensorLayout(tuple(self.parameter_atoms(node.target, d) for d in range(ndim)))
+            self.layouts[node] = layout
+        if isinstance(layout, tuple) and not allow_tuple:
+            return None
+        return layout
+
+
+def _named_tensor(model: nn.Module, name: str):
+    module_path, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    tensor = getattr(module, attribute, None)
+    return tensor if hasattr(tensor, "shape") else None
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if n.meta.get("shape") is not None or n.op != "get_attr"]
+
+
+def _barrier(ctx: RuleContext, reason: str) -> None:
+    for value in ctx.node.all_input_nodes:
+        ctx.pin_layout(ctx.state.layout_of(value), reason)
+
+
+def _check_layout(node: fx.Node, layout: Any, rule_name: str) -> None:
+    shape = node.meta.get("shape")
+    if shape is None or layout is None:
+        return
+    if not isinstance(layout, TensorLayout) or layout.ndim != len(shape) or any(
+            atoms is not None and len(atoms) != size for atoms, size in zip(layout.dims, shape)):
+        raise PruningIRError(
+            f"internal error: the channel rule for '{rule_name}' gave a layout that does not match "
+            f"the output shape {tuple(shape)} of node {node.name}; please report it")
+
+
+def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
+    """Run every node's channel rule in graph order and pin what reaches the model outputs."""
+    state = PropagationState(model)
+    for node in traced.graph.nodes:
+        if node.op == "placeholder" or node.meta.get("external"):
+            state.layouts[node] = TensorLayout.empty(len(node.meta["shape"]))
+            continue
+        if node.op == "get_attr":
+            state.layout_of(node)
+            state.parameter_derived.add(node)
+            continue
+        if node.op == "output":
+            ctx = RuleContext(state, node)
+            for value in traced.output_nodes:
+                ctx.pin_layout(state.layout_of(value), "reaches the model output")
+            continue
+        module = model.get_submodule(node.target) if node.op == "call_module" else None
+        ctx = RuleContext(state, node)
+        rule = find_rule(node, module)
+        if rule is None:
+            what = f"leaf module '{node.target}' ({type(module).__name__})" if module is not None \
+                else f"op '{op_name(node)}'"
+            _barrier(ctx, f"{what} has no channel rule")
+            result = None
+        else:
+            result = rule(ctx)
+        if result is None and node.meta.get("shape") is not None:
+            result = TensorLayout.empty(len(node.meta["shape"]))
+        _check_layout(node, result, ctx.op)
+        state.layouts[node] = result
+        inputs = _tensor_inputs(node)
+        if inputs and all(n in state.parameter_derived for n in inputs):
+            state.parameter_derived.add(node)
+        if module is not None:
+            spec = traced.leaf_specs.get(node.target)
+            if spec is not None and not spec.prunable_input:
+                _barrier(ctx, "leaf module declared with prunable_input=False")
+            if spec is not None and not spec.prunable_output:
+                for layout in (result if isinstance(result, tuple) else (result,)):
+                    if isinstance(layout, TensorLayout):
+                        ctx.pin_layout(layout, "leaf module declared with prunable_output=False")
+    return state

@@ -1,0 +1,326 @@
+"""Tracing: record one concrete forward pass of a model into a torch.fx graph.
+
+Why a concrete recorder and not ``torch.fx.symbolic_trace`` or ``torch.export``:
+symbolic tracing stops at any Python control flow on tensor values or shapes, which
+rules out most Hugging Face models (BERT, GPT-2, LLaMA all fail it); ``torch.export``
+traces them but specializes every shape to a literal (``view(B, T, -1, D)`` becomes
+``view(2, 5, 12, 64)``) and lowers to ATen, losing both the difference between a size
+that follows the channels and one hard-coded in ``forward``, and the modules that own
+the parameters. Labels are inferred from concrete inputs anyway, so we run the model
+once under a ``TorchFunctionMode`` that writes every torch-level call (``F.conv2d``,
+``Tensor.view``, ``torch.cat``...) into an ``fx.Graph``: it follows any Python the
+model runs, keeps the arguments as written (``-1`` stays ``-1``), and sizes read from
+tensors come back as :class:`ShapeInt` so a rule can tell them from literals.
+Module forward hooks give each node its module stack and turn leaf modules into
+``call_module`` nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .errors import ModelExecutionError, TracingError
+
+
+class ShapeInt(int):
+    """An int read from a tensor's size, or computed from one.
+
+    A size argument that is a ShapeInt follows the tensor after pruning; a plain int
+    in the same place was written in ``forward`` and stays what it was.
+    """
+
+    def __reduce__(self):
+        return (ShapeInt, (int(self),))
+
+
+def _shape_int_op(name: str):
+    int_op = getattr(int, name)
+
+    def op(self, *others):
+        result = int_op(self, *others)
+        return ShapeInt(result) if type(result) is int else result
+
+    op.__name__ = name
+    return op
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+              "__floordiv__", "__rfloordiv__", "__mod__", "__neg__", "__pos__", "__abs__"):
+    setattr(ShapeInt, _name, _shape_int_op(_name))
+
+
+class LeafModule:
+    """Marks a module as an atomic unit of the IR (its forward is not recorded).
+
+    ``prunable_input`` / ``prunable_output``: when False, the channels entering /
+    leaving the module are never pruned, whatever its rule says.
+    """
+
+    def __init__(self, module: nn.Module, prunable_input: bool = True, prunable_output: bool = True):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"LeafModule expects an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.prunable_input = prunable_input
+        self.prunable_output = prunable_output
+
+    def __repr__(self) -> str:
+        return (f"LeafModule({type(self.module).__name__}, prunable_input={self.prunable_input}, "
+                f"prunable_output={self.prunable_output})")
+
+
+@dataclass
+class LeafPolicy:
+    """Which modules are leaves, resolved from the user's ``leaf_modules`` argument."""
+
+    types: tuple[type, ...] = ()
+    instances: dict[int, LeafModule] = field(default_factory=dict)
+
+    @classmethod
+    def from_argument(cls, leaf_modules: Iterable[Any] | None, builtin_types: tuple[type, ...]) -> "LeafPolicy":
+        types: list[type] = list(builtin_types)
+        instances: dict[int, LeafModule] = {}
+        for item in leaf_modules or ():
+            if isinstance(item, LeafModule):
+                instances[id(item.module)] = item
+            elif isinstance(item, type) and issubclass(item, nn.Module):
+                types.append(item)
+            elif isinstance(item, nn.Module):
+                instances[id(item)] = LeafModule(item)
+            else:
+                raise TypeError(
+                    "leaf_modules takes nn.Module types, nn.Module instances or PruningIR.LeafModule; "
+                    f"got {item!r}")
+        return cls(tuple(types), instances)
+
+    def leaf_spec(self, module: nn.Module) -> LeafModule | None:
+        if id(module) in self.instances:
+            return self.instances[id(module)]
+        if isinstance(module, self.types):
+            return LeafModule(module)
+        return None
+
+
+@dataclass
+class TracedGraph:
+    """A recorded forward pass: the graph and what the channel analysis needs beside it."""
+
+    graph: fx.Graph
+    input_nodes: list[fx.Node]
+    output_nodes: list[fx.Node]
+    leaf_specs: dict[str, LeafModule]
+
+
+_METADATA_GETTERS = {"dtype", "device", "requires_grad", "is_cuda", "ndim", "is_leaf", "grad_fn",
+                     "layout", "is_sparse", "is_quantized", "is_meta", "names", "itemsize", "nbytes",
+                     "is_nested", "grad", "_version", "output_nr", "_base", "is_mps", "is_xpu"}
+_TENSOR_GETTERS = {"T", "mT", "H", "mH", "data", "real", "imag"}
+_UNRECORDED = {"dim", "numel", "stride", "is_contiguous", "element_size", "nelement", "item",
+               "tolist", "storage_offset", "untyped_storage", "data_ptr", "get_device", "__len__",
+               "__bool__", "__format__", "__repr__", "__hash__", "__iter__", "is_floating_point",
+               "is_complex", "_is_view", "__reduce_ex__", "__deepcopy__", "numpy", "__array__",
+               "_set_grad_enabled", "__index__", "__int__", "__float__"}
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+
+
+class _Recorder(TorchFunctionMode):
+    """Writes each torch-level call of one forward pass into an fx graph."""
+
+    def __init__(self, model: nn.Module, leaf_policy: LeafPolicy, strict: bool):
+        super().__init__()
+        self.graph = fx.Graph()
+        self.strict = strict
+        self.leaf_policy = leaf_policy
+        self.parameter_names = {id(p): name for name, p in model.named_parameters()}
+        self.buffer_names = {id(b): name for name, b in model.named_buffers()}
+        self.module_paths = {id(m): name for name, m in model.named_modules()}
+        self.attribute_nodes: dict[str, fx.Node] = {}
+        self.tensor_nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
+        self.module_stack: list[str] = []
+        self.leaf_depth = 0
+        self.leaf_calls: list[tuple[nn.Module, LeafModule, tuple, dict]] = []
+        self.leaf_specs: dict[str, LeafModule] = {}
+
+    # -- tensors <-> nodes -------------------------------------------------------------
+    def bind_tensor(self, tensor: torch.Tensor, node: fx.Node) -> None:
+        node.meta["shape"] = tuple(tensor.shape)
+        node.meta["dtype"] = tensor.dtype
+        self.tensor_nodes[id(tensor)] = (weakref.ref(tensor), node)
+
+    def node_of(self, tensor: torch.Tensor) -> fx.Node:
+        name = self.parameter_names.get(id(tensor)) or self.buffer_names.get(id(tensor))
+        if name is not None:
+            node = self.attribute_nodes.get(name)
+            if node is None:
+                node = self.graph.get_attr(name)
+                node.meta.update(shape=tuple(tensor.shape), dtype=tensor.dtype, module_stack=())
+                self.attribute_nodes[name] = node
+            return node
+        entry = self.tensor_nodes.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        where = self.module_stack[-1] if self.module_stack else "<model>"
+        if self.strict:
+            raise TracingError(
+                f"in submodule '{where}': a tensor of shape {tuple(tensor.shape)} enters an op without "
+                "coming from the inputs, a parameter, a buffer or a recorded op (built outside torch?). "
+                "Use soft_tracing=True to treat it as a constant, or make the submodule a leaf.")
+        node = self.graph.call_function(torch.Tensor.clone, (tensor.detach().clone(),))
+        node.meta.update(external=True, module_stack=tuple(self.module_stack))
+        self.bind_tensor(tensor, node)
+        return node
+
+    def map_arguments(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.node_of(value)
+        if isinstance(value, torch.Size):
+            return tuple(value)
+        if isinstance(value, (list, tuple)):
+            mapped = [self.map_arguments(v) for v in value]
+            return type(value)(mapped) if type(value) in (list, tuple) else tuple(mapped)
+        if isinstance(value, dict):
+            return {k: self.map_arguments(v) for k, v in value.items()}
+        return value
+
+    def bind_outputs(self, result: Any, node: fx.Node) -> None:
+        node.meta["module_stack"] = tuple(self.module_stack)
+        if isinstance(result, torch.Tensor):
+            self.bind_tensor(result, node)
+            return
+        node.meta["shape"] = None
+        if isinstance(result, (list, tuple)):
+            for index, item in enumerate(result):
+                if isinstance(item, torch.Tensor):
+                    item_node = self.graph.call_function(operator.getitem, (node, index))
+                    item_node.meta["module_stack"] = tuple(self.module_stack)
+                    self.bind_tensor(item, item_node)
+
+    # -- the mode ----------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":
+            return self.property_access(func, args)
+        result = func(*args, **kwargs)
+        if self.leaf_depth:
+            return result
+        if name == "size":
+            return self.shape_ints(result)
+        if name in _UNRECORDED or not _has_tensor(result):
+            return result
+        self.record(func, args, kwargs, result)
+        return result
+
+    def property_access(self, getter, args):
+        attribute = getter.__self__.__name__
+        result = getter(*args)
+        if self.leaf_depth or attribute in _METADATA_GETTERS:
+            return result
+        if attribute == "shape":
+            return self.shape_ints(result)
+        if attribute in _TENSOR_GETTERS and isinstance(result, torch.Tensor):
+            node = self.graph.call_function(getattr, (self.node_of(args[0]), attribute))
+            self.bind_outputs(result, node)
+        return result
+
+    @staticmethod
+    def shape_ints(result):
+        if isinstance(result, torch.Size):
+            return torch.Size(ShapeInt(s) for s in result)
+        return ShapeInt(result) if isinstance(result, int) else result
+
+    def record(self, func, args, kwargs, result) -> None:
+        node_args = self.map_arguments(tuple(args))
+        node_kwargs = self.map_arguments(dict(kwargs))
+        qualname = getattr(func, "__qualname__", "")
+        if qualname.startswith(("TensorBase.", "Tensor.")) and node_args and isinstance(node_args[0], fx.Node):
+            node = self.graph.call_method(func.__name__, node_args, node_kwargs)
+        else:
+            node = self.graph.call_function(func, node_args, node_kwargs)
+        self.bind_outputs(result, node)
+
+    # -- module hooks ------------------------------------------------------------------
+    def pre_hook(self, module, args, kwargs):
+        path = self.module_paths.get(id(module), "?")
+        if self.leaf_depth:
+            self.leaf_depth += 1
+            return None
+        self.module_stack.append(path)
+        spec = self.leaf_policy.leaf_spec(module)
+        if spec is not None and path != "":
+            self.leaf_calls.append((module, spec, args, kwargs))
+            self.leaf_specs[path] = spec
+            node_args = self.map_arguments(tuple(args))
+            node_kwargs = self.map_arguments(dict(kwargs))
+            self.leaf_calls[-1] = (module, spec, node_args, node_kwargs)
+            self.leaf_depth = 1
+        return None
+
+    def post_hook(self, module, args, kwargs, output):
+        if self.leaf_depth > 1:
+            self.leaf_depth -= 1
+            return None
+        path = self.module_stack.pop() if self.module_stack else "?"
+        if self.leaf_depth == 1:
+            self.leaf_depth = 0
+            _, _, node_args, node_kwargs = self.leaf_calls.pop()
+            node = self.graph.call_module(path, node_args, node_kwargs)
+            self.module_stack.append(path)
+            self.bind_outputs(output, node)
+            self.module_stack.pop()
+        return None
+
+
+def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPolicy,
+                strict: bool = False) -> tuple[TracedGraph, Any]:
+    """Run ``model(*args, **kwargs)`` once and record it; returns the graph and the output.
+
+    The model runs in eval mode under ``torch.no_grad()`` (so batch-norm statistics are
+    not updated); the train/eval flag of every submodule is restored afterwards.
+    """
+    recorder = _Recorder(model, leaf_policy, strict)
+    flat_inputs, _ = pytree.tree_flatten((args, kwargs))
+    input_nodes = []
+    for index, value in enumerate(flat_inputs):
+        if isinstance(value, torch.Tensor):
+            node = recorder.graph.placeholder(f"input_{index}")
+            node.meta["module_stack"] = ()
+            recorder.bind_tensor(value, node)
+            input_nodes.append(node)
+    training_flags = {m: m.training for m in model.modules()}
+    handles = []
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
+        model.eval()
+        with torch.no_grad(), recorder:
+            try:
+                output = model(*args, **kwargs)
+            except TracingError:
+                raise
+            except Exception as error:
+                where = recorder.module_stack[-1] if recorder.module_stack else "<model>"
+                shapes = [tuple(t.shape) for t in flat_inputs if isinstance(t, torch.Tensor)]
+                raise ModelExecutionError(
+                    f"{type(model).__name__} failed on the example inputs (tensor shapes {shapes}) "
+                    f"in submodule '{where}': {type(error).__name__}: {error}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training_flags.items():
+            module.training = flag
+    output_nodes = [recorder.node_of(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    recorder.graph.output(tuple(output_nodes))
+    return TracedGraph(recorder.graph, input_nodes, output_nodes, recorder.leaf_specs), output
