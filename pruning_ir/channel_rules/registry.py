@@ -38,6 +38,10 @@ SIZE_ATTRIBUTES = (
     "in_features", "out_features", "num_features", "hidden_dim", "intermediate_size",
 )
 
+# Attributes that count heads: when a split by -1 makes heads, the innermost module's
+# attribute equal to the head count is kept in step with it.
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "heads")
+
 
 def channel_rule(*names: str) -> Callable[[Rule], Rule]:
     """Register ``rule`` for torch ops by name (``conv2d`` covers ``torch.conv2d`` and ``F.conv2d``)."""
@@ -213,6 +217,14 @@ class RuleContext:
                 if type(getattr(module, attribute, None)) is int and getattr(module, attribute) == value:
                     return path, attribute
         return None
+
+    def bind_head_count(self, size: int, atoms: np.ndarray) -> None:
+        """Keep a head-count attribute of the innermost module equal to ``size`` in step with ``atoms``."""
+        for path, module in self.enclosing_modules():
+            for attribute in HEAD_COUNT_ATTRIBUTES:
+                if type(getattr(module, attribute, None)) is int and getattr(module, attribute) == size:
+                    self.bind_attribute(path, attribute, atoms)
+                    return
 
     def size_follows(self, value: Any, atoms: np.ndarray | None, what: str) -> bool:
         """Whether a size argument on a channel dimension follows pruning.

@@ -78,6 +78,8 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
             axis = min(range(len(chunk_out)), key=lambda a: (kinds[a], a))
             moved = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)
             ctx.union(moved[:, :-1].ravel(), moved[:, 1:].ravel())
+            if kinds[axis] == 0:
+                ctx.bind_head_count(block.shape[axis], moved[:, 0])
         atoms = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)[:, 0].copy()
         if (atoms == PINNED).all():
             continue

@@ -1,0 +1,422 @@
+"""Exactness of pruning dead labels, op by op.
+
+Every model ends in a layer whose outputs are pinned (they reach the model output), so
+each test also checks that producers, consumers and the attributes in between agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import assert_exact_pruning, assert_prunes_and_runs
+from pruning_ir import PruningIR
+
+
+def seeded(module_factory):
+    torch.manual_seed(0)
+    return module_factory()
+
+
+def image(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+class ConvNet(nn.Module):
+    """conv -> bn -> act -> conv with configurable dimensionality and grouping."""
+
+    def __init__(self, dims=2, groups=1, mid=8, multiplier=1, act=nn.ReLU, transposed=False):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        tconv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}.get(dims)
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        self.stem = conv(3, mid, 3, padding=1)
+        self.bn1 = bn(mid)
+        self.act = act()
+        if transposed:
+            self.mid = tconv(mid, mid, 2, stride=2)
+        else:
+            self.mid = conv(mid, mid * multiplier, 3, padding=1, groups=groups)
+        self.bn2 = bn(mid * multiplier)
+        self.head = conv(mid * multiplier, 4, 1)
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.stem(x)))
+        return self.head(self.act(self.bn2(self.mid(x))))
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (2, 3, 16)), (2, (2, 3, 8, 8)), (3, (2, 3, 4, 4, 4))])
+def test_conv_nd(dims, shape):
+    assert_exact_pruning(seeded(lambda: ConvNet(dims=dims)), image(*shape))
+
+
+def test_grouped_conv_keeps_groups_and_removes_same_index_from_each():
+    model = seeded(lambda: ConvNet(groups=2))
+    ir, pruned, _ = assert_exact_pruning(model, image(2, 3, 8, 8))
+    assert pruned.model.mid.groups == 2
+    assert pruned.model.mid.in_channels % 2 == 0 and pruned.model.mid.out_channels % 2 == 0
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_conv_removes_whole_groups(multiplier):
+    model = seeded(lambda: ConvNet(groups=8, multiplier=multiplier))
+    ir, pruned, labels = assert_exact_pruning(model, image(2, 3, 8, 8))
+    mid = pruned.model.mid
+    assert mid.groups == mid.in_channels < 8
+    assert mid.out_channels == mid.groups * multiplier
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (2, 3, 8)), (2, (2, 3, 4, 4))])
+def test_conv_transpose(dims, shape):
+    model = seeded(lambda: ConvNet(dims=dims, transposed=True))
+    _, pruned, _ = assert_exact_pruning(model, image(*shape))
+    assert pruned.model.mid.in_channels == pruned.model.stem.out_channels
+
+
+class MLP(nn.Module):
+    def __init__(self, norm=None):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+        self.norm = norm
+
+    def forward(self, x):
+        x = F.gelu(self.fc1(x))
+        x = self.fc2(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.fc3(torch.relu(x))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 5, 6), (2, 3, 4, 6)])
+def test_linear_on_nd_inputs(shape):
+    _, pruned, _ = assert_exact_pruning(seeded(MLP), image(*shape))
+    assert pruned.model.fc1.out_features == pruned.model.fc2.in_features < 16
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.BatchNorm1d(12), lambda: nn.LayerNorm(12)])
+def test_norms_on_features(norm):
+    model = seeded(lambda: MLP(norm=norm()))
+    if isinstance(model.norm, nn.LayerNorm):
+        ir = PruningIR(model).infer_labels(image(4, 6))
+        normalized = [g for g in ir.groups if "norm" in g.modules]
+        assert normalized and not normalized[0].exact and "normalized over channels" in normalized[0].inexact_reasons[0]
+        pruned = assert_prunes_and_runs(model, image(4, 6), fraction=0.5)
+        assert pruned.model.norm.normalized_shape == (pruned.model.fc2.out_features,) != (12,)
+    else:
+        _, pruned, _ = assert_exact_pruning(model, image(4, 6))
+        assert pruned.model.norm.num_features == pruned.model.fc2.out_features < 12
+
+
+def test_batchnorm_on_sequences():
+    model = seeded(lambda: ConvNet(dims=1))
+    _, pruned, _ = assert_exact_pruning(model, image(2, 3, 16))
+    assert pruned.model.bn1.running_mean.shape[0] == pruned.model.stem.out_channels
+
+
+class NormNet(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = norm
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.silu(self.norm(self.conv(x))))
+
+
+def test_group_norm_removes_whole_groups():
+    model = seeded(lambda: NormNet(nn.GroupNorm(4, 8)))
+    ir, pruned, _ = assert_exact_pruning(model, image(2, 3, 6, 6))
+    group = next(g for g in ir.groups if "norm" in g.modules)
+    assert len(group.classes) == 4
+    assert pruned.model.norm.num_groups * 2 == pruned.model.norm.num_channels == pruned.model.conv.out_channels
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_instance_norm(affine):
+    model = seeded(lambda: NormNet(nn.InstanceNorm2d(8, affine=affine)))
+    assert_exact_pruning(model, image(2, 3, 6, 6))
+
+
+def test_prelu_per_channel():
+    model = seeded(lambda: ConvNet(act=lambda: nn.PReLU(8)))
+    _, pruned, _ = assert_exact_pruning(model, image(2, 3, 6, 6))
+    assert pruned.model.act.num_parameters == pruned.model.stem.out_channels
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.embed(ids))).mean(1)
+
+
+def test_embedding_columns():
+    ids = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+    _, pruned, _ = assert_exact_pruning(seeded(EmbeddingNet), ids)
+    assert pruned.model.embed.embedding_dim == pruned.model.fc.in_features < 12
+    assert pruned.model.embed.num_embeddings == 20
+
+
+class PoolingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.leaky_relu(self.conv1(x)), 2)
+        x = F.avg_pool2d(self.drop(torch.tanh(self.conv2(x))), 2)
+        x = F.interpolate(x, scale_factor=2, mode="nearest") + F.upsample(x, scale_factor=2)
+        return self.fc(F.adaptive_max_pool2d(x, 1).flatten(1))
+
+
+def test_activations_dropout_pooling_interpolate():
+    assert_exact_pruning(seeded(PoolingNet), image(2, 3, 8, 8))
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.reduce, self.expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.other = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, _, _ = y.shape
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        y = y * gate
+        y = (y - self.other(x)) / 2.0 + y * self.scale
+        y = y.view(b, c, -1).view(b, c, *x.shape[2:])
+        return self.head(y)
+
+
+def test_broadcast_add_sub_mul_div_and_squeeze_excitation():
+    ir, pruned, _ = assert_exact_pruning(seeded(SqueezeExcitation), image(2, 3, 6, 6))
+    model = pruned.model
+    assert model.conv.out_channels == model.other.out_channels == model.expand.out_channels \
+        == model.scale.shape[1] == model.head.in_channels < 8
+
+
+class ConcatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(10, 8, 1)
+        self.d = nn.Conv2d(4, 2, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+        first, second = y.chunk(2, dim=1)
+        third, fourth = torch.split(y, 4, dim=1)
+        return self.head(torch.cat([first + third, second * fourth], 1)) + self.d(first)
+
+
+def test_cat_split_chunk():
+    ir, pruned, _ = assert_exact_pruning(seeded(ConcatSplit), image(2, 3, 4, 4))
+    model = pruned.model
+    assert model.c.in_channels == model.a.out_channels + model.b.out_channels
+    assert model.c.out_channels == 2 * model.d.in_channels
+
+
+class Flattening(nn.Module):
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.fc = nn.Linear(16 * 5 * 5, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if self.style == "flatten":
+            x = torch.flatten(x, 1)
+        elif self.style == "view_size":
+            x = x.view(x.size(0), -1)
+        elif self.style == "reshape_shape":
+            x = x.reshape(x.shape[0], x.shape[1] * x.shape[2] * x.shape[3])
+        else:
+            x = x.view(-1, 16 * 5 * 5)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("style", ["flatten", "view_size", "reshape_shape"])
+def test_conv_features_flattened_into_linear(style):
+    _, pruned, _ = assert_exact_pruning(seeded(lambda: Flattening(style)), image(2, 3, 7, 7))
+    assert pruned.model.fc.in_features == pruned.model.conv.out_channels * 25
+
+
+def test_hard_coded_view_pins_channels_with_reason():
+    model = seeded(lambda: Flattening("literal"))
+    ir = PruningIR(model).infer_labels(image(2, 3, 7, 7))
+    conv_group = next(g for g in ir.groups if "conv" in g.modules)
+    assert not conv_group.prunable
+    assert any("literal 400" in reason for reason in conv_group.unprunable_reasons)
+    assert "literal 400" in ir.describe()
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, functional):
+        super().__init__()
+        self.functional = functional
+        self.left, self.right = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 1)
+        self.mix = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.left(x), self.right(x)], 1)
+        if self.functional:
+            y = F.channel_shuffle(y, 2)
+        else:
+            b, c, h, w = y.size()
+            y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        return self.mix(y)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_channel_shuffle_removes_same_channel_of_every_group(functional):
+    ir, pruned, _ = assert_exact_pruning(seeded(lambda: ChannelShuffle(functional)), image(2, 3, 4, 4))
+    group = next(g for g in ir.groups if "left" in g.modules)
+    assert len(group.classes) == 6 and "right" in group.modules
+    assert pruned.model.left.out_channels == pruned.model.right.out_channels
+
+
+class Permuting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 1)             # (B, L, C)
+        x = self.fc(x).transpose(1, 2).transpose(-1, -2)
+        return self.out(x)
+
+
+def test_permute_transpose():
+    _, pruned, _ = assert_exact_pruning(seeded(Permuting), image(2, 4, 10))
+    assert pruned.model.fc.in_features == pruned.model.conv.out_channels < 8
+
+
+class HandWrittenAttention(nn.Module):
+    def __init__(self, dim=16, heads=4, separate=False):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.separate = separate
+        if separate:
+            self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.embed = nn.Linear(5, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        if self.separate:
+            q, k, v = (layer(x).view(B, N, -1, self.head_dim).transpose(1, 2) for layer in (self.q, self.k, self.v))
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)
+        else:
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            attention = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(dim=-1)
+            y = attention @ v
+        y = y.transpose(1, 2).reshape(B, N, -1)
+        return self.head(x + self.proj(y))
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_hand_written_attention_removes_whole_heads(separate):
+    model = seeded(lambda: HandWrittenAttention(separate=separate))
+    ir, pruned, _ = assert_exact_pruning(model, image(2, 6, 5))
+    heads = next(g for g in ir.groups if "proj" in g.modules and ("q" in g.modules or "qkv" in g.modules)
+                 and "embed" not in g.modules)
+    assert len(heads.classes) == 4
+    assert pruned.model.num_heads < 4
+    assert pruned.model.proj.in_features == pruned.model.num_heads * 4
+
+
+class MHABlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head(x + self.attention(x, x, x, need_weights=False)[0])
+
+
+def test_multihead_attention_module():
+    ir, pruned, _ = assert_exact_pruning(seeded(MHABlock), image(2, 6, 5))
+    attention = pruned.model.attention
+    assert attention.num_heads < 4 and attention.embed_dim == attention.num_heads * 4
+    assert attention.in_proj_weight.shape == (3 * attention.embed_dim, attention.embed_dim)
+
+
+class FunctionalParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
+        self.kernel_bias = nn.Parameter(torch.randn(8))
+        self.weight = nn.Parameter(torch.randn(6, 8) * 0.2)
+        self.out = nn.Parameter(torch.randn(2, 6) * 0.2)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.kernel, self.kernel_bias, padding=1)).mean((2, 3))
+        return F.linear(torch.tanh(F.linear(x, self.weight)), self.out)
+
+
+def test_functional_ops_on_parameters():
+    _, pruned, _ = assert_exact_pruning(seeded(FunctionalParameters), image(2, 3, 5, 5))
+    assert pruned.model.kernel.shape[0] == pruned.model.weight.shape[1] < 8
+
+
+class SharedModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.head(self.shared(F.relu(self.shared(x))))
+
+
+def test_module_called_twice():
+    ir, pruned, _ = assert_exact_pruning(seeded(SharedModule), image(2, 3, 4, 4))
+    assert len([g for g in ir.groups if g.prunable]) == 1  # both sides of the shared conv are one group
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.rnn = cell(8, 12, batch_first=True)
+        self.fc = nn.Linear(12, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        features = self.conv(x).transpose(1, 2)
+        hidden = self.rnn(features)[0]
+        return self.out(F.relu(self.fc(hidden)))
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_recurrent_is_a_barrier_for_its_hidden_state_only(cell):
+    model = seeded(lambda: Recurrent(cell))
+    ir, pruned, _ = assert_exact_pruning(model, image(2, 3, 7))
+    assert not any("rnn" in g.modules and "fc" in g.modules for g in ir.groups if g.prunable)
+    assert pruned.model.rnn.input_size == pruned.model.conv.out_channels < 8
+    assert pruned.model.rnn.hidden_size == 12 and pruned.model.fc.out_features < 6
