@@ -162,9 +162,12 @@ class PruningIR:
                 "once inside a criterion (with LossAwareCriterion(ir) as collector: collector(inputs))")
         return self._index
 
+    def check_labels(self, labels: Iterable[Label]) -> None:
+        """Raise InvalidLabelsError if prune() would refuse these labels (foreign, or emptying a tensor)."""
+        self._check_labels(list(labels))
+
     def _check_labels(self, labels: list, allow_empty_group: bool = False) -> None:
         index = self._require_index()
-        removed_per_group: dict[int, set[int]] = {}
         for label in labels:
             if not isinstance(label, Label):
                 raise InvalidLabelsError(f"expected Label objects, got {type(label).__name__}: {label!r}")
@@ -172,15 +175,12 @@ class PruningIR:
                 raise InvalidLabelsError(
                     f"{label!r} belongs to another PruningIR (labels must come from this IR's "
                     "label_groups(); after prune(), select again on the returned IR)")
-            removed_per_group.setdefault(label.group.id, set()).add(label.channel)
         if allow_empty_group:
             return
-        for gid, channels in removed_per_group.items():
-            group = index.groups[gid]
-            if len(channels) == len(group.classes) and group.pinned_count == 0:
-                raise InvalidLabelsError(
-                    f"these labels remove all {len(channels)} channels of group {gid} "
-                    f"(modules {group.modules[:4]}); keep at least one label per group")
+        removed = index.removal_mask(np.array([label.class_id for label in labels], dtype=np.int64))
+        emptied = index.emptied(removed)
+        if emptied is not None:
+            raise InvalidLabelsError(f"these labels would remove {emptied}; keep at least one label per group")
 
     # -- inspection -----------------------------------------------------------------------
     def describe(self) -> str:

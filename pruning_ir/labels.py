@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .channels import PINNED, AttributeBinding, ParameterBinding, connected_components
+from .channels import PINNED, AttributeBinding, ParameterBinding
 from .propagation import PropagationState
 
 _MAX_REASONS = 6
@@ -158,26 +158,27 @@ class ChannelIndex:
 
     # -- groups ---------------------------------------------------------------------------
     def _build_groups(self) -> list[DependencyGroup]:
+        """Group the classes by the activation where each first appears (its origin).
+
+        A conv's output channels, a residual stream, an attention block's heads each
+        appear first together; a concatenation only juxtaposes channels that appeared
+        earlier, so it joins no groups.
+        """
+        self.group_of_class = np.full(self.class_count, -1, dtype=np.int64)
         if not self.sites:
             return []
-        site_classes = [np.unique(s.classes[s.classes != PINNED]) for s in self.sites]
-        left = np.concatenate([c[:-1] for c in site_classes])
-        right = np.concatenate([c[1:] for c in site_classes])
-        group_of = connected_components(self.class_count, left, right)
         ordered = np.concatenate([s.classes for s in self.sites])
-        ordered = ordered[ordered != PINNED]
+        site_of_position = np.repeat(np.arange(len(self.sites)), [len(s.classes) for s in self.sites])
+        keep = ordered != PINNED
+        ordered, site_of_position = ordered[keep], site_of_position[keep]
         present, first = np.unique(ordered, return_index=True)
-        present = present[np.argsort(first, kind="stable")]
-        roots, group_ids = np.unique(group_of[present], return_inverse=True)
-        _, first_member = np.unique(group_ids, return_index=True)
-        root_order = np.argsort(first_member, kind="stable")
-        renumber = np.empty(len(roots), dtype=np.int64)
-        renumber[root_order] = np.arange(len(roots))
-        group_ids = renumber[group_ids]
-        self.group_of_class = np.full(self.class_count, -1, dtype=np.int64)
+        by_appearance = np.argsort(first, kind="stable")
+        present, origin = present[by_appearance], site_of_position[first[by_appearance]]
+        new_group = np.concatenate([[True], origin[1:] != origin[:-1]])
+        group_ids = np.cumsum(new_group) - 1
         self.group_of_class[present] = group_ids
         groups = []
-        for gid in range(len(roots)):
+        for gid, start in enumerate(np.flatnonzero(new_group)):
             members = present[group_ids == gid]
             free = members[~self.pinned[members]]
             groups.append(DependencyGroup(self, gid, free, int(len(members) - len(free))))
@@ -211,6 +212,16 @@ class ChannelIndex:
         removed = np.zeros(self.class_count, dtype=bool)
         removed[classes] = True
         return removed
+
+    def emptied(self, removed: np.ndarray) -> str | None:
+        """What a removal would empty entirely (a parameter dimension or an activation), if anything."""
+        for binding in self.parameter_bindings:
+            if len(binding.classes) and removed[binding.classes].all():
+                return f"all {len(binding.classes)} positions of {binding.target.name}[dim {binding.target.dim}]"
+        for site in self.sites:
+            if len(site.classes) and removed[site.classes].all():
+                return f"all {len(site.classes)} channels of the output of {site.node} in '{site.module_path}'"
+        return None
 
     def without(self, removed: np.ndarray) -> "ChannelIndex":
         """The index of the pruned model: every array keeps only the surviving positions."""

@@ -123,11 +123,13 @@ _METADATA_GETTERS = {"dtype", "device", "requires_grad", "is_cuda", "ndim", "is_
                      "layout", "is_sparse", "is_quantized", "is_meta", "names", "itemsize", "nbytes",
                      "is_nested", "grad", "_version", "output_nr", "_base", "is_mps", "is_xpu"}
 _TENSOR_GETTERS = {"T", "mT", "H", "mH", "data", "real", "imag"}
-_UNRECORDED = {"dim", "numel", "stride", "is_contiguous", "element_size", "nelement", "item",
-               "tolist", "storage_offset", "untyped_storage", "data_ptr", "get_device", "__len__",
-               "__bool__", "__format__", "__repr__", "__hash__", "__iter__", "is_floating_point",
-               "is_complex", "_is_view", "__reduce_ex__", "__deepcopy__", "numpy", "__array__",
-               "_set_grad_enabled", "__index__", "__int__", "__float__"}
+_UNRECORDED = {"dim", "numel", "stride", "is_contiguous", "element_size", "nelement", "storage_offset",
+               "get_device", "__len__", "__format__", "__repr__", "__hash__", "is_floating_point",
+               "is_complex", "_is_view", "__reduce_ex__", "__deepcopy__", "_set_grad_enabled"}
+# Calls through which values leave torch: recorded, so that their rule pins the channels
+# (a tensor rebuilt from them later cannot be traced back to its channels).
+ESCAPES = {"numpy", "__array__", "tolist", "item", "__iter__", "__bool__", "__index__", "__int__",
+           "__float__", "data_ptr", "untyped_storage"}
 
 
 def _has_tensor(value: Any) -> bool:
@@ -217,9 +219,12 @@ class _Recorder(TorchFunctionMode):
             return result
         if name == "size":
             return self.shape_ints(result)
-        if name in _UNRECORDED or not _has_tensor(result):
-            return result
-        self.record(func, args, kwargs, result)
+        if name in ESCAPES:
+            self.record(func, args, kwargs, None)
+        elif name == "__setitem__":
+            self.record(func, args, kwargs, args[0])
+        elif name not in _UNRECORDED and _has_tensor(result):
+            self.record(func, args, kwargs, result)
         return result
 
     def property_access(self, getter, args):

@@ -7,7 +7,7 @@ import random
 import torch
 from torch.utils import _pytree as pytree
 
-from pruning_ir import PruningIR
+from pruning_ir import InvalidLabelsError, PruningIR
 
 
 def tensors(output) -> list[torch.Tensor]:
@@ -23,12 +23,16 @@ def pick_labels(ir: PruningIR, fraction: float, seed: int = 0, exact_only: bool 
     rng = random.Random(seed)
     chosen = []
     for group in ir.groups:
-        if not group.prunable or (exact_only and not group.exact):
+        if len(group.classes) < 2 or (exact_only and not group.exact):
             continue
         labels = group.labels
-        limit = len(labels) - (1 if group.pinned_count == 0 else 0)
-        count = min(limit, max(1, int(round(len(labels) * fraction))))
-        chosen.extend(rng.sample(labels, count))
+        count = min(len(labels) - 1, max(1, int(round(len(labels) * fraction))))
+        for label in rng.sample(labels, count):
+            try:
+                ir.check_labels(chosen + [label])
+            except InvalidLabelsError:
+                continue
+            chosen.append(label)
     return chosen
 
 

@@ -72,6 +72,8 @@ def op_name(node: fx.Node) -> str:
     ``x.add_`` are all ``add``; reflected operators keep an ``r`` (``rsub``, ``rmatmul``)."""
     target = node.target
     name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    if name in _OP_RULES:
+        return name
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
         if name.startswith("i") and name[1:] in _OP_RULES:
@@ -157,8 +159,14 @@ class RuleContext:
     def fresh(self, n: int) -> np.ndarray:
         return self.atoms.fresh(n)
 
-    def union(self, left: np.ndarray, right: np.ndarray) -> None:
-        self.atoms.union(left, right, f"{self.where()}: meets a position without channel identity")
+    def union(self, left: np.ndarray | None, right: np.ndarray | None) -> None:
+        """Positions i of ``left`` and ``right`` go together; None (no channel identity) pins the other."""
+        reason = f"{self.where()}: meets a position without channel identity"
+        if left is None or right is None:
+            if left is not None or right is not None:
+                self.atoms.pin(left if left is not None else right, reason)
+            return
+        self.atoms.union(left, right, reason)
 
     def union_all(self, atoms: np.ndarray) -> None:
         atoms = np.asarray(atoms).ravel()
@@ -209,13 +217,15 @@ class RuleContext:
         attribute of an enclosing module; ``literal``: hard-coded in forward()."""
         if value is None or isinstance(value, (ShapeInt, fx.Node)) or value == -1:
             return "free"
-        return "attribute" if self._size_attribute(value) else "literal"
+        return "attribute" if self._size_attributes(value) else "literal"
 
-    def _size_attribute(self, value: int) -> tuple[str, str] | None:
+    def _size_attributes(self, value: int) -> tuple[str, list[str]] | None:
+        """The innermost enclosing module with size attributes equal to ``value``, and those
+        attributes (all of them: forward may use any, e.g. GPT-2's equal split_size and embed_dim)."""
         for path, module in self.enclosing_modules():
-            for attribute in SIZE_ATTRIBUTES:
-                if type(getattr(module, attribute, None)) is int and getattr(module, attribute) == value:
-                    return path, attribute
+            names = [a for a in SIZE_ATTRIBUTES if type(getattr(module, a, None)) is int and getattr(module, a) == value]
+            if names:
+                return path, names
         return None
 
     def bind_head_count(self, size: int, atoms: np.ndarray) -> None:
@@ -226,17 +236,22 @@ class RuleContext:
                     self.bind_attribute(path, attribute, atoms)
                     return
 
-    def size_follows(self, value: Any, atoms: np.ndarray | None, what: str) -> bool:
+    def size_follows(self, value: Any, atoms: np.ndarray | None, what: str, heads: bool = False) -> bool:
         """Whether a size argument on a channel dimension follows pruning.
 
         A free size follows; an attribute-bound literal is bound to the attribute (prune()
         updates it); any other literal is hard-coded, and the dimension's channels are pinned.
+        ``heads``: the dimension counts heads, so a head-count attribute is preferred when
+        several attributes hold the same value (``num_heads == head_dim == 4``).
         """
         if atoms is None:
             return True
         kind = self.size_kind(value)
         if kind == "attribute":
-            self.bind_attribute(*self._size_attribute(value), atoms)
+            path, names = self._size_attributes(value)
+            preferred = [n for n in names if (n in HEAD_COUNT_ATTRIBUTES) == heads]
+            for name in preferred or names:
+                self.bind_attribute(path, name, atoms)
         elif kind == "literal":
             self.pin(atoms, f"{what} is the literal {value} in forward()")
         return kind != "literal"

@@ -52,6 +52,7 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
     ``view(b, g, c // g, h, w)`` (channel shuffle) the same channel of every group.
     """
     out_dims: list = [None] * len(out_shape)
+    split_carriers: set[int] = set()
     if layout is None or all(a is None for a in layout.dims):
         return TensorLayout(tuple(out_dims), True if layout is None else layout.dead_is_zero)
     if 0 in in_shape:
@@ -78,6 +79,7 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
             axis = min(range(len(chunk_out)), key=lambda a: (kinds[a], a))
             moved = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)
             ctx.union(moved[:, :-1].ravel(), moved[:, 1:].ravel())
+            split_carriers.add(chunk_out[axis])
             if kinds[axis] == 0:
                 ctx.bind_head_count(block.shape[axis], moved[:, 0])
         atoms = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)[:, 0].copy()
@@ -87,7 +89,7 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
     if size_arguments:
         for d, atoms in enumerate(out_dims):
             if atoms is not None:
-                ctx.size_follows(size_arguments[d], atoms, f"the size of output dim {d}")
+                ctx.size_follows(size_arguments[d], atoms, f"the size of output dim {d}", heads=d in split_carriers)
     return TensorLayout(tuple(out_dims), layout.dead_is_zero)
 
 
@@ -362,6 +364,13 @@ def index_layout(ctx: RuleContext, layout: TensorLayout, shape, index: tuple) ->
         ctx.pin_layout(layout, "indexing pattern not understood")
         return TensorLayout.empty(len(ctx.out_shape))
     return TensorLayout(tuple(dims), layout.dead_is_zero)
+
+
+@channel_rule("numpy", "__array__", "tolist", "item", "__iter__", "__bool__", "__index__", "__int__", "__float__",
+              "data_ptr", "untyped_storage")
+def escape(ctx: RuleContext) -> None:
+    """Values that leave torch (``.numpy()``, ``.tolist()``...) are not followed: their channels are pinned."""
+    ctx.pin_layout(ctx.layout(ctx.node.args[0]), f"values leave torch through .{ctx.op}()")
 
 
 @channel_rule("narrow", "select", "index_select", "gather", "take_along_dim", "masked_select", "diagonal",
