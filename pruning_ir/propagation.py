@@ -58,10 +58,6 @@ def _named_tensor(model: nn.Module, name: str):
     return tensor if hasattr(tensor, "shape") else None
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [n for n in node.all_input_nodes if n.meta.get("shape") is not None or n.op != "get_attr"]
-
-
 def _barrier(ctx: RuleContext, reason: str) -> None:
     for value in ctx.node.all_input_nodes:
         ctx.pin_layout(ctx.state.layout_of(value), reason)
@@ -108,7 +104,7 @@ def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
             result = TensorLayout.empty(len(node.meta["shape"]))
         _check_layout(node, result, ctx.op)
         state.layouts[node] = result
-        inputs = _tensor_inputs(node)
+        inputs = node.all_input_nodes
         if inputs and all(n in state.parameter_derived for n in inputs):
             state.parameter_derived.add(node)
         if module is not None:

@@ -151,7 +151,7 @@ class _Recorder(TorchFunctionMode):
         self.tensor_nodes: dict[int, tuple[weakref.ref, fx.Node]] = {}
         self.module_stack: list[str] = []
         self.leaf_depth = 0
-        self.leaf_calls: list[tuple[nn.Module, LeafModule, tuple, dict]] = []
+        self.leaf_inputs: list[tuple[tuple, dict]] = []
         self.leaf_specs: dict[str, LeafModule] = {}
 
     # -- tensors <-> nodes -------------------------------------------------------------
@@ -264,11 +264,8 @@ class _Recorder(TorchFunctionMode):
         self.module_stack.append(path)
         spec = self.leaf_policy.leaf_spec(module)
         if spec is not None and path != "":
-            self.leaf_calls.append((module, spec, args, kwargs))
             self.leaf_specs[path] = spec
-            node_args = self.map_arguments(tuple(args))
-            node_kwargs = self.map_arguments(dict(kwargs))
-            self.leaf_calls[-1] = (module, spec, node_args, node_kwargs)
+            self.leaf_inputs.append((self.map_arguments(tuple(args)), self.map_arguments(dict(kwargs))))
             self.leaf_depth = 1
         return None
 
@@ -279,7 +276,7 @@ class _Recorder(TorchFunctionMode):
         path = self.module_stack.pop() if self.module_stack else "?"
         if self.leaf_depth == 1:
             self.leaf_depth = 0
-            _, _, node_args, node_kwargs = self.leaf_calls.pop()
+            node_args, node_kwargs = self.leaf_inputs.pop()
             node = self.graph.call_module(path, node_args, node_kwargs)
             self.module_stack.append(path)
             self.bind_outputs(output, node)

@@ -163,17 +163,24 @@ def softmax(ctx: RuleContext) -> TensorLayout | None:
     return layout
 
 
-@channel_rule("cumsum", "cumprod", "cummax", "cummin", "flip", "roll", "sort", "argsort", "topk")
-def along_dim(ctx: RuleContext):
-    """Ops that mix positions along one dimension: channels there are pinned."""
+# Where each position-mixing op takes its dim argument: (index, keyword, default).
+_MIXING_DIM = {"cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "cummax": (1, "dim", None),
+               "cummin": (1, "dim", None), "logcumsumexp": (1, "dim", None), "flip": (1, "dims", None),
+               "roll": (2, "dims", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "topk": (2, "dim", -1)}
+
+
+@channel_rule(*_MIXING_DIM)
+def mixes_positions(ctx: RuleContext):
+    """Ops that reorder or mix positions along some dims: channels there are pinned
+    (``dims=None`` for roll flattens the tensor: every channel is pinned)."""
     layout = ctx.layout(ctx.argument(0, "input"))
     if layout is None:
         return None
-    dim = ctx.argument(1, "dim", ctx.argument(2, "dims", -1))
-    dims = dim if isinstance(dim, (list, tuple)) else [dim]
-    for d in dims:
-        if isinstance(d, int):
-            ctx.pin(layout.dims[d % layout.ndim], "positions along this dimension are reordered or mixed")
-    result = TensorLayout(tuple(None if i in [d % layout.ndim for d in dims if isinstance(d, int)] else a
-                                for i, a in enumerate(layout.dims)), layout.dead_is_zero)
+    index, keyword, default = _MIXING_DIM[ctx.op]
+    dims = ctx.argument(index, keyword, default)
+    dims = range(layout.ndim) if dims is None else dims if isinstance(dims, (list, tuple)) else [dims]
+    mixed = {d % layout.ndim for d in dims}
+    for d in mixed:
+        ctx.pin(layout.dims[d], "positions along this dimension are reordered or mixed")
+    result = layout.with_dims(None if d in mixed else atoms for d, atoms in enumerate(layout.dims))
     return result if ctx.node.meta.get("shape") is not None else (result, result)

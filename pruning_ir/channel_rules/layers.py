@@ -126,12 +126,7 @@ def matmul_dims(ctx: RuleContext, left, right) -> list:
             local = d - (batch_ndim - len(shape))
             if local >= 0 and shape[local] == out_shape[d] and out_shape[d] != 1:
                 spanning.append(ctx.atoms_of(value, local))
-        carriers = [a for a in spanning if a is not None]
-        if carriers and len(carriers) < len(spanning):
-            ctx.pin(carriers[0], "batched matmul against a tensor without channel identity here")
-        elif len(carriers) == 2:
-            ctx.union(carriers[0], carriers[1])
-        dims.append(carriers[0] if carriers else None)
+        dims.append(ctx.tie(spanning, "batched matmul against a tensor without channel identity here"))
     if len(left_shape) >= 2:
         dims.append(rows)
     if len(right_shape) >= 2:
