@@ -40,6 +40,7 @@ class PruningIR:
         self.soft_tracing = soft_tracing
         self._index: ChannelIndex | None = None
         self._example_inputs: tuple[tuple, dict] | None = None
+        self._graph = None
         self._consumed = False
 
     # -- labels ---------------------------------------------------------------------------
@@ -63,8 +64,17 @@ class PruningIR:
         state = propagate(self._model, traced)
         self._index = ChannelIndex.from_propagation(state)
         self._example_inputs = (args, kwargs)
-        self.graph = traced.graph
+        self._graph = traced.graph
         return self
+
+    @property
+    def graph(self):
+        """The torch.fx graph recorded from the original model (for inspection; not saved with the IR)."""
+        graph = self.__dict__.get("_graph")
+        if graph is None:
+            raise LabelsNotInferredError("no recorded graph: labels were not inferred in this process "
+                                         "(graphs are not saved with the IR); call infer_labels()")
+        return graph
 
     @property
     def groups(self) -> list[DependencyGroup]:
@@ -213,5 +223,5 @@ class PruningIR:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.pop("graph", None)  # the recorded graph is for inspection; it is not needed to prune
+        state.pop("_graph", None)  # the recorded graph is for inspection; it is not needed to prune
         return state

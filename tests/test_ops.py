@@ -420,3 +420,58 @@ def test_recurrent_is_a_barrier_for_its_hidden_state_only(cell):
     assert not any("rnn" in g.modules and "fc" in g.modules for g in ir.groups if g.prunable)
     assert pruned.model.rnn.input_size == pruned.model.conv.out_channels < 8
     assert pruned.model.rnn.hidden_size == 12 and pruned.model.fc.out_features < 6
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.up = nn.PixelShuffle(2)
+        self.mid = nn.Conv2d(4, 8, 3, padding=1)
+        self.down = nn.PixelUnshuffle(2)
+        self.head = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.down(F.relu(self.mid(self.up(self.conv(x))))))
+
+
+def test_pixel_shuffle_and_unshuffle():
+    ir, pruned, _ = assert_exact_pruning(seeded(PixelShuffleNet), image(2, 3, 4, 4))
+    model = pruned.model
+    assert model.conv.out_channels == 4 * model.mid.in_channels and model.head.in_channels == 4 * model.mid.out_channels
+
+
+class SingleChannelOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.score = nn.Conv2d(8, 1, 1)
+        self.mask = nn.Parameter(torch.ones(8, 8, 1, 1))
+        self.refine = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.body(x))
+        y = F.conv2d(y, self.refine.weight * self.mask, self.refine.bias)  # a computed weight
+        return torch.sigmoid(self.score(F.relu(y)))
+
+
+def test_computed_weights_and_single_channel_outputs():
+    _, pruned, _ = assert_exact_pruning(seeded(SingleChannelOutput), image(2, 3, 4, 4))
+    model = pruned.model
+    assert model.refine.weight.shape[:2] == model.mask.shape[:2] and model.score.in_channels < 8
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 16, 3, padding=1)
+        self.head = nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.glu(self.conv(x), dim=1)
+        return self.head(torch.where(y > 0, y, y * 0.1) * (y.abs() < 10))
+
+
+def test_glu_comparisons_and_where():
+    _, pruned, _ = assert_exact_pruning(seeded(GatedNet), image(2, 3, 6))
+    assert pruned.model.conv.out_channels == 2 * pruned.model.head.in_channels < 16

@@ -17,7 +17,7 @@ ZERO_PRESERVING_UNARY = (
     "floor", "ceil", "round", "trunc", "frac", "nan_to_num", "dropout", "dropout1d", "dropout2d",
     "dropout3d", "alpha_dropout", "feature_alpha_dropout", "contiguous", "clone", "detach", "float",
     "half", "double", "bfloat16", "to", "type", "type_as", "cpu", "cuda", "requires_grad",
-    "normalize", "identity", "rrelu", "glu_free", "positive",
+    "normalize", "identity", "rrelu", "positive",
 )
 # f(0) != 0: a removed channel would have carried a constant into its consumers.
 NONZERO_UNARY = (
@@ -102,10 +102,28 @@ def divide(ctx: RuleContext) -> TensorLayout:
     return TensorLayout(tuple(dims), _dead_is_zero(ctx, numerator) and not varies)
 
 
-@channel_rule("rtruediv", "rdiv", "rpow", "rfloordiv")
-def reflected_divide(ctx: RuleContext) -> TensorLayout:
-    dims = broadcast(ctx, [ctx.argument(0), ctx.argument(1)])
+@channel_rule("rtruediv", "rdiv", "rpow", "rfloordiv", "gt", "lt", "ge", "le", "eq", "ne", "greater", "less",
+              "greater_equal", "less_equal", "not_equal", "logical_and", "logical_or", "logical_xor",
+              "logical_not", "isnan", "isinf", "isfinite", "and", "or", "xor", "invert", "bitwise_not")
+def position_wise(ctx: RuleContext) -> TensorLayout:
+    """Position-wise ops whose value for a dead channel is not zero (``0 >= 0`` is True)."""
+    dims = broadcast(ctx, [v for v in ctx.node.args if isinstance(v, fx.Node)])
     return TensorLayout(tuple(dims), False)
+
+
+@channel_rule("glu")
+def glu(ctx: RuleContext) -> TensorLayout | None:
+    """``glu(x, dim) = a * sigmoid(b)`` with ``a, b = x.chunk(2, dim)``: channel i of a goes with channel i of b."""
+    layout = ctx.layout(ctx.argument(0, "input"))
+    if layout is None:
+        return None
+    dim = ctx.argument(1, "dim", -1) % layout.ndim
+    dims = list(layout.dims)
+    if dims[dim] is not None:
+        first, second = dims[dim].reshape(2, -1)
+        ctx.union(first, second)
+        dims[dim] = first.copy()
+    return layout.with_dims(dims)
 
 
 def reduced_dims(value, ndim: int) -> list[int]:

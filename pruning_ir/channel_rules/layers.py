@@ -40,11 +40,9 @@ def convolution(ctx: RuleContext) -> TensorLayout:
     channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
     out_channels, in_per_group = ctx.shape(weight)[:2]
     in_channels = ctx.shape(source)[channel_dim]
-    out_atoms = ctx.atoms_of(weight, 0)
+    out_atoms = ctx.atoms_of(weight, 0)  # None: a single output channel, or a weight without identity
+    out_positions = out_atoms if out_atoms is not None else pinned(out_channels)
     out_dims = [None] * len(ctx.out_shape)
-    if out_atoms is None:
-        ctx.pin_layout(layout, "convolution with a computed (non-parameter) weight")
-        return TensorLayout(tuple(out_dims))
     if isinstance(bias, fx.Node):
         ctx.union(out_atoms, ctx.atoms_of(bias, 0))
     kernel_in = ctx.atoms_of(weight, 1)
@@ -56,7 +54,7 @@ def convolution(ctx: RuleContext) -> TensorLayout:
         per_group = out_channels // groups
         in_atoms = consume(ctx, layout, channel_dim, in_channels, None)
         ctx.pin(kernel_in, "a depthwise kernel has one input channel per group")
-        ctx.union(np.repeat(dim_atoms(layout, channel_dim, in_channels), per_group), out_atoms)
+        ctx.union(np.repeat(dim_atoms(layout, channel_dim, in_channels), per_group), out_positions)
         owner = ctx.owner_module(weight)
         if owner is None:
             ctx.pin(out_atoms, "groups is a literal argument of a functional grouped convolution")
@@ -67,7 +65,7 @@ def convolution(ctx: RuleContext) -> TensorLayout:
     else:
         # Grouped: keep the number of groups; remove the same channel index from every group.
         consume(ctx, layout, channel_dim, in_channels, np.tile(kernel_in, groups))
-        by_group = out_atoms.reshape(groups, -1)
+        by_group = out_positions.reshape(groups, -1)
         ctx.union(by_group[1:].ravel(), by_group[:-1].ravel())
         bind_sizes(ctx, weight, in_channels=np.tile(kernel_in, groups), out_channels=out_atoms)
     out_dims[channel_dim] = out_atoms
@@ -81,8 +79,9 @@ def transposed_convolution(ctx: RuleContext) -> TensorLayout:
     layout = ctx.layout(source)
     channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
     out_dims = [None] * len(ctx.out_shape)
-    if groups != 1 or ctx.parameter_name(weight) is None:
-        ctx.pin_layout(layout, "grouped or computed-weight transposed convolution")
+    if groups != 1:
+        ctx.pin_layout(layout, "grouped transposed convolutions are not pruned")
+        ctx.pin(ctx.atoms_of(weight, 1), "grouped transposed convolutions are not pruned")
         return TensorLayout(tuple(out_dims))
     kernel_in = ctx.atoms_of(weight, 0)
     in_atoms = consume(ctx, layout, channel_dim, ctx.shape(source)[channel_dim], kernel_in)

@@ -40,33 +40,21 @@ def per_channel_spatial(ctx: RuleContext):
     return result if ctx.node.meta.get("shape") is not None else (result, TensorLayout.empty(len(dims)))
 
 
-def _channel_dim(layout: TensorLayout) -> int:
-    return layout.ndim - 3
-
-
-@channel_rule("pixel_shuffle")
+@channel_rule("pixel_shuffle", "pixel_unshuffle")
 def pixel_shuffle(ctx: RuleContext) -> TensorLayout | None:
+    """(C*r*r, H, W) <-> (C, H*r, W*r): the r*r channels that become one channel's pixels go together."""
     layout = ctx.layout(ctx.argument(0, "input"))
     if layout is None:
         return None
-    d = _channel_dim(layout)
+    d = layout.ndim - 3
     dims = list(layout.dims)
-    if dims[d] is not None:
-        blocks = dims[d].reshape(-1, ctx.argument(1, "upscale_factor") ** 2)
+    factor = ctx.argument(1, "upscale_factor", ctx.argument(1, "downscale_factor")) ** 2
+    if dims[d] is not None and ctx.op == "pixel_shuffle":
+        blocks = dims[d].reshape(-1, factor)
         ctx.union(blocks[:, 1:].ravel(), blocks[:, :-1].ravel())
         dims[d] = blocks[:, 0].copy()
-    return layout.with_dims(dims)
-
-
-@channel_rule("pixel_unshuffle")
-def pixel_unshuffle(ctx: RuleContext) -> TensorLayout | None:
-    layout = ctx.layout(ctx.argument(0, "input"))
-    if layout is None:
-        return None
-    d = _channel_dim(layout)
-    dims = list(layout.dims)
-    if dims[d] is not None:
-        dims[d] = np.repeat(dims[d], ctx.argument(1, "downscale_factor") ** 2)
+    elif dims[d] is not None:
+        dims[d] = np.repeat(dims[d], factor)
     return layout.with_dims(dims)
 
 

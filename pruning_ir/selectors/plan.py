@@ -1,0 +1,162 @@
+"""Selection plans: every selector's common vocabulary of "how many labels leave each group".
+
+A selection is a vector of removal counts, one per prunable group: group ``g`` loses its
+``counts[g]`` lowest-ranked labels (ascending score, ties broken by channel). The plan
+knows which counts the channel constraint allows, which counts would empty a tensor
+(``ir.check_labels`` would refuse them), the network-wide order in which chunks of labels
+leave, and how to turn counts back into labels. Counts, unlike label sets, are cheap to
+compare, hash and cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir import PruningIR
+from ..labels import DependencyGroup, Label
+from .constraint import ChannelConstraint
+
+__all__ = ["GroupPlan", "SelectionPlan", "Step"]
+
+
+@dataclass
+class GroupPlan:
+    """One prunable group: its labels in removal order and the removal counts it allows."""
+
+    group: DependencyGroup
+    labels: list[Label]          # ascending score, ties by channel
+    scores: np.ndarray           # scores in the same order
+    counts: np.ndarray           # allowed removal counts, ascending
+
+    def kept_score(self, count: int) -> float:
+        return float(self.scores[count:].sum())
+
+
+@dataclass(frozen=True)
+class Step:
+    """Removing labels ``start..stop-1`` (in removal order) of group ``index``: one chunk."""
+
+    index: int
+    start: int
+    stop: int
+    mean_score: float
+
+
+class SelectionPlan:
+    """The prunable groups of an IR under a channel constraint."""
+
+    def __init__(self, ir: PruningIR, constraint: ChannelConstraint):
+        self.ir = ir
+        ordered = ir.label_groups()
+        prunable = [group for group in ir.groups if group.prunable]
+        self.groups = [GroupPlan(group, labels, np.array([label.score for label in labels], dtype=np.float64),
+                                 constraint.removal_counts(group))
+                       for group, labels in zip(prunable, ordered)]
+        self._cover_sets = self._find_cover_sets()
+        self._limit_single_group_covers()
+
+    # -- counts -----------------------------------------------------------------------------
+    @property
+    def label_count(self) -> int:
+        return sum(len(g.labels) for g in self.groups)
+
+    def base_counts(self) -> np.ndarray:
+        """The least pruning the constraint allows (zero everywhere unless ``high`` forces some)."""
+        return np.array([g.counts[0] for g in self.groups], dtype=np.int64)
+
+    def max_counts(self) -> np.ndarray:
+        """The most pruning the constraint and the model's tensors allow."""
+        return self.repair(np.array([g.counts[-1] for g in self.groups], dtype=np.int64))
+
+    def nearest_allowed(self, index: int, wanted: float) -> int:
+        """The allowed removal count of group ``index`` nearest to ``wanted`` (ties: fewer removed)."""
+        counts = self.groups[index].counts
+        return int(counts[np.argmin(np.abs(counts - wanted))])
+
+    def kept_score(self, counts: np.ndarray) -> float:
+        return sum(g.kept_score(int(c)) for g, c in zip(self.groups, counts))
+
+    def labels(self, counts: np.ndarray) -> list[Label]:
+        """The labels a counts vector removes, group by group in removal order."""
+        return [label for g, c in zip(self.groups, counts) for label in g.labels[:int(c)]]
+
+    # -- network-wide order -----------------------------------------------------------------
+    def steps(self, counts: np.ndarray | None = None) -> list[Step]:
+        """Every allowed chunk beyond ``counts`` (default: the base), lowest mean score first.
+
+        Chunks are the gaps between consecutive allowed counts; their mean scores rise within
+        a group, so taking any prefix of this list keeps each group's removal a prefix of its
+        order. Ties are broken by group id, then position: the order is deterministic.
+        """
+        counts = self.base_counts() if counts is None else counts
+        steps = []
+        for index, g in enumerate(self.groups):
+            allowed = g.counts[g.counts >= counts[index]]
+            floor = -np.inf
+            for start, stop in zip(allowed[:-1], allowed[1:]):
+                floor = max(floor, float(g.scores[start:stop].mean()))  # guard against rounding
+                steps.append(Step(index, int(start), int(stop), floor))
+        steps.sort(key=lambda s: (s.mean_score, self.groups[s.index].group.id, s.start))
+        return steps
+
+    def apply(self, counts: np.ndarray, steps: list[Step]) -> np.ndarray:
+        """``counts`` after taking ``steps`` (a prefix of :meth:`steps`), repaired if needed."""
+        result = counts.copy()
+        for step in steps:
+            result[step.index] = max(result[step.index], step.stop)
+        return self.repair(result)
+
+    # -- tensors that must keep a channel ---------------------------------------------------
+    def _find_cover_sets(self) -> list[list[tuple[int, int]]]:
+        """Tensors made only of labels, as (group, rank) lists: each must keep one of them.
+
+        A tensor holding every label of a group is safe already (a group always keeps a
+        label unless it has unprunable channels), so only the others are kept.
+        """
+        index = self.ir._index
+        where: dict[int, tuple[int, int]] = {}
+        for gi, g in enumerate(self.groups):
+            for rank, label in enumerate(g.labels):
+                where[label.class_id] = (gi, rank)
+        arrays = [site.classes for site in index.sites] + [b.classes for b in index.parameter_bindings]
+        seen, covers = set(), []
+        for classes in arrays:
+            key = tuple(sorted(set(int(c) for c in classes)))
+            if not key or key in seen or any(c not in where for c in key):
+                continue
+            seen.add(key)
+            members = [where[c] for c in key]
+            safe = any(sum(1 for gi, _ in members if gi == gj) == len(self.groups[gj].labels)
+                       and self.groups[gj].group.pinned_count == 0 for gj in {gi for gi, _ in members})
+            if not safe:
+                covers.append(members)
+        return covers
+
+    def _limit_single_group_covers(self) -> None:
+        """A tensor inside one group survives prefix removal iff fewer than max-rank+2 leave."""
+        for members in self._cover_sets:
+            groups = {gi for gi, _ in members}
+            if len(groups) == 1:
+                gi = groups.pop()
+                limit = max(rank for _, rank in members)
+                g = self.groups[gi]
+                g.counts = g.counts[g.counts <= limit]
+                if g.counts.size == 0:
+                    g.counts = np.array([0])
+
+    @property
+    def cover_sets(self) -> list[list[tuple[int, int]]]:
+        return self._cover_sets
+
+    def repair(self, counts: np.ndarray) -> np.ndarray:
+        """Shrink removals until no tensor made of several groups' labels is emptied."""
+        counts = counts.copy()
+        for members in self._cover_sets:
+            if any(rank >= counts[gi] for gi, rank in members):
+                continue
+            gi, rank = max(members, key=lambda m: (counts[m[0]], m[1]))
+            allowed = self.groups[gi].counts
+            counts[gi] = int(allowed[allowed <= rank].max(initial=0))
+        return counts

@@ -1,0 +1,34 @@
+"""Uniform selection: the same share of every group, lowest scores first."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import numpy as np
+
+from .base import LabelSelector
+from .constraint import ChannelConstraint
+from .plan import SelectionPlan
+
+__all__ = ["UniformLabelSelector"]
+
+
+class UniformLabelSelector(LabelSelector):
+    """Removes ``pruning_ratio`` of the labels of every prunable group (its lowest-scored ones).
+
+    The per-group count is rounded to the nearest count the constraint allows, so every
+    group keeps at least one channel by default. Cheap and latency-agnostic: a baseline.
+    """
+
+    def __init__(self, pruning_ratio: float, constraint: ChannelConstraint | None = None):
+        super().__init__(constraint)
+        if isinstance(pruning_ratio, bool) or not isinstance(pruning_ratio, Real):
+            raise TypeError(f"pruning_ratio must be a number in [0, 1), got {pruning_ratio!r}")
+        if not 0.0 <= pruning_ratio < 1.0:
+            raise ValueError(f"pruning_ratio must lie in [0, 1), got {pruning_ratio}")
+        self.pruning_ratio = float(pruning_ratio)
+
+    def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
+        counts = np.array([plan.nearest_allowed(i, np.floor(self.pruning_ratio * len(g.labels) + 0.5))
+                           for i, g in enumerate(plan.groups)], dtype=np.int64)
+        return plan.repair(counts)
