@@ -133,7 +133,14 @@ class ChannelIndex:
         self.pin_reasons = pin_reasons
         self.inexact = inexact
         self.class_scores = np.zeros(class_count) if class_scores is None else class_scores
-        self.groups = self._build_groups()
+        self._groups: list[DependencyGroup] | None = None
+
+    @property
+    def groups(self) -> list[DependencyGroup]:
+        """Built on first use (a pruned IR that is not inspected never pays for it)."""
+        if self._groups is None:
+            self._groups = self._build_groups()
+        return self._groups
 
     @classmethod
     def from_propagation(cls, state: PropagationState) -> "ChannelIndex":
