@@ -6,14 +6,20 @@ The pipeline, one module each: ``tracing`` (record a forward pass into an fx gra
 to remove) -> ``pruning`` (remove them physically).
 """
 
+from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion
 from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
                      TracingError)
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
+from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
+                        KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
 from .tracing import LeafModule
 
 __all__ = [
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
+    "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
+    "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
+    "BinarySearchLatencyLabelSelector", "ChannelConstraint",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
 ]
 __version__ = "0.1.0"

@@ -53,13 +53,25 @@ def _run(model: nn.Module, inputs: tuple, kwargs: dict) -> Any:
             f"{type(model).__name__} raised {type(error).__name__} while measuring its latency: {error}") from error
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Counting is bound by op dispatch: intra-op threads only add contention (up to 50x
+    slower on a loaded machine), so count on one thread and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> float:
     """Multiply-accumulates of one forward pass on ``inputs`` (half of torch's FLOP count).
 
     Deterministic and device independent: counted by ``torch.utils.flop_counter`` from the
     shapes of the matmuls and convolutions that actually run.
     """
-    with _eval_mode(model), FlopCounterMode(display=False) as counter:
+    with _eval_mode(model), _one_thread(), FlopCounterMode(display=False) as counter:
         _run(model, inputs, kwargs)
     return counter.get_total_flops() / 2.0
 

@@ -1,0 +1,21 @@
+"""Criteria: score every label of a PruningIR (``label.score``), for the selectors to rank.
+
+All criteria share one interface: ``with Criterion(ir, ...) as score_collector:`` where
+calling ``score_collector(*args, **kwargs)`` runs the model (inferring labels on the first
+call when needed) and returns its output unchanged.
+
+- :class:`LossAwareCriterion` — first-order Taylor estimate of the loss increase when a
+  label is removed, accumulated over ``loss.backward()`` calls (the default criterion).
+- :class:`MagnitudeCriterion` — data-free p-norm of the weights producing each label,
+  optionally folded with the following batch norm.
+- :class:`RandomCriterion` — seeded random baseline.
+
+User scores go through ``ir.set_scores({label: score})`` or ``ir.set_scores(callable)``.
+"""
+
+from .base import Criterion, DataFreeCriterion
+from .loss_aware import LossAwareCriterion
+from .magnitude import MagnitudeCriterion
+from .random import RandomCriterion
+
+__all__ = ["Criterion", "DataFreeCriterion", "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion"]

@@ -1,0 +1,310 @@
+"""Where a label's channel is produced and where it is gated: facts read from the recorded
+graph and the channel index, shared by the criteria.
+
+A label (class ``c``) lives at many activation sites: a conv output, the batch norm after it,
+the ReLU after that, a residual add, a concatenation, an attention head. Its *gate sites*
+are the places where multiplying ``c`` by a scalar gate ``z`` and setting ``z = 0`` removes
+the channel, as late as possible so that ``z`` stays as linear as possible:
+
+* a site *produces* ``c`` when ``c`` appears there for the first time (no input of the op
+  carries it: a conv, a linear) or when the op has a parameter bound to ``c`` (the batch or
+  layer norm after a conv, a depthwise conv, a bias add, a class-token concatenation);
+* a producing site is a *gate* when ``c`` leaves it, along a path with no further
+  producer of ``c``, towards an op that consumes ``c`` (contracts it: a conv, a linear, a
+  matmul over channels, a pooling over channels) or a model output.
+
+So in ``conv -> bn -> relu -> conv`` the gate is the batch norm output, in a ResNet stage
+the gates are the stem's and every block's last batch norm (the residual branches), in a
+pre-norm transformer the residual stream is gated at every LayerNorm output (each consumer
+of the stream), in a DenseNet a channel is gated at the batch norm of every later layer
+that reads the concatenation, and an attention head at its q/k/v projection output. All
+gates of a label are driven by the same ``z``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..channels import PINNED
+from ..labels import ChannelIndex
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def label_mask(index: ChannelIndex) -> np.ndarray:
+    """Boolean mask over class ids: True for the classes that are labels (prunable)."""
+    mask = np.zeros(index.class_count, dtype=bool)
+    for group in index.groups:
+        mask[group.classes] = True
+    mask[PINNED] = False
+    return mask
+
+
+@dataclass
+class SiteGate:
+    """Positions ``positions`` (None: all) of dimension ``dim`` of node ``node``'s output are
+    gates of the labels ``classes`` (one class per gated position)."""
+
+    node: str
+    dim: int
+    size: int
+    positions: np.ndarray | None
+    classes: np.ndarray
+    _tensors: dict = field(default_factory=dict, repr=False)
+
+    def index_tensors(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        cached = self._tensors.get(device)
+        if cached is None:
+            positions = None if self.positions is None else torch.as_tensor(self.positions, device=device)
+            cached = (positions, torch.as_tensor(self.classes, device=device))
+            self._tensors[device] = cached
+        return cached
+
+
+@dataclass
+class ParameterGate:
+    """A gate whose op is linear in its own parameters: ``output[:, i] = weight[i] * f(x) +
+    bias[i]`` (conv, linear, batch/group/instance/layer norm), so the gate term
+    ``sum(a * dL/da)`` over output channel ``i`` equals ``weight[i] . dL/dweight[i] +
+    bias[i] * dL/dbias[i]``, read from the parameter gradients."""
+
+    site: SiteGate
+    weight: str
+    bias: str | None
+
+
+# Ops whose output channel i is weight[i] * f(input) + bias[i] (weight/bias argument
+# positions, and the output dim that holds the channels: None = last dim).
+_AFFINE_OPS = {
+    F.conv1d: (1, 2, 1), F.conv2d: (1, 2, 1), F.conv3d: (1, 2, 1),
+    F.linear: (1, 2, None),
+    F.batch_norm: (3, 4, 1), F.instance_norm: (3, 4, 1),
+    F.group_norm: (2, 3, 1), F.layer_norm: (2, 3, None),
+}
+_WEIGHT_KWARG, _BIAS_KWARG = "weight", "bias"
+
+
+def _argument(node: fx.Node, position: int, name: str):
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name)
+
+
+def _is_tuple_node(node: fx.Node) -> bool:
+    return (node.op in ("call_function", "call_method", "call_module") and node.meta.get("shape") is None
+            and bool(node.users) and all(u.op == "call_function" and u.target is operator.getitem
+                                         for u in node.users))
+
+
+class GraphFacts:
+    """Per graph node: the label classes it carries, the parameters it uses, which of its
+    classes it produces and which it gates (see the module docstring)."""
+
+    def __init__(self, graph: fx.Graph, index: ChannelIndex, model: nn.Module):
+        self.index = index
+        self.labels = label_mask(index)
+        self.nodes = {node.name: node for node in graph.nodes}
+        self.sites = defaultdict(list)
+        for site in index.sites:
+            self.sites[site.node].append(site)
+        self._param_classes = self._parameter_classes()
+        self._analyse(graph, model)
+
+    # -- facts ------------------------------------------------------------------------------
+    def _parameter_classes(self) -> dict[str, np.ndarray]:
+        collected: dict[str, list[np.ndarray]] = defaultdict(list)
+        for binding in self.index.parameter_bindings:
+            collected[binding.target.name].append(binding.classes)
+        result = {}
+        for name, arrays in collected.items():
+            classes = np.unique(np.concatenate(arrays))
+            result[name] = classes[self.labels[classes]]
+        return result
+
+    def _analyse(self, graph: fx.Graph, model: nn.Module) -> None:
+        nodes = list(graph.nodes)
+        tuples = {n for n in nodes if _is_tuple_node(n)}
+        classes: dict[fx.Node, np.ndarray] = {}
+        for node in nodes:
+            sites = self.sites.get(node.name)
+            if sites:
+                found = np.unique(np.concatenate([s.classes for s in sites]))
+                classes[node] = found[self.labels[found]]
+        for node in tuples:
+            parts = [classes[u] for u in node.users if u in classes]
+            classes[node] = np.unique(np.concatenate(parts)) if parts else _EMPTY
+
+        def inputs(node: fx.Node) -> list[fx.Node]:
+            # a getitem of a tuple-valued op stands for that op: it has the op's inputs
+            found = node.all_input_nodes
+            if node.target is operator.getitem and found and found[0] in tuples:
+                return found[0].all_input_nodes
+            return found
+
+        derived: set[fx.Node] = set()
+        params: dict[fx.Node, set[str]] = {}
+        for node in nodes:
+            if node.op == "get_attr":
+                derived.add(node)
+                params[node] = {node.target}
+                continue
+            if node.op in ("placeholder", "output"):
+                params[node] = set()
+                continue
+            found = inputs(node)
+            if node.meta.get("external") or (node.op != "call_module" and node not in tuples
+                                             and all(i in derived for i in node.all_input_nodes)):
+                derived.add(node)
+            used = set()
+            for i in found:
+                if i in derived:
+                    used |= params.get(i, set())
+            if node.op == "call_module":
+                used |= {f"{node.target}.{name}" for name, _ in model.get_submodule(node.target).named_parameters()}
+            if node.target is operator.getitem and node.all_input_nodes and node.all_input_nodes[0] in tuples:
+                used |= params.get(node.all_input_nodes[0], set())
+            params[node] = used
+        self.params = params
+        self.derived = derived
+
+        producers: dict[fx.Node, np.ndarray] = {}
+        for node, carried in classes.items():
+            if node in tuples or node in derived:
+                continue
+            inherited = [classes[i] for i in inputs(node) if i in classes and i not in derived]
+            fresh = np.setdiff1d(carried, np.concatenate(inherited), assume_unique=True) if inherited else carried
+            bound = [self._param_classes[p] for p in params[node] if p in self._param_classes]
+            own = np.intersect1d(carried, np.concatenate(bound)) if bound else _EMPTY
+            producers[node] = np.union1d(fresh, own)
+
+        def users(node: fx.Node) -> list[fx.Node]:
+            result = []
+            for user in node.users:
+                if user in tuples:
+                    result.extend(user.users)
+                else:
+                    result.append(user)
+            return result
+
+        # a leaf module is opaque: it may read a channel (an input projection) as well as
+        # produce it, so a channel entering one is consumed there
+        opaque = {n for n in nodes if n.op == "call_module"}
+        opaque |= {u for n in opaque & tuples for u in n.users}
+        leaks: dict[fx.Node, np.ndarray] = {}
+        gates: dict[str, np.ndarray] = {}
+        for node in reversed(nodes):
+            if node not in producers:
+                continue
+            carried = classes[node]
+            leak = _EMPTY
+            for user in users(node):
+                user_classes = classes.get(user)
+                if user_classes is None or user not in producers or user in opaque:
+                    leak = carried  # consumed (a model output, or an op that carries no label)
+                    break
+                passed = np.intersect1d(carried, user_classes, assume_unique=True)
+                leak = np.union1d(leak, np.setdiff1d(carried, user_classes, assume_unique=True))
+                through = np.setdiff1d(passed, producers[user], assume_unique=True)
+                leak = np.union1d(leak, np.intersect1d(through, leaks[user], assume_unique=True))
+            leaks[node] = leak
+            gated = np.intersect1d(producers[node], leak, assume_unique=True)
+            if gated.size:
+                gates[node.name] = gated
+        self.classes = {node.name: c for node, c in classes.items()}
+        self.producers = {node.name: c for node, c in producers.items()}
+        self.gates = gates
+
+    # -- gates ------------------------------------------------------------------------------
+    def site_gates(self) -> dict[str, list[SiteGate]]:
+        """Gate positions of every gate node, per site (dimension) of that node."""
+        result: dict[str, list[SiteGate]] = {}
+        for name, gated in self.gates.items():
+            entries = []
+            for site in self.sites[name]:
+                mask = np.isin(site.classes, gated)
+                if not mask.any():
+                    continue
+                positions = None if mask.all() else np.flatnonzero(mask)
+                entries.append(SiteGate(name, site.dim, len(site.classes), positions, site.classes[mask]))
+            if entries:
+                result[name] = entries
+        return result
+
+    def parameter_gate(self, gate: SiteGate) -> ParameterGate | None:
+        """The gate as parameter gradients, when its op is linear in its own parameters and
+        those parameters are used by this op only; None otherwise."""
+        node = self.nodes[gate.node]
+        spec = _AFFINE_OPS.get(node.target) if node.op == "call_function" else None
+        if spec is None or len(self.sites[gate.node]) != 1:
+            return None
+        weight_at, bias_at, channel_dim = spec
+        shape = node.meta.get("shape")
+        if shape is None:
+            return None
+        if channel_dim is None:
+            channel_dim = len(shape) - 1
+        if gate.dim != channel_dim:
+            return None
+        if node.target is F.layer_norm:
+            normalized = _argument(node, 1, "normalized_shape")
+            if not isinstance(normalized, (list, tuple)) or len(normalized) != 1:
+                return None
+        weight = _argument(node, weight_at, _WEIGHT_KWARG)
+        bias = _argument(node, bias_at, _BIAS_KWARG)
+        if not self._sole_parameter(weight) or not (bias is None or self._sole_parameter(bias)):
+            return None
+        if bias is not None and bias.target == weight.target:
+            return None
+        return ParameterGate(gate, weight.target, None if bias is None else bias.target)
+
+    @staticmethod
+    def _sole_parameter(value) -> bool:
+        """A parameter read directly (not through a view or product) by one op only."""
+        return isinstance(value, fx.Node) and value.op == "get_attr" and len(value.users) == 1
+
+    def producer_classes(self) -> dict[str, np.ndarray]:
+        """Per parameter name: the label classes of the outputs of the ops that use it (the
+        positions of the parameter that *produce* those channels, as opposed to reading them)."""
+        collected: dict[str, list[np.ndarray]] = defaultdict(list)
+        for name, produced in self.classes.items():
+            node = self.nodes[name]
+            if node in self.derived:
+                continue
+            for parameter in self.params.get(node, ()):
+                collected[parameter].append(produced)
+        return {name: np.unique(np.concatenate(arrays)) for name, arrays in collected.items()}
+
+    def batchnorm_folds(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Per conv/linear weight followed only by a batch norm: the factor
+        ``gamma / sqrt(running_var + eps)`` of each output channel."""
+        folds = {}
+        for node in self.nodes.values():
+            if node.op != "call_function" or node.target is not F.batch_norm:
+                continue
+            source = node.args[0] if node.args else None
+            if not isinstance(source, fx.Node) or source.op != "call_function" or len(source.users) != 1:
+                continue
+            if source.target not in (F.conv1d, F.conv2d, F.conv3d, F.linear):
+                continue
+            weight = _argument(source, 1, "weight")
+            running_var = _argument(node, 2, "running_var")
+            gamma = _argument(node, 3, "weight")
+            eps = _argument(node, 7, "eps")
+            if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+                continue
+            if not isinstance(running_var, fx.Node) or running_var.op != "get_attr":
+                continue
+            variance = model.get_buffer(running_var.target).detach().double()
+            factor = 1.0 / torch.sqrt(variance + (1e-5 if eps is None else float(eps)))
+            if isinstance(gamma, fx.Node) and gamma.op == "get_attr":
+                factor = factor * model.get_parameter(gamma.target).detach().double()
+            folds[weight.target] = factor
+        return folds

@@ -1,0 +1,142 @@
+"""What every criterion shares: the context-manager interface and the running of the model.
+
+``with Criterion(ir) as score_collector:`` — calling ``score_collector(*args, **kwargs)``
+runs ``ir.model`` and returns its output unchanged; the first call infers the IR's labels
+from those inputs when that was not done yet. Scores are written into the IR (``label.score``,
+``ir.label_groups()`` sorted by them), so every selector works the same whatever
+criterion produced them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+
+from ..errors import LabelsNotInferredError, PruningIRError
+from ..ir import PruningIR
+from ..labels import ChannelIndex
+from ..tracing import trace_model
+from ._analysis import GraphFacts, label_mask
+
+# Graphs traced for IRs that came without one (an IR loaded from disk does not pickle its graph).
+_TRACED_GRAPHS: "weakref.WeakKeyDictionary[ChannelIndex, fx.Graph]" = weakref.WeakKeyDictionary()
+
+
+class Criterion:
+    """Base class: a context manager; calling it runs the model.
+
+    Subclasses implement ``_enter`` / ``_labels_ready`` / ``_exit`` and may override ``_run``.
+    """
+
+    def __init__(self, ir: PruningIR, snapshot_name: str = "main"):
+        if not isinstance(ir, PruningIR):
+            raise TypeError(f"{type(self).__name__} expects a PruningIR, got {type(ir).__name__}")
+        self.ir = ir.snapshot(snapshot_name)
+        self.snapshot_name = snapshot_name
+        self._active = False
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self) -> "Criterion":
+        if self._active:
+            raise PruningIRError(f"this {type(self).__name__} is already active (nested with-blocks)")
+        self.ir._check_usable()
+        self._active = True
+        try:
+            self._enter()
+        except BaseException:
+            self._active = False
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        self._active = False
+        self._exit(failed=exc_type is not None)
+        return False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model on these inputs and return its output unchanged."""
+        if not self._active:
+            name = type(self).__name__
+            raise PruningIRError(f"{name} runs the model only inside its with-block: "
+                                 f"`with {name}(ir) as score_collector: output = score_collector(inputs)`")
+        if not self.ir.labels_inferred:
+            self.ir.infer_labels(*args, **kwargs)
+            self._labels_ready(args, kwargs)
+        return self._run(args, kwargs)
+
+    # -- for subclasses -------------------------------------------------------------------
+    def _enter(self) -> None:
+        pass
+
+    def _labels_ready(self, args: tuple, kwargs: dict) -> None:
+        pass
+
+    def _exit(self, failed: bool) -> None:
+        pass
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        return self.ir.model(*args, **kwargs)
+
+    # -- helpers --------------------------------------------------------------------------
+    @property
+    def index(self) -> ChannelIndex:
+        return self.ir._require_index()
+
+    def _graph(self, args: tuple | None = None, kwargs: dict | None = None) -> fx.Graph | None:
+        """The IR's recorded graph; for an IR without one (loaded from disk), a graph traced
+        from ``args`` (node names are the same: the call sequence is the model's)."""
+        try:
+            return self.ir.graph
+        except (AttributeError, PruningIRError):
+            pass
+        index = self.index
+        graph = _TRACED_GRAPHS.get(index)
+        if graph is None and args is not None:
+            traced, _ = trace_model(self.ir.model, tuple(args), dict(kwargs or {}), self.ir._leaf_policy)
+            graph = _TRACED_GRAPHS[index] = traced.graph
+        return graph
+
+    def _facts(self, graph: fx.Graph) -> GraphFacts:
+        return GraphFacts(graph, self.index, self.ir.model)
+
+    def _write_scores(self, scores: np.ndarray) -> None:
+        """Write per-class ``scores`` (an array over class ids) for every label of the IR."""
+        index = self.index
+        labels = np.flatnonzero(label_mask(index))
+        values = np.asarray(scores, dtype=np.float64)[labels]
+        if not np.all(np.isfinite(values)):
+            raise PruningIRError(f"{type(self).__name__} produced non-finite scores "
+                                 "(a loss or gradient that is inf or nan?)")
+        index.class_scores[labels] = values
+
+
+class DataFreeCriterion(Criterion):
+    """A criterion computed from the weights alone: entering (and leaving) the with-block,
+    or calling :meth:`apply`, sets the scores. Data is needed only to infer labels."""
+
+    def apply(self) -> PruningIR:
+        """Compute the scores now and write them into the IR; returns the IR."""
+        if not self.ir.labels_inferred:
+            raise LabelsNotInferredError(
+                f"{type(self).__name__} needs the IR's labels: call ir.infer_labels(*example_inputs) first, "
+                f"or call the criterion once with example inputs inside its with-block")
+        self._write_scores(self._compute())
+        return self.ir
+
+    def _compute(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _enter(self) -> None:
+        if self.ir.labels_inferred:
+            self.apply()
+
+    def _labels_ready(self, args: tuple, kwargs: dict) -> None:
+        self._graph(args, kwargs)
+        self.apply()
+
+    def _exit(self, failed: bool) -> None:
+        if not failed:
+            self.apply()

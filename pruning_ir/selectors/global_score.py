@@ -1,0 +1,62 @@
+"""Global selection: the network-wide lowest scores, whatever group they sit in."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+
+from .base import LabelSelector
+from .constraint import ChannelConstraint
+from .plan import SelectionPlan
+
+__all__ = ["GlobalScoreLabelSelector"]
+
+
+class GlobalScoreLabelSelector(LabelSelector):
+    """Removes the ``n_or_ratio`` lowest-scored labels of the whole network.
+
+    A value in (0, 1) is a share of all prunable labels, a value >= 1 a number of labels
+    (0 removes nothing). Scores must be comparable across groups (Taylor scores are). Labels
+    leave in chunks the constraint allows; a chunk that would exceed the count is skipped
+    (with the rest of its group), so at most that many labels are removed.
+    """
+
+    def __init__(self, n_or_ratio: int | float, constraint: ChannelConstraint | None = None):
+        super().__init__(constraint)
+        if isinstance(n_or_ratio, bool) or not isinstance(n_or_ratio, Real) or not math.isfinite(n_or_ratio):
+            raise TypeError(f"n_or_ratio must be a share in (0, 1) or a count >= 1, got {n_or_ratio!r}")
+        if n_or_ratio < 0:
+            raise ValueError(f"n_or_ratio must be a share in (0, 1) or a count >= 1, got {n_or_ratio}")
+        if n_or_ratio >= 1 and n_or_ratio != int(n_or_ratio):
+            raise ValueError(f"a count of labels must be a whole number, got {n_or_ratio}")
+        self.n_or_ratio = n_or_ratio
+
+    def _label_budget(self, plan: SelectionPlan) -> int:
+        total = plan.label_count
+        if self.n_or_ratio < 1:
+            return int(np.floor(self.n_or_ratio * total + 0.5))
+        count = int(self.n_or_ratio)
+        if count > total:
+            raise ValueError(f"cannot remove {count} labels: the IR has only {total} prunable labels")
+        return count
+
+    def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
+        budget = self._label_budget(plan)
+        counts = plan.base_counts()
+        most = int(plan.max_counts().sum())
+        if budget > most:
+            raise ValueError(f"cannot remove {budget} labels: the channel constraint ({self.constraint}) lets at "
+                             f"most {most} of the {plan.label_count} prunable labels go")
+        removed, blocked = int(counts.sum()), set()
+        for step in plan.steps(counts):
+            if step.index in blocked:
+                continue
+            size = step.stop - step.start
+            if removed + size > budget:
+                blocked.add(step.index)
+                continue
+            counts[step.index] = step.stop
+            removed += size
+        return plan.repair(counts)
