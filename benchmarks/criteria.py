@@ -2,9 +2,11 @@
 
 For every criterion (pruning_ir's LossAware, Magnitude, Magnitude with batch-norm folding,
 Random; and LossAware applied in 5 rounds of scoring and pruning, ``loss_aware_x5``) and
-selection (uniform: the same share of every group; global: the network-wide lowest scores), prune 30/50/70% of the labels and report test accuracy
+selection (uniform: the same share of every group; global: the network-wide lowest scores),
+prune 30/50/70% of the labels and report test accuracy
 
-* ``pruned``: right after pruning (stale batch-norm statistics),
+* ``pruned``: right after pruning (stale batch-norm statistics; for ``loss_aware_x5``, whose
+  rounds re-estimate them, the same as ``bn``),
 * ``bn``: after re-estimating the batch-norm statistics on the training images (no weight update),
 * ``ft1``: after that and one epoch of fine-tuning (Adam, lr 1e-3, batches of 64),
 
@@ -12,6 +14,10 @@ side by side with Torch-Pruning's GroupTaylorImportance and GroupMagnitudeImport
 (``MetaPruner``, same uniform/global mode) at the MACs of the LossAware model. Taylor
 criteria see the same calibration data: one pass over the training set in eval mode, batches
 of 8 (Torch-Pruning accumulates the gradients of all of them).
+
+``loss_aware_x5`` removes what the one-shot LossAware removes (the same count per group for
+uniform, the same number of labels for global) in 5 rounds on the same data (5 passes).
+Takes about 15 minutes on one CPU thread (the Torch-Pruning MACs bisection is most of it).
 
     python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--json benchmarks/results/criteria.json]
 """

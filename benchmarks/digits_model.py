@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def digits_data(seed: int = 0, test_fraction: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_data(seed: int = 0, test_fraction: float = 0.3) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_test, y_test); images are (N, 1, 8, 8) floats scaled to [0, 1]."""
     from sklearn.datasets import load_digits
     digits = load_digits()
@@ -26,7 +26,10 @@ def digits_data(seed: int = 0, test_fraction: float = 0.3) -> tuple[torch.Tensor
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, seed: int | None = 0):
     """Mini-batches; shuffled with ``seed`` (None: in order)."""
-    order = torch.arange(len(y)) if seed is None else torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    if seed is None:
+        order = torch.arange(len(y))
+    else:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     for start in range(0, len(y), batch_size):
         index = order[start:start + batch_size]
         yield x[index], y[index]
@@ -52,7 +55,8 @@ class DigitsResNet(nn.Module):
         super().__init__()
         self.stem, self.stem_bn = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
         self.block1 = BasicBlock(width)
-        self.down, self.down_bn = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.down_bn = nn.BatchNorm2d(2 * width)
         self.block2 = BasicBlock(2 * width)
         self.fc = nn.Linear(2 * width, classes)
 

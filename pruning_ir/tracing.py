@@ -17,6 +17,7 @@ Module forward hooks give each node its module stack and turn leaf modules into
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -136,8 +137,13 @@ def _has_tensor(value: Any) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
-class _Recorder(TorchFunctionMode):
-    """Writes each torch-level call of one forward pass into an fx graph."""
+class Recorder(TorchFunctionMode):
+    """Writes each torch-level call of one forward pass into an fx graph.
+
+    Subclasses (the loss-aware criterion's site finder) may extend ``bind_tensor``,
+    ``bind_outputs`` and ``__torch_function__``; ``pre_hook``/``post_hook`` are the module
+    hooks :func:`recording` installs.
+    """
 
     def __init__(self, model: nn.Module, leaf_policy: LeafPolicy, strict: bool):
         super().__init__()
@@ -284,6 +290,31 @@ class _Recorder(TorchFunctionMode):
         return None
 
 
+@contextlib.contextmanager
+def recording(model: nn.Module, recorder: "Recorder", args: tuple, kwargs: dict):
+    """Install ``recorder`` on ``model`` (input placeholders, module hooks, the mode) for one call.
+
+    The model's train/eval and grad modes are the caller's: the tracer wraps this in eval
+    mode and ``no_grad``; a criterion records the user's own training step as it runs.
+    """
+    flat_inputs, _ = pytree.tree_flatten((args, kwargs))
+    for index, value in enumerate(flat_inputs):
+        if isinstance(value, torch.Tensor):
+            node = recorder.graph.placeholder(f"input_{index}")
+            node.meta["module_stack"] = ()
+            recorder.bind_tensor(value, node)
+    handles = []
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
+        with recorder:
+            yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPolicy,
                 strict: bool = False) -> tuple[TracedGraph, Any]:
     """Run ``model(*args, **kwargs)`` once and record it; returns the graph and the output.
@@ -291,38 +322,25 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPo
     The model runs in eval mode under ``torch.no_grad()`` (so batch-norm statistics are
     not updated); the train/eval flag of every submodule is restored afterwards.
     """
-    recorder = _Recorder(model, leaf_policy, strict)
-    flat_inputs, _ = pytree.tree_flatten((args, kwargs))
-    input_nodes = []
-    for index, value in enumerate(flat_inputs):
-        if isinstance(value, torch.Tensor):
-            node = recorder.graph.placeholder(f"input_{index}")
-            node.meta["module_stack"] = ()
-            recorder.bind_tensor(value, node)
-            input_nodes.append(node)
+    recorder = Recorder(model, leaf_policy, strict)
     training_flags = {m: m.training for m in model.modules()}
-    handles = []
     try:
-        for module in model.modules():
-            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
         model.eval()
-        with torch.no_grad(), recorder:
+        with torch.no_grad(), recording(model, recorder, args, kwargs):
             try:
                 output = model(*args, **kwargs)
             except TracingError:
                 raise
             except Exception as error:
                 where = recorder.module_stack[-1] if recorder.module_stack else "<model>"
-                shapes = [tuple(t.shape) for t in flat_inputs if isinstance(t, torch.Tensor)]
+                shapes = [tuple(t.shape) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
                 raise ModelExecutionError(
                     f"{type(model).__name__} failed on the example inputs (tensor shapes {shapes}) "
                     f"in submodule '{where}': {type(error).__name__}: {error}") from error
     finally:
-        for handle in handles:
-            handle.remove()
         for module, flag in training_flags.items():
             module.training = flag
+    input_nodes = list(recorder.graph.find_nodes(op="placeholder"))
     output_nodes = [recorder.node_of(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
     recorder.graph.output(tuple(output_nodes))
     return TracedGraph(recorder.graph, input_nodes, output_nodes, recorder.leaf_specs), output

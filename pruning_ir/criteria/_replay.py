@@ -2,7 +2,7 @@
 
 The criterion runs the user's Python ``forward``, not the fx graph, so to reach the
 activation at a graph node it records the forward again with the tracer's own
-``_Recorder`` (same decisions about which calls are recorded, same leaf modules) and
+``Recorder`` (same decisions about which calls are recorded, same leaf modules) and
 matches each new node to the node of the reference graph by structure: the op, its
 target and the matched nodes it reads, in order of occurrence. Constants are left out
 of the match, so a different batch size or ``training=True`` where labels were inferred
@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..tracing import LeafPolicy, _Recorder
+from ..tracing import LeafPolicy, Recorder, recording
 
 # Calls that may write into their first argument (beyond names ending in "_").
 _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
@@ -72,7 +72,7 @@ def may_write(func, args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
     return targets
 
 
-class SiteRecorder(_Recorder):
+class SiteRecorder(Recorder):
     """The tracer's recorder, reporting the tensors of watched reference nodes."""
 
     def __init__(self, model: nn.Module, leaf_policy: LeafPolicy, plan: ReplayPlan,
@@ -126,20 +126,6 @@ def run_recorded(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafP
     """Run ``model(*args, **kwargs)`` as the user would (train/eval mode and grad mode
     untouched) while recording it; returns the output and the watched nodes that were found."""
     recorder = SiteRecorder(model, leaf_policy, plan, on_site, before_write)
-    flat_inputs, _ = pytree.tree_flatten((args, kwargs))
-    for index, value in enumerate(flat_inputs):
-        if isinstance(value, torch.Tensor):
-            node = recorder.graph.placeholder(f"input_{index}")
-            node.meta["module_stack"] = ()
-            recorder.bind_tensor(value, node)
-    handles = []
-    try:
-        for module in model.modules():
-            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
-        with recorder:
-            output = model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with recording(model, recorder, args, kwargs):
+        output = model(*args, **kwargs)
     return output, recorder.seen
