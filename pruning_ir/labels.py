@@ -65,6 +65,16 @@ class Label:
         return f"Label(group={self.group.id}, channel={self.channel}, score={self.score:.4g})"
 
 
+@dataclass
+class GroupDescription:
+    """What a group ties together, for people: built on first use, for all groups at once."""
+
+    unprunable_reasons: list[str] = field(default_factory=list)
+    inexact_reasons: list[str] = field(default_factory=list)
+    parameters: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+
+
 @dataclass(eq=False)
 class DependencyGroup:
     """Channels that must be pruned consistently, and where they live."""
@@ -73,10 +83,23 @@ class DependencyGroup:
     id: int
     classes: np.ndarray               # prunable classes, in channel order
     pinned_count: int                 # channels of this group that can never be removed
-    unprunable_reasons: list[str] = field(default_factory=list)
-    inexact_reasons: list[str] = field(default_factory=list)
-    parameters: list[str] = field(default_factory=list)
-    modules: list[str] = field(default_factory=list)
+
+    @property
+    def unprunable_reasons(self) -> list[str]:
+        return self.index.descriptions()[self.id].unprunable_reasons
+
+    @property
+    def inexact_reasons(self) -> list[str]:
+        return self.index.descriptions()[self.id].inexact_reasons
+
+    @property
+    def parameters(self) -> list[str]:
+        """``name[dim]`` of every parameter and buffer dimension sliced with this group."""
+        return self.index.descriptions()[self.id].parameters
+
+    @property
+    def modules(self) -> list[str]:
+        return self.index.descriptions()[self.id].modules
 
     @property
     def labels(self) -> list[Label]:
@@ -134,6 +157,7 @@ class ChannelIndex:
         self.inexact = inexact
         self.class_scores = np.zeros(class_count) if class_scores is None else class_scores
         self._groups: list[DependencyGroup] | None = None
+        self._descriptions: list[GroupDescription] | None = None
 
     @property
     def groups(self) -> list[DependencyGroup]:
@@ -189,30 +213,34 @@ class ChannelIndex:
             members = present[group_ids == gid]
             free = members[~self.pinned[members]]
             groups.append(DependencyGroup(self, gid, free, int(len(members) - len(free))))
-        self._describe_groups(groups)
         return groups
 
     def _groups_touching(self, classes: np.ndarray) -> np.ndarray:
         groups = self.group_of_class[classes[classes != PINNED]]
         return np.unique(groups[groups >= 0])
 
-    def _describe_groups(self, groups: list[DependencyGroup]) -> None:
-        for classes, reason in self.pin_reasons:
-            for gid in self._groups_touching(classes):
-                _add_reason(groups[gid].unprunable_reasons, reason)
-        for classes, reason in self.inexact:
-            for gid in self._groups_touching(classes):
-                _add_reason(groups[gid].inexact_reasons, reason)
-        for binding in self.parameter_bindings:
-            for gid in self._groups_touching(binding.classes):
-                groups[gid].parameters.append(f"{binding.target.name}[{binding.target.dim}]")
-                owner = binding.target.name.rpartition(".")[0]
-                if owner not in groups[gid].modules:
-                    groups[gid].modules.append(owner)
-        for site in self.sites:
-            for gid in self._groups_touching(site.classes):
-                if site.module_path and site.module_path not in groups[gid].modules:
-                    groups[gid].modules.append(site.module_path)
+    def descriptions(self) -> list[GroupDescription]:
+        """Per group: why channels are unprunable or inexact, which parameters and modules it ties."""
+        if self._descriptions is None:
+            groups = [GroupDescription() for _ in self.groups]
+            for classes, reason in self.pin_reasons:
+                for gid in self._groups_touching(classes):
+                    _add_reason(groups[gid].unprunable_reasons, reason)
+            for classes, reason in self.inexact:
+                for gid in self._groups_touching(classes):
+                    _add_reason(groups[gid].inexact_reasons, reason)
+            for binding in self.parameter_bindings:
+                for gid in self._groups_touching(binding.classes):
+                    groups[gid].parameters.append(f"{binding.target.name}[{binding.target.dim}]")
+                    owner = binding.target.name.rpartition(".")[0]
+                    if owner not in groups[gid].modules:
+                        groups[gid].modules.append(owner)
+            for site in self.sites:
+                for gid in self._groups_touching(site.classes):
+                    if site.module_path and site.module_path not in groups[gid].modules:
+                        groups[gid].modules.append(site.module_path)
+            self._descriptions = groups
+        return self._descriptions
 
     # -- pruning --------------------------------------------------------------------------
     def removal_mask(self, classes: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ class PropagationState:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.modules: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+        self._int_attributes: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
         self.atoms = AtomTable()
         self.layouts: dict[fx.Node, Any] = {}
         self.parameter_bindings: dict[tuple[str, int], ParameterBinding] = {}
@@ -34,11 +36,19 @@ class PropagationState:
         """Atoms of one dimension of a parameter or buffer, made once (size-1 dims have none)."""
         key = (name, dim)
         if key not in self.parameter_bindings:
-            tensor = _named_tensor(self.model, name)
+            tensor = _named_tensor(self.modules, name)
             if tensor is None or tensor.shape[dim] == 1:
                 return None
             self.parameter_bindings[key] = ParameterBinding(name, dim, self.atoms.fresh(tensor.shape[dim]))
         return self.parameter_bindings[key].atoms
+
+    def int_attributes(self, path: str, names: tuple[str, ...]) -> dict[str, int]:
+        """The int-valued attributes among ``names`` of one module (read once per module)."""
+        key = (path, names)
+        if key not in self._int_attributes:
+            values = {name: getattr(self.modules[path], name, None) for name in names}
+            self._int_attributes[key] = {k: v for k, v in values.items() if type(v) is int}
+        return self._int_attributes[key]
 
     def layout_of(self, node: fx.Node, allow_tuple: bool = False) -> Any:
         layout = self.layouts.get(node)
@@ -51,10 +61,9 @@ class PropagationState:
         return layout
 
 
-def _named_tensor(model: nn.Module, name: str):
+def _named_tensor(modules: dict[str, nn.Module], name: str):
     module_path, _, attribute = name.rpartition(".")
-    module = model.get_submodule(module_path)
-    tensor = getattr(module, attribute, None)
+    tensor = getattr(modules[module_path], attribute, None)
     return tensor if hasattr(tensor, "shape") else None
 
 
@@ -90,7 +99,7 @@ def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
             for value in traced.output_nodes:
                 ctx.pin_layout(state.layout_of(value), "reaches the model output")
             continue
-        module = model.get_submodule(node.target) if node.op == "call_module" else None
+        module = state.modules[node.target] if node.op == "call_module" else None
         ctx = RuleContext(state, node)
         rule = find_rule(node, module)
         if rule is None:

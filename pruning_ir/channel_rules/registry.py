@@ -131,11 +131,11 @@ class RuleContext:
     def module(self) -> nn.Module | None:
         if self.node.op != "call_module":
             return None
-        return self.state.model.get_submodule(self.node.target)
+        return self.state.modules[self.node.target]
 
     def enclosing_modules(self):
         for path in reversed(self.module_stack):
-            yield path, self.state.model.get_submodule(path)
+            yield path, self.state.modules[path]
 
     def parameter_name(self, value: Any) -> str | None:
         if isinstance(value, fx.Node) and value.op == "get_attr":
@@ -150,7 +150,7 @@ class RuleContext:
         owner = name.rpartition(".")[0]
         if owner != self.module_path:
             return None
-        return owner, self.state.model.get_submodule(owner)
+        return owner, self.state.modules[owner]
 
     def where(self) -> str:
         return f"{self.op} in '{self.module_path or '<model>'}'"
@@ -222,17 +222,17 @@ class RuleContext:
     def _size_attributes(self, value: int) -> tuple[str, list[str]] | None:
         """The innermost enclosing module with size attributes equal to ``value``, and those
         attributes (all of them: forward may use any, e.g. GPT-2's equal split_size and embed_dim)."""
-        for path, module in self.enclosing_modules():
-            names = [a for a in SIZE_ATTRIBUTES if type(getattr(module, a, None)) is int and getattr(module, a) == value]
+        for path in reversed(self.module_stack):
+            names = [a for a, v in self.state.int_attributes(path, SIZE_ATTRIBUTES).items() if v == value]
             if names:
                 return path, names
         return None
 
     def bind_head_count(self, size: int, atoms: np.ndarray) -> None:
         """Keep a head-count attribute of the innermost module equal to ``size`` in step with ``atoms``."""
-        for path, module in self.enclosing_modules():
-            for attribute in HEAD_COUNT_ATTRIBUTES:
-                if type(getattr(module, attribute, None)) is int and getattr(module, attribute) == size:
+        for path in reversed(self.module_stack):
+            for attribute, value in self.state.int_attributes(path, HEAD_COUNT_ATTRIBUTES).items():
+                if value == size:
                     self.bind_attribute(path, attribute, atoms)
                     return
 
