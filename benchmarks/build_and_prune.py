@@ -1,8 +1,9 @@
 """IR build + label inference + pruning half of every group, pruning_ir vs Torch-Pruning.
 
-Each measurement runs in a fresh subprocess (clean peak-memory accounting), alternating
-the two libraries per model so machine drift hits both alike; in it, one warm-up run on a
-copy of the model keeps imports and first-call kernel set-up out of the timing. Peak memory is the peak
+Each measurement runs in a fresh subprocess, alternating the two libraries per model so
+machine drift hits both alike: its first, cold run gives the peak memory (resident set
+size above the process right after the model and inputs were built), then the median of
+three runs on fresh copies of the model gives the time. Peak memory is the peak
 resident set size above the process's size right after the model and inputs were built.
 
     python benchmarks/build_and_prune.py [--quick] [--repeats 3]
@@ -24,6 +25,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "build_and_prune.json")
+THREADS = 1  # one intra-op thread: timings on a shared 2-core machine stay stable
 
 
 def _rss_mb(field: str) -> float:
@@ -66,26 +68,33 @@ def _prune_with_torch_pruning(model, inputs) -> None:
     pruner.step()
 
 
-def worker(library: str, name: str) -> dict:
+def worker(library: str, name: str, timed_runs: int = 3) -> dict:
+    """Peak memory of the first (cold) run in this fresh process, then the median time of
+    ``timed_runs`` more runs on fresh copies of the model (imports and first-call kernel
+    set-up paid once, by the cold run)."""
     sys.path.insert(0, HERE)
     from models import BENCHMARK_MODELS
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     model, inputs = BENCHMARK_MODELS[name]()
     before = sum(p.numel() for p in model.parameters())
     model_mb = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
     shapes = _output_shapes(model, inputs)
     prune = _prune_with_pruning_ir if library == "pruning_ir" else _prune_with_torch_pruning
-    prune(copy.deepcopy(model), inputs)  # warm-up: imports and first-call kernel set-up are not timed
+    __import__("pruning_ir" if library == "pruning_ir" else "torch_pruning")
+    copies = [copy.deepcopy(model) for _ in range(timed_runs)]
     baseline = _rss_mb("VmRSS")
     _reset_peak()
-    start = time.perf_counter()
     error = None
     try:
         prune(model, inputs)
     except Exception as exc:  # a library that cannot prune the model is a result, not a crash
         error = f"{type(exc).__name__}: {str(exc)[:200]}"
-    seconds = time.perf_counter() - start
     peak = _rss_mb("VmHWM") - baseline
+    times = []
+    for replica in copies if error is None else []:
+        start = time.perf_counter()
+        prune(replica, inputs)
+        times.append(time.perf_counter() - start)
     runs = False
     if error is None:
         try:
@@ -93,8 +102,9 @@ def worker(library: str, name: str) -> dict:
         except Exception as exc:
             error = f"pruned model fails: {type(exc).__name__}: {str(exc)[:160]}"
     after = sum(p.numel() for p in model.parameters())
-    return {"library": library, "model": name, "seconds": seconds, "peak_mb": peak, "model_mb": model_mb,
-            "params_before": before, "params_after": after, "runs": runs, "error": error}
+    return {"library": library, "model": name, "seconds": statistics.median(times) if times else None,
+            "peak_mb": peak, "model_mb": model_mb, "params_before": before, "params_after": after,
+            "runs": runs, "error": error}
 
 
 def fmt(value, spec: str) -> str:
@@ -136,7 +146,7 @@ def main() -> None:
                 runs[library].append(measure(library, name))
         row = {"model": name}
         for library, results in runs.items():
-            good = [r for r in results if r.get("error") is None]
+            good = [r for r in results if r.get("error") is None and r.get("seconds") is not None]
             row[library] = {
                 "seconds": statistics.median(r["seconds"] for r in good) if good else None,
                 "peak_mb": statistics.median(r["peak_mb"] for r in good) if good else None,
@@ -156,7 +166,7 @@ def main() -> None:
     ratios = [r["time_ratio"] for r in rows if r["time_ratio"]]
     summary = {"median_time_ratio": statistics.median(ratios) if ratios else None,
                "machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "threads": 2, "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
+               "threads": THREADS, "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
     print(f"\nmedian time ratio (pruning_ir / Torch-Pruning): {fmt(summary['median_time_ratio'], '.2f')}")
     for row in rows:
         for library in ("pruning_ir", "torch_pruning"):

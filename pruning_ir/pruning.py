@@ -49,9 +49,8 @@ def _new_attribute_values(index: ChannelIndex, removed: np.ndarray) -> dict[tupl
 
 def _sliced(tensor: torch.Tensor, plan: list[tuple[int, np.ndarray]]) -> torch.Tensor:
     data = tensor.detach()
-    for dim, keep in plan:
+    for dim, keep in plan:  # index_select copies: the result never shares the original's storage
         data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
-    data = data.clone(memory_format=torch.contiguous_format)
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(data, requires_grad=tensor.requires_grad)
     return data
@@ -82,8 +81,11 @@ def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inpl
     """Return ``model`` (or a copy) with the positions of every removed class sliced away."""
     plans = _slice_plans(index, removed)
     attributes = _new_attribute_values(index, removed)
-    originals = {name: model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
-                 for name in plans}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    originals = {}
+    for name in plans:
+        path, _, attribute = name.rpartition(".")
+        originals[name] = getattr(modules[path], attribute)
     replacements = {id(originals[name]): _sliced(originals[name], plan) for name, plan in plans.items()}
     if inplace:
         target = model
@@ -94,11 +96,7 @@ def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inpl
     else:
         memo = {key: new for key, new in replacements.items()}
         target = copy.deepcopy(model, memo)
+        modules = dict(target.named_modules(remove_duplicate=False))
     for (path, attribute), (value, tuple_index) in attributes.items():
-        _set_attribute(target.get_submodule(path), attribute, value, tuple_index)
+        _set_attribute(modules[path], attribute, value, tuple_index)
     return target
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    path, _, attribute = name.rpartition(".")
-    return attribute in model.get_submodule(path)._parameters

@@ -134,7 +134,11 @@ ESCAPES = {"numpy", "__array__", "tolist", "item", "__iter__", "__bool__", "__in
 
 
 def _has_tensor(value: Any) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(item) for item in value)
+    return isinstance(value, dict) and any(_has_tensor(item) for item in value.values())
 
 
 class Recorder(TorchFunctionMode):
@@ -262,20 +266,31 @@ class Recorder(TorchFunctionMode):
         self.bind_outputs(result, node)
 
     # -- module hooks ------------------------------------------------------------------
-    def pre_hook(self, module, args, kwargs):
-        path = self.module_paths.get(id(module), "?")
+    def pre_hook(self, module, args):
+        """Global forward pre-hook: every module call in the process; ours keep the stack."""
+        path = self.module_paths.get(id(module))
+        if path is None:
+            return None
         if self.leaf_depth:
             self.leaf_depth += 1
             return None
         self.module_stack.append(path)
-        spec = self.leaf_policy.leaf_spec(module)
-        if spec is not None and path != "":
-            self.leaf_specs[path] = spec
-            self.leaf_inputs.append((self.map_arguments(tuple(args)), self.map_arguments(dict(kwargs))))
-            self.leaf_depth = 1
+        return None
+
+    def leaf_pre_hook(self, module, args, kwargs):
+        """Registered on leaf modules only (it needs kwargs); runs right after ``pre_hook``."""
+        if self.leaf_depth:
+            return None
+        path = self.module_stack[-1]
+        self.leaf_specs[path] = self.leaf_policy.leaf_spec(module)
+        self.leaf_inputs.append((self.map_arguments(tuple(args)), self.map_arguments(dict(kwargs))))
+        self.leaf_depth = 1
         return None
 
     def post_hook(self, module, args, kwargs, output):
+        """Global forward hook (always called, also when forward raises)."""
+        if id(module) not in self.module_paths:
+            return None
         if self.leaf_depth > 1:
             self.leaf_depth -= 1
             return None
@@ -305,9 +320,13 @@ def recording(model: nn.Module, recorder: "Recorder", args: tuple, kwargs: dict)
             recorder.bind_tensor(value, node)
     handles = []
     try:
+        # Two global hooks instead of two per module: registering hooks costs more than the call.
+        handles.append(nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook))
+        handles.append(nn.modules.module.register_module_forward_hook(recorder.post_hook, with_kwargs=True,
+                                                                       always_call=True))
         for module in model.modules():
-            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
+            if module is not model and recorder.leaf_policy.leaf_spec(module) is not None:
+                handles.append(module.register_forward_pre_hook(recorder.leaf_pre_hook, with_kwargs=True))
         with recorder:
             yield recorder
     finally:
