@@ -4,16 +4,22 @@
    targets of 0.7/0.5/0.3 of the original cost, with MACs and with measured CPU latency:
    achieved/target, selection time, latency-function calls and iterations; the binary-search
    baseline (lowest scores first) alongside, with the share of the total score each keeps.
-   CPU latency is measured single-threaded (median of ``--repeats`` runs, batch 8); the
-   achieved value is re-measured independently (median of 3 fresh measurements), and the
-   run-to-run spread of the unpruned model is reported as the noise floor.
+   CPU latency is measured single-threaded on batches of 8 96x96 images, where convolutions
+   rather than per-op overhead dominate (at 32x32 even the smallest reachable model is ~50%
+   of the original): the fastest of ``--repeats`` runs (``measure_latency(statistic="min")``;
+   noise from other jobs only adds time). The achieved value is re-measured independently
+   (median of 3), the spread of 5 measurements of the unpruned model is reported as the
+   noise floor, and a target below the smallest reachable model is recorded as unreachable
+   (the selector's error names that minimum). On a shared 2-core VM the noise floor varies
+   from 2% to 45% between runs: read the CPU rows against it.
 2. ``digits``: the residual CNN trained on scikit-learn's digits, LossAware scores; for each
    MACs target, Knapsack selects first, then Uniform (ratio bisected) and GlobalScore (count
    binary-searched) get the largest selections whose MACs do not exceed the Knapsack
    result's; test accuracy right after pruning, after batch-norm re-estimation, and after one
    epoch of fine-tuning, averaged over ``--seeds``.
 
-    python benchmarks/knapsack.py [--quick] [--seeds 0 1 2] [--json benchmarks/results/knapsack.json]
+    python benchmarks/knapsack.py [--quick] [--costs macs cpu] [--parts targets digits]
+                                  [--seeds 0 1 2] [--repeats 15] [--json benchmarks/results/knapsack.json]
 
 ``--quick``: MACs only and one seed (about a minute).
 """
@@ -46,7 +52,7 @@ from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, KnapsackLabe
 
 MODELS = {"resnet50": "ResNet-50-style", "mobilenet_v2": "MobileNetV2-style"}
 TARGETS = (0.7, 0.5, 0.3)
-TOLERANCE = {"macs": 0.02, "cpu": 0.05}
+TOLERANCE = {"macs": 0.02, "cpu": 0.08}   # CPU: this shared VM's run-to-run noise is several percent
 
 
 def kept_share(ir: PruningIR, labels: list) -> float:
@@ -62,10 +68,11 @@ def zoo_ir(name: str) -> tuple[PruningIR, torch.Tensor]:
     return ir, entry.example_inputs()[0]
 
 
-def cost_functions(example: torch.Tensor, repeats: int) -> dict:
-    cpu_input = torch.randn(8, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-    return {"macs": bind(macs, example[:1]),
-            "cpu": bind(measure_latency, cpu_input, warmup=3, repeats=repeats)}
+def cost_function(kind: str, example: torch.Tensor, repeats: int):
+    if kind == "macs":
+        return bind(macs, example[:1])
+    cpu_input = torch.randn(8, example.shape[1], 96, 96, generator=torch.Generator().manual_seed(0))
+    return bind(measure_latency, cpu_input, warmup=3, repeats=repeats, statistic="min")
 
 
 def remeasured(function, model) -> float:
@@ -82,7 +89,7 @@ def run_selector(ir: PruningIR, selector, function) -> dict:
     achieved = remeasured(function, ir.prune(labels=labels).model)
     target = selector.target_latency
     return {"target": target, "achieved": achieved, "achieved_over_target": achieved / target,
-            "seen_by_selector_over_target": (getattr(selector, "latency", None) or achieved) / target,
+            "seen_by_selector_over_target": selector.latency / target,
             "selection_s": seconds, "latency_calls": selector.latency_calls,
             "iterations": len(getattr(selector, "history", [])), "labels_removed": len(labels),
             "kept_score_share": kept_share(ir, labels)}
@@ -93,7 +100,7 @@ def target_rows(kinds: tuple[str, ...], repeats: int) -> tuple[list[dict], dict]
     for name, title in MODELS.items():
         for kind in kinds:
             ir, example = zoo_ir(name)
-            function = cost_functions(example, repeats)[kind]
+            function = cost_function(kind, example, repeats)
             original = remeasured(function, ir.model)
             if kind == "cpu":
                 spread = [function(ir.model) for _ in range(5)]
@@ -107,8 +114,14 @@ def target_rows(kinds: tuple[str, ...], repeats: int) -> tuple[list[dict], dict]
                     else:
                         selector = BinarySearchLatencyLabelSelector(share * original, function)
                     row = {"model": title, "cost": kind, "share": share, "method": method, "original": original}
-                    row.update(run_selector(ir, selector, function))
-                    rows.append(row)
+                    try:
+                        row.update(run_selector(ir, selector, function))
+                    except ValueError as error:   # below the smallest reachable model
+                        row["unreachable"] = str(error)
+                        print(f"{title:<18} {kind:<4} {share:.1f}  {method:<13} {error}", flush=True)
+                        continue
+                    finally:
+                        rows.append(row)
                     print(format_target_row(row), flush=True)
     return rows, noise
 
@@ -175,11 +188,15 @@ def digits_summary(rows: list[dict]) -> list[dict]:
 def print_summary(target: list[dict], noise: dict, digits: list[dict]) -> None:
     print("\n== latency targets (achieved/target; time; latency calls) ==")
     print(f"{'model':<18} {'cost':<4} {'share':<5} {'knapsack':>34} {'binary search':>34}")
+    def cell(r: dict) -> str:
+        if "unreachable" in r:
+            return "unreachable"
+        return f"{r['achieved_over_target']:.4f} {r['selection_s']:6.1f}s {r['latency_calls']:4d} " \
+               f"k{r['kept_score_share']:.3f}"
+
     for row in (r for r in target if r["method"] == "knapsack"):
         base = next(r for r in target if r["method"] == "binary_search" and r["model"] == row["model"]
                     and r["cost"] == row["cost"] and r["share"] == row["share"])
-        cell = lambda r: f"{r['achieved_over_target']:.4f} {r['selection_s']:6.1f}s {r['latency_calls']:4d} " \
-                         f"k{r['kept_score_share']:.3f}"  # noqa: E731
         print(f"{row['model']:<18} {row['cost']:<4} {row['share']:<5.1f} {cell(row):>34} {cell(base):>34}")
     for name, spread in noise.items():
         print(f"CPU noise floor, {MODELS[name]}: unpruned model, 5 measurements, (max - min) / median = {spread:.3f}")
@@ -193,16 +210,18 @@ def print_summary(target: list[dict], noise: dict, digits: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MACs only, one seed")
+    parser.add_argument("--costs", nargs="+", choices=("macs", "cpu"), default=["macs", "cpu"])
+    parser.add_argument("--parts", nargs="+", choices=("targets", "digits"), default=["targets", "digits"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per CPU latency measurement")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "knapsack.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)   # one thread: stable CPU timings on a shared machine, and fast MAC counting
-    kinds = ("macs",) if args.quick else ("macs", "cpu")
+    kinds = ("macs",) if args.quick else tuple(args.costs)
     seeds = args.seeds[:1] if args.quick else args.seeds
-    target, noise = target_rows(kinds, args.repeats)
-    digits = digits_rows(seeds)
-    summary = digits_summary(digits)
+    target, noise = target_rows(kinds, args.repeats) if "targets" in args.parts else ([], {})
+    digits = digits_rows(seeds) if "digits" in args.parts else []
+    summary = digits_summary(digits) if digits else []
     print_summary(target, noise, summary)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as handle:

@@ -11,6 +11,7 @@ from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionE
                      TracingError)
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
+from .latency import LatencyMeasurementError, bind
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
 from .tracing import LeafModule
@@ -19,7 +20,7 @@ __all__ = [
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
     "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
-    "BinarySearchLatencyLabelSelector", "ChannelConstraint",
+    "BinarySearchLatencyLabelSelector", "ChannelConstraint", "LatencyMeasurementError", "bind",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
 ]
 __version__ = "0.1.0"

@@ -49,6 +49,7 @@ def test_measure_latency_is_a_positive_median_and_grows_with_work():
     t_small = measure_latency(small, x, warmup=2, repeats=15)
     t_large = measure_latency(large, x, warmup=2, repeats=15)
     assert 0 < t_small < t_large
+    assert 0 < measure_latency(large, x, warmup=2, repeats=15, statistic="min") < t_large * 1.5
 
 
 def test_measure_latency_errors_are_clear():
@@ -58,6 +59,8 @@ def test_measure_latency_errors_are_clear():
 
     with pytest.raises(LatencyMeasurementError, match="Broken raised RuntimeError.*boom"):
         measure_latency(Broken(), torch.randn(1))
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        measure_latency(small_net(), torch.randn(1, 3, 8, 8), statistic="mean")
     with pytest.raises(ValueError, match="repeats >= 1"):
         measure_latency(small_net(), torch.randn(1, 3, 8, 8), repeats=0)
     if not torch.cuda.is_available():

@@ -174,6 +174,13 @@ def test_knapsack_lands_within_3_percent_below_the_macs_target(knapsack_runs):
         assert_prefixes(ir, labels)
 
 
+def test_knapsack_keeps_at_least_the_score_of_lowest_scores_first(knapsack_runs):
+    _, ir, original, latency, runs = knapsack_runs
+    labels = runs[0.3][0]
+    baseline = BinarySearchLatencyLabelSelector(0.3 * original, latency).select(ir)
+    assert sum(label.score for label in labels) < sum(label.score for label in baseline)   # removes less
+
+
 def test_lower_target_never_keeps_more_macs(knapsack_runs):
     _, _, _, _, runs = knapsack_runs
     achieved = [runs[share][1] for share in TARGETS]
@@ -256,7 +263,7 @@ def test_binary_search_takes_the_fewest_lowest_scores_that_meet_the_target():
     target = 0.5 * latency(ir.model)
     selector = BinarySearchLatencyLabelSelector(target, latency)
     labels = selector.select(ir)
-    assert latency(ir.prune(labels=labels).model) <= target
+    assert selector.latency == latency(ir.prune(labels=labels).model) <= target
     fewer = GlobalScoreLabelSelector(len(labels) - 1).select(ir)
     assert latency(ir.prune(labels=fewer).model) > target
     assert selector.latency_calls <= 2 + int(np.ceil(np.log2(len(ir.labels()))))

@@ -66,7 +66,8 @@ class BinarySearchLatencyLabelSelector(LabelSelector):
     """Removes the network-wide lowest-scored labels, as many as ``target_latency`` requires.
 
     The cheap baseline for :class:`KnapsackLabelSelector`: about log2(#labels) latency calls,
-    no solver, but blind to how much latency each label actually costs.
+    no solver, but blind to how much latency each label actually costs. After ``select``:
+    ``latency_calls``, ``latency`` (measured latency of the returned selection).
     """
 
     def __init__(self, target_latency: float, latency_calculation_function: Callable[[nn.Module], float],
@@ -76,18 +77,22 @@ class BinarySearchLatencyLabelSelector(LabelSelector):
         self.latency_calculation_function = check_function(latency_calculation_function)
         self.verbose = verbose
         self.latency_calls = 0
+        self.latency: float | None = None
 
     def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
         oracle = LatencyOracle(plan, self.latency_calculation_function)
         base = plan.base_counts()
         try:
-            if oracle(base) <= self.target_latency:
+            self.latency = oracle(base)
+            if self.latency <= self.target_latency:
                 return base
             check_reachable(oracle, plan, self.target_latency)
             steps = plan.steps(base)
             with tqdm(total=int(np.ceil(np.log2(len(steps) + 1))), desc="binary search", disable=not self.verbose,
                       leave=False) as progress:
                 counts = shortest_feasible_prefix(oracle, plan, base, steps, self.target_latency, progress)
-            return check_met(oracle, counts, self.target_latency)
+            counts = check_met(oracle, counts, self.target_latency)
+            self.latency = oracle(counts)
+            return counts
         finally:
             self.latency_calls = oracle.calls

@@ -65,7 +65,7 @@ class KnapsackLabelSelector(LabelSelector):
                  strict_label_order: bool = True, channels_constraint: ChannelConstraint | None = None,
                  max_iterations: int = 15, solver_execution_time_limit: float = 60, verbose: bool = True, *,
                  max_relative_latency_step: float = 0.5, constraint: ChannelConstraint | None = None,
-                 tolerance: float = 0.02, chunk_fraction: float = 0.25):
+                 tolerance: float = 0.02, chunk_fraction: float = 0.5):
         if channels_constraint is not None and constraint is not None and channels_constraint != constraint:
             raise ValueError("pass the channel constraint once: channels_constraint= and constraint= are one argument")
         super().__init__(channels_constraint if channels_constraint is not None else constraint)
@@ -177,23 +177,47 @@ class KnapsackLabelSelector(LabelSelector):
 
     def _best(self, plan: SelectionPlan, oracle: LatencyOracle, feasible: list,
               closest: tuple[float, np.ndarray] | None, converged: bool) -> tuple[np.ndarray, float]:
-        """The feasible selection with the most score, completed from the closest one if needed."""
-        score, latency, counts = max(feasible, key=lambda f: (f[0], f[1])) if feasible else (-np.inf, 0.0, None)
-        if latency < self.target_latency * (1 - self.tolerance) and closest is not None:
-            start = closest[1]
-            repaired = shortest_feasible_prefix(oracle, plan, start, plan.steps(start), self.target_latency)
+        """The feasible selection with the most score: measured, or completed by binary search.
+
+        Completions follow the network-wide lowest-score order (what
+        BinarySearchLatencyLabelSelector does). From no pruning: the longest prefix of that order
+        that keeps more score than the best selection is measured (one call), and only if it
+        meets the target is the shortest such prefix searched for, so the result never keeps
+        less score than that baseline, even when noisy measurements mislead the estimates.
+        From the closest infeasible selection, when the best one lies below the tolerance band.
+        """
+        target = self.target_latency
+
+        def best() -> tuple[float, float, np.ndarray | None]:
+            candidates = [f for f in feasible if f[1] <= target]
+            return max(candidates, key=lambda f: (f[0], f[1])) if candidates else (-np.inf, 0.0, None)
+
+        def complete(start: np.ndarray, steps: list) -> None:
             try:
-                repaired_latency = oracle(repaired)
+                if oracle(plan.apply(start, steps)) > target:
+                    return
+                completed = shortest_feasible_prefix(oracle, plan, start, steps, target)
+                feasible.append((plan.kept_score(completed), oracle(completed), completed))
             except LatencyMeasurementError:
-                repaired_latency = np.inf
-            if repaired_latency <= self.target_latency and plan.kept_score(repaired) > score:
-                score, counts, latency = plan.kept_score(repaired), repaired, repaired_latency
+                pass
+
+        score = best()[0]
+        base = plan.base_counts()
+        steps = plan.steps(base)
+        removed = np.cumsum([0.0] + [float(plan.groups[s.index].scores[s.start:s.stop].sum()) for s in steps])
+        better = np.flatnonzero(plan.kept_score(base) - removed > score)
+        if better.size:
+            complete(base, steps[:int(better.max())])
+        score, latency, counts = best()
+        if latency < target * (1 - self.tolerance) and closest is not None:
+            complete(closest[1], plan.steps(closest[1]))
+            score, latency, counts = best()
         if counts is None:
-            raise ValueError(f"no measurable selection meets target_latency {self.target_latency:.6g}; the closest "
+            raise ValueError(f"no measurable selection meets target_latency {target:.6g}; the closest "
                              f"measured one reached {closest[0]:.6g}" if closest else
-                             f"no selection meeting target_latency {self.target_latency:.6g} could be measured")
-        if latency < self.target_latency * (1 - self.tolerance) and not converged:
-            warnings.warn(f"KnapsackLabelSelector reached {latency:.6g} for target {self.target_latency:.6g} "
+                             f"no selection meeting target_latency {target:.6g} could be measured")
+        if latency < target * (1 - self.tolerance) and not converged:
+            warnings.warn(f"KnapsackLabelSelector reached {latency:.6g} for target {target:.6g} "
                           f"after {self.max_iterations} iterations (tolerance {self.tolerance:.0%}); "
                           "raise max_iterations for a closer fit", RuntimeWarning, stacklevel=4)
         return counts, latency

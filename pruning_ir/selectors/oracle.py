@@ -24,7 +24,7 @@ _Result = float | LatencyMeasurementError
 # IR -> latency function -> counts bytes -> measured latency; dies with the IR
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-__all__ = ["LatencyFunctionError", "LatencyOracle", "check_target"]
+__all__ = ["LatencyFunctionError", "LatencyOracle", "check_target", "check_function"]
 
 
 class LatencyFunctionError(PruningIRError, RuntimeError):
