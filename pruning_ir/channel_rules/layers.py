@@ -32,12 +32,17 @@ def bind_sizes(ctx: RuleContext, parameter, **sizes: np.ndarray | None) -> None:
             ctx.bind_attribute(path, attribute, atoms)
 
 
+def _conv_arguments(ctx: RuleContext) -> tuple:
+    """input, weight, bias, groups, input layout and channel dim of a (transposed) convolution
+    (both put ``groups`` at position 6; an unbatched input has its channels at dim 0)."""
+    source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
+    channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
+    return source, weight, bias, ctx.argument(6, "groups", 1), ctx.layout(source), channel_dim
+
+
 @channel_rule("conv1d", "conv2d", "conv3d")
 def convolution(ctx: RuleContext) -> TensorLayout:
-    source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
-    groups = ctx.argument(6, "groups", 1)
-    layout = ctx.layout(source)
-    channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
+    source, weight, bias, groups, layout, channel_dim = _conv_arguments(ctx)
     out_channels, in_per_group = ctx.shape(weight)[:2]
     in_channels = ctx.shape(source)[channel_dim]
     out_atoms = ctx.atoms_of(weight, 0)  # None: a single output channel, or a weight without identity
@@ -74,10 +79,7 @@ def convolution(ctx: RuleContext) -> TensorLayout:
 
 @channel_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def transposed_convolution(ctx: RuleContext) -> TensorLayout:
-    source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
-    groups = ctx.argument(6, "groups", 1)
-    layout = ctx.layout(source)
-    channel_dim = 1 if len(ctx.shape(source)) == len(ctx.shape(weight)) else 0
+    source, weight, bias, groups, layout, channel_dim = _conv_arguments(ctx)
     out_dims = [None] * len(ctx.out_shape)
     if groups != 1:
         ctx.pin_layout(layout, "grouped transposed convolutions are not pruned")
