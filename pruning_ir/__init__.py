@@ -6,6 +6,7 @@ The pipeline, one module each: ``tracing`` (record a forward pass into an fx gra
 to remove) -> ``pruning`` (remove them physically).
 """
 
+from .batchnorm import tune_batchnorm_statistics
 from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion
 from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
                      TracingError)
@@ -14,6 +15,7 @@ from .labels import DependencyGroup, Label
 from .latency import LatencyMeasurementError, bind
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
+from .saving import load_pruned, save_pruned
 from .tracing import LeafModule
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "LatencyMeasurementError", "bind",
+    "tune_batchnorm_statistics", "save_pruned", "load_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
 ]
 __version__ = "0.1.0"

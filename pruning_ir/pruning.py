@@ -56,7 +56,7 @@ def _sliced(tensor: torch.Tensor, plan: list[tuple[int, np.ndarray]]) -> torch.T
     return data
 
 
-def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+def tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     """Every (module, attribute) that holds each parameter or buffer (tied weights share one)."""
     holders: dict[int, list[tuple[nn.Module, str, bool]]] = defaultdict(list)
     for module in model.modules():
@@ -89,7 +89,7 @@ def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inpl
     replacements = {id(originals[name]): _sliced(originals[name], plan) for name, plan in plans.items()}
     if inplace:
         target = model
-        holder_map = _holders(model)
+        holder_map = tensor_holders(model)
         for key, new in replacements.items():
             for module, name, is_parameter in holder_map[key]:
                 (module._parameters if is_parameter else module._buffers)[name] = new

@@ -1,0 +1,93 @@
+"""Batch-norm statistics after pruning.
+
+Removing channels changes what every later batch norm sees, so the running means and
+variances recorded during training go stale: a pruned model can sit near chance until they
+are re-estimated. ``tune_batchnorm_statistics`` recomputes them on data, without touching
+any weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["tune_batchnorm_statistics"]
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    """Call the model on a batch: a tensor, the first item of a (inputs, targets) pair, or a dict of kwargs."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise TypeError(f"cannot tell the model's inputs in a batch of type {type(batch).__name__}; "
+                    "pass forward=lambda model, batch: model(...)")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+@torch.no_grad()
+def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_batches: int | None = None,
+                              forward: Callable[[nn.Module, Any], Any] | None = None,
+                              verbose: bool = True) -> nn.Module:
+    """Re-estimate every batch norm's running mean and variance on ``loader``; returns ``model``.
+
+    The statistics are reset and recomputed as an exact cumulative average over the batches
+    (``momentum=None`` while tuning), with the model in train mode and gradients off, so no
+    weight changes. Batches are moved to the model's device. ``forward(model, batch)`` tells
+    how to run a batch (default: a tensor, the first item of a tuple, or a dict of kwargs).
+    The model's train/eval flags and the norms' momenta are restored afterwards.
+    """
+    norms = [module for module in model.modules() if isinstance(module, _NORM_TYPES)]
+    if not norms:
+        return model
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    forward = forward or _default_forward
+    device = next(model.parameters(), torch.empty(0)).device
+    flags = {module: module.training for module in model.modules()}
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        if not norm.track_running_stats:
+            raise ValueError(f"{type(norm).__name__} has track_running_stats=False: it keeps no statistics to tune")
+    saved = [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
+    seen = 0
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        model.train()
+        batches = loader if max_batches is None else islice(loader, max_batches)
+        for batch in tqdm(batches, desc="batch-norm statistics", disable=not verbose, leave=False):
+            forward(model, _to_device(batch, device))
+            seen += 1
+        if seen == 0:
+            raise ValueError("the loader gave no batch: batch-norm statistics cannot be re-estimated")
+    except BaseException:
+        for norm, buffers in zip(norms, saved):  # a failed run leaves the old statistics, not half-new ones
+            for name, buffer in buffers.items():
+                getattr(norm, name).copy_(buffer)
+        raise
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for module, training in flags.items():
+            module.training = training
+    return model
