@@ -287,8 +287,9 @@ class Recorder(TorchFunctionMode):
         self.leaf_depth = 1
         return None
 
-    def post_hook(self, module, args, kwargs, output):
-        """Global forward hook (always called, also when forward raises)."""
+    def post_hook(self, module, args, *kwargs_and_output):
+        """Global forward hook (always called, also when forward raises; torch then passes no kwargs)."""
+        output = kwargs_and_output[-1]
         if id(module) not in self.module_paths:
             return None
         if self.leaf_depth > 1:
