@@ -1,0 +1,102 @@
+"""`make demo` in its quick mode, and batch-norm re-estimation on the digits task."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from pruning_ir import MagnitudeCriterion, PruningIR, UniformLabelSelector, load_pruned, tune_batchnorm_statistics
+from pruning_ir.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    environment = {**os.environ, "PYTHONPATH": ROOT, "PRUNING_IR_DEMO_QUICK": "1"}
+    done = subprocess.run([sys.executable, "-m", "pruning_ir.cli", "demo", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_demo_meets_half_the_macs_and_keeps_accuracy(demo_output):
+    out, stdout = demo_output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quick"] is True
+    assert summary["after"]["macs"] <= summary["macs_target"] <= 0.5 * summary["before"]["macs"] + 1
+    assert summary["after"]["parameters"] < summary["before"]["parameters"]
+    assert summary["after"]["accuracy"] > 0.8
+    assert summary["accuracy_path"]["batchnorm_reestimated"] > summary["accuracy_path"]["pruned"]
+    assert "| MACs per image |" in stdout and "test accuracy" in stdout
+
+
+def test_demo_writes_report_chart_safe_model_and_ir(demo_output):
+    out, _ = demo_output
+    report = (out / "report.md").read_text()
+    for section in ("| parameters |", "## Channels per dependency group", "## Knapsack iterations"):
+        assert section in report
+    assert (out / "channels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    safe = load_pruned(DigitsResNet(), out / "pruned-model").eval()
+    import dill
+    ir = torch.load(out / "ir.pt", pickle_module=dill, weights_only=False)
+    images = digits_data(0)[2][:32]
+    with torch.no_grad():
+        assert torch.equal(safe(images), ir.model.eval()(images))
+
+
+def _pruned_digits_model() -> tuple[nn.Module, tuple]:
+    x_train, y_train, x_test, y_test = digits_data(0)
+    model = train(build_model(0), x_train, y_train, epochs=2)
+    ir = PruningIR(model).infer_labels(x_train[:2])
+    MagnitudeCriterion(ir).apply()
+    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(ir)).model
+    return pruned, (x_train, y_train, x_test, y_test)
+
+
+def test_batchnorm_reestimation_improves_a_pruned_model():
+    pruned, (x_train, y_train, x_test, y_test) = _pruned_digits_model()
+    weights = {name: p.clone() for name, p in pruned.named_parameters()}
+    stale = accuracy(pruned, x_test, y_test)
+    pruned.eval()
+    tune_batchnorm_statistics(pruned, batches(x_train, y_train, 64, seed=None), verbose=False)
+    assert accuracy(pruned, x_test, y_test) > stale + 0.05
+    assert all(torch.equal(p, weights[name]) for name, p in pruned.named_parameters())
+    assert not pruned.training and all(m.momentum == 0.1 for m in pruned.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_batchnorm_reestimation_accepts_dict_batches_and_max_batches():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, images):
+            return self.body(images)
+
+    data = [{"images": torch.randn(8, 1, 6, 6) + 3.0} for _ in range(4)]
+    tune_batchnorm_statistics(Wrapper(), data, max_batches=2, verbose=False)
+    expected = torch.cat([model[0](batch["images"]) for batch in data[:2]]).mean((0, 2, 3))
+    torch.testing.assert_close(model[1].running_mean, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert model[1].num_batches_tracked.item() == 2
+
+
+def test_failed_reestimation_keeps_the_old_statistics():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(0.5)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="no batch"):
+        tune_batchnorm_statistics(model, [], verbose=False)
+    with pytest.raises(RuntimeError):
+        tune_batchnorm_statistics(model, [torch.randn(2, 1, 6, 6), torch.randn(2, 7, 6, 6)], verbose=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
