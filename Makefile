@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/pruning-ir demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

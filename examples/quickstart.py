@@ -1,10 +1,12 @@
-"""The four steps on a small residual CNN trained on scikit-learn's digits (real 8x8 images).
+"""The digits walk-through: the four steps, then what to do with the pruned model.
 
-    python examples/quickstart.py [--quick]
+    python examples/quickstart.py [--quick] [--output demo-output]
 
-Trains the CNN, calibrates LossAwareCriterion, removes half of every prunable group with
-UniformLabelSelector, fine-tunes one epoch, and prints parameters, MACs and accuracy
-before and after. Writes the pruned IR to demo-output/ir.pt (dill).
+1. trace a small residual CNN (trained here on scikit-learn's digits: real 8x8 images),
+2. calibrate LossAwareCriterion on the training set,
+3. choose half of every prunable group with UniformLabelSelector,
+4. prune; then re-estimate batch-norm statistics, fine-tune one epoch, and save the
+   pruned model twice: in the safe format (JSON + weights) and as a dill-pickled IR.
 """
 
 from __future__ import annotations
@@ -15,66 +17,11 @@ import os
 import dill
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm import tqdm
 
-from pruning_ir import LossAwareCriterion, PruningIR, UniformLabelSelector
-
-
-class DigitsNet(nn.Module):
-    """conv-bn-relu stem, one residual block, global pooling, linear classifier."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                   nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
-        self.expand = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
-                                    nn.BatchNorm2d(2 * width), nn.ReLU())
-        self.classifier = nn.Linear(2 * width, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = F.relu(x + self.block(x))
-        x = self.expand(x)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-def digits_loaders(batch_size: int = 64):
-    images, targets = load_digits(return_X_y=True)
-    images = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    targets = torch.tensor(targets)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400:]
-    make = lambda idx, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        torch.utils.data.TensorDataset(images[idx], targets[idx]), batch_size=batch_size, shuffle=shuffle,
-        generator=torch.Generator().manual_seed(1))
-    return make(train, True), make(test, False)
-
-
-def train(model: nn.Module, loader, epochs: int, description: str) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)  # built after pruning: parameters are new
-    model.train()
-    for _ in tqdm(range(epochs), desc=description, leave=False):
-        for images, targets in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(images), targets).backward()
-            optimizer.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    correct = sum((model(images).argmax(1) == targets).sum().item() for images, targets in loader)
-    return correct / len(loader.dataset)
-
-
-def macs(model: nn.Module, example: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(example)
-    return counter.get_total_flops() // 2
+from pruning_ir import (LossAwareCriterion, PruningIR, UniformLabelSelector, load_pruned, save_pruned,
+                        tune_batchnorm_statistics)
+from pruning_ir.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
+from pruning_ir.latency import macs, parameter_count
 
 
 def main() -> None:
@@ -82,39 +29,52 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer epochs (used by the test suite)")
     parser.add_argument("--output", default="demo-output")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    train_loader, test_loader = digits_loaders()
-    model = DigitsNet()
-    train(model, train_loader, epochs=2 if args.quick else 8, description="training")
-    example = next(iter(test_loader))[0][:1]
+    x_train, y_train, x_test, y_test = digits_data(seed=0)
+    model = train(build_model(seed=0), x_train, y_train, epochs=2 if args.quick else 8, description="training")
+    tune_batchnorm_statistics(model, batches(x_train, y_train, seed=None), verbose=False)
+    example = x_test[:1]
 
+    # 1. trace: labels are inferred from the first batch the criterion sees
     ir = PruningIR(model)
+    # 2. calibrate: every backward() inside the context adds to each label's Taylor score
+    model.eval()
     with LossAwareCriterion(ir) as score_collector:
-        for images, targets in tqdm(train_loader, desc="calibrating", leave=False):
+        for images, targets in batches(x_train, y_train, batch_size=32, seed=1):
             F.cross_entropy(score_collector(images), targets).backward()
+    model.zero_grad(set_to_none=True)
+    # 3. choose: the lowest-scored half of every prunable group
     labels = UniformLabelSelector(pruning_ratio=0.5).select(ir)
+    # 4. prune: a new, smaller model of the same class; the original is untouched
     pruned_ir = ir.prune(labels=labels)
     pruned = pruned_ir.model
-    pruned_accuracy = accuracy(pruned, test_loader)
-    train(pruned, train_loader, epochs=1, description="fine-tuning")
 
-    rows = [("parameters", sum(p.numel() for p in model.parameters()), sum(p.numel() for p in pruned.parameters())),
-            ("MACs", macs(model, example), macs(pruned, example)),
-            ("test accuracy", f"{accuracy(model, test_loader):.3f}",
-             f"{pruned_accuracy:.3f} (after 1 epoch: {accuracy(pruned, test_loader):.3f})")]
+    stale = accuracy(pruned, x_test, y_test)
+    tune_batchnorm_statistics(pruned, batches(x_train, y_train, seed=None), verbose=False)
+    tuned = accuracy(pruned, x_test, y_test)
+    train(pruned, x_train, y_train, epochs=1, lr=1e-3, seed=1)  # builds its optimizer from the new parameters
+
+    rows = [("parameters", int(parameter_count(model)), int(parameter_count(pruned))),
+            ("MACs", int(macs(model, example)), int(macs(pruned, example))),
+            ("test accuracy", f"{accuracy(model, x_test, y_test):.3f}",
+             f"{stale:.3f} pruned, {tuned:.3f} batch norms re-estimated, "
+             f"{accuracy(pruned, x_test, y_test):.3f} after 1 epoch")]
     print(f"\npruned {len(labels)} labels in {len(ir.label_groups())} groups "
           f"({type(pruned).__name__} is still a {type(model).__name__})")
     print(f"{'':<15}{'before':>12}  {'after':<40}")
     for name, before, after in rows:
         print(f"{name:<15}{before!s:>12}  {after!s:<40}")
+
     os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, "ir.pt")
-    torch.save(pruned_ir, path, pickle_module=dill)
-    reloaded = torch.load(path, pickle_module=dill, weights_only=False).model.eval()
+    safe_folder = save_pruned(pruned, os.path.join(args.output, "quickstart-model"))
+    ir_path = os.path.join(args.output, "ir.pt")
+    torch.save(pruned_ir, ir_path, pickle_module=dill)  # loading a dill file runs code: trusted files only
     pruned.eval()
     with torch.no_grad():
-        same = torch.equal(reloaded(example), pruned(example))
-    print(f"saved the pruned IR to {path}; reloaded, it gives {'identical' if same else 'DIFFERENT'} outputs")
+        from_safe = load_pruned(DigitsResNet(), safe_folder).eval()(example)
+        from_dill = torch.load(ir_path, pickle_module=dill, weights_only=False).model.eval()(example)
+        same = torch.equal(from_safe, pruned(example)) and torch.equal(from_dill, pruned(example))
+    print(f"saved to {safe_folder} (safe) and {ir_path} (dill); reloaded, both give "
+          f"{'identical' if same else 'DIFFERENT'} outputs")
 
 
 if __name__ == "__main__":
