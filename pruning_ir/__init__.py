@@ -10,6 +10,7 @@ from .batchnorm import tune_batchnorm_statistics
 from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion
 from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
                      TracingError)
+from .gradual import GradualPruner
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
 from .latency import LatencyMeasurementError, bind
@@ -19,6 +20,7 @@ from .saving import load_pruned, save_pruned
 from .tracing import LeafModule
 
 __all__ = [
+    "GradualPruner",
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
     "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import masking
 from .errors import InvalidLabelsError, LabelsNotInferredError, PruningIRError
 from .labels import ChannelIndex, DependencyGroup, Label
 from .propagation import propagate
@@ -120,7 +121,9 @@ class PruningIR:
         """Remove ``labels`` physically; returns the IR of the pruned model.
 
         ``inplace=False`` (default) leaves the original model untouched and works on a copy;
-        ``inplace=True`` modifies it (less memory) and this IR can no longer be used.
+        ``inplace=True`` modifies it (less memory) and this IR can no longer be used. Masks
+        (``mask()``) are baked first: the result holds no masks and equals the masked model
+        without the removed channels.
         """
         self.snapshot(name)
         index = self._require_index()
@@ -129,14 +132,33 @@ class PruningIR:
             self._check_labels(labels)
         classes = np.array([label.class_id for label in labels], dtype=np.int64)
         removed = index.removal_mask(classes)
-        model = prune_model(self._model, index, removed, inplace)
+        plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
+        model = prune_model(plain, index, removed, inplace or plain is not self._model)
         pruned = PruningIR.__new__(PruningIR)
         pruned.__dict__.update(self.__dict__)
+        pruned.__dict__.pop(masking.STATE_ATTRIBUTE, None)
         pruned._model = model
         pruned._index = index.without(removed)
         if inplace:
             self._consumed = True
         return pruned
+
+    # -- soft masks (pruning_ir.masking) ---------------------------------------------------
+    def mask(self, labels: Iterable[Label]) -> None:
+        """Zero these labels' channels with ``torch.nn.utils.prune`` masks, keeping every shape.
+
+        Replaces the current masks; masked positions stay exactly 0 through training, and
+        ``prune(labels=ir.masked_labels())`` removes them (see ``pruning_ir.masking``).
+        """
+        masking.apply_masks(self, labels)
+
+    def unmask(self) -> None:
+        """Remove the masks and restore the original (unmasked) parameter values."""
+        masking.remove_masks(self)
+
+    def masked_labels(self) -> list[Label]:
+        """The labels masked now (empty when none)."""
+        return masking.masked_labels(self)
 
     def zero_labels(self, labels: Iterable[Label]) -> None:
         """Zero every parameter slice of these labels in place, so their channels carry exactly 0.
