@@ -9,7 +9,9 @@ A 1-D CNN + LSTM classifier for 4-channel sensor signals with three awkward part
   the channels feeding it are pinned; with ``soft_tracing=False`` tracing stops with an error
   naming the submodule. Passing the type in ``leaf_modules`` keeps every instance atomic.
 - ``Router`` picks a path with Python control flow on tensor *values*: one forward pass only
-  records the branch it took. Passing this one instance in ``leaf_modules`` keeps it whole.
+  records the branch it took. The IR notices the parameters the input left unused and keeps
+  the channels around ``Router`` (with the reason); passing this one instance in
+  ``leaf_modules`` says so explicitly and keeps it whole.
 - ``nn.LSTM`` has a channel rule (its input features are prunable); wrapping it in
   ``PruningIR.LeafModule(lstm, prunable_input=False)`` keeps its input width as it is
   (say, because its weights are shared with another model).
@@ -132,8 +134,8 @@ def main() -> None:
           "it are pinned:")
     soft_ir = PruningIR(model).infer_labels(quiet_signal)
     print(excerpt(soft_ir, ("leave torch",)))
-    print("   but one forward pass records only the path Router took (quiet), so the channels entering "
-          "Router look prunable:")
+    print("   one forward pass records only the path Router took (quiet); its unused layers are noticed "
+          "and the channels around Router are kept:")
     print(excerpt(soft_ir, ("router.quiet",)))
     soft_pruned = soft_ir.prune(labels=UniformLabelSelector(pruning_ratio=0.5).select(soft_ir)).model
     print(f"   pruned without leaves, quiet input: {run(soft_pruned, quiet_signal)}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import numpy as np
 import torch.fx as fx
 from torch import nn
@@ -124,4 +126,57 @@ def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
                 for layout in (result if isinstance(result, tuple) else (result,)):
                     if isinstance(layout, TensorLayout):
                         ctx.pin_layout(layout, "leaf module declared with prunable_output=False")
+    pin_unseen_paths(state, traced)
     return state
+
+
+def _unseen_parameters(model: nn.Module, traced: TracedGraph) -> list[str]:
+    """Parameters the recorded forward never read (directly, or inside a leaf module it called)."""
+    used = {node.target for node in traced.graph.nodes if node.op == "get_attr"}
+    leaves = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    seen_ids = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in used or any(name.startswith(f"{leaf}.") for leaf in leaves):
+            seen_ids.add(id(parameter))
+    return [name for name, parameter in model.named_parameters() if id(parameter) not in seen_ids]
+
+
+def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
+    """Keep whole every called module whose parameters the example input left unused.
+
+    One forward records one path: a module that branches on its input (``if x.abs().max() > 1:
+    self.loud(x)``) hides the other branch's layers, and pruning the channels entering the
+    module would break them. The innermost called module holding such parameters has its
+    inputs and outputs pinned; parameters of modules the model never called are reported in
+    a warning (an auxiliary head that runs only in training mode, say), as nothing tells
+    which tensors would reach them.
+    """
+    unseen = _unseen_parameters(state.model, traced)
+    if not unseen:
+        return
+    nodes = [node for node in traced.graph.nodes if node.op not in ("placeholder", "output", "get_attr")]
+    called = {path for node in nodes for path in node.meta.get("module_stack", ())}
+    by_module: dict[str, list[str]] = {}
+    uncalled = []
+    for name in unseen:
+        parts = name.split(".")[:-1]
+        owners = [".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in called]
+        (by_module.setdefault(owners[0], []).append(name) if owners else uncalled.append(name))
+    for path, names in by_module.items():
+        reason = (f"module '{path}' holds parameters this input did not use ({', '.join(names[:3])}"
+                  f"{' ...' if len(names) > 3 else ''}): another input may take a path the trace did not "
+                  f"see; pass it in leaf_modules to keep it whole, or trace with an input that uses them")
+        inside = {node for node in nodes if path in node.meta.get("module_stack", ())}
+        boundary = {value for node in inside for value in node.all_input_nodes
+                    if value not in inside and value.op != "get_attr"}
+        boundary |= {node for node in inside if any(user not in inside for user in node.users)}
+        for node in boundary:
+            layouts = state.layouts.get(node)
+            ctx = RuleContext(state, node)
+            for layout in (layouts if isinstance(layouts, tuple) else (layouts,)):
+                if isinstance(layout, TensorLayout):
+                    ctx.pin_layout(layout, reason)
+    if uncalled:
+        warnings.warn(f"the example input left {len(uncalled)} parameters of never-called modules unused "
+                      f"({', '.join(uncalled[:4])}{' ...' if len(uncalled) > 4 else ''}); they are not pruned, and "
+                      "a path that uses them (e.g. a training-only head) may fail after pruning", stacklevel=4)

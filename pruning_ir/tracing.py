@@ -287,9 +287,8 @@ class Recorder(TorchFunctionMode):
         self.leaf_depth = 1
         return None
 
-    def post_hook(self, module, args, *kwargs_and_output):
-        """Global forward hook (always called, also when forward raises; torch then passes no kwargs)."""
-        output = kwargs_and_output[-1]
+    def post_hook(self, module, args, output):
+        """Global forward hook (always called, also when forward raises)."""
         if id(module) not in self.module_paths:
             return None
         if self.leaf_depth > 1:
@@ -323,8 +322,9 @@ def recording(model: nn.Module, recorder: "Recorder", args: tuple, kwargs: dict)
     try:
         # Two global hooks instead of two per module: registering hooks costs more than the call.
         handles.append(nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook))
-        handles.append(nn.modules.module.register_module_forward_hook(recorder.post_hook, with_kwargs=True,
-                                                                       always_call=True))
+        # no with_kwargs: torch never forgets a global with_kwargs hook's id after removal, and
+        # torch.compile then warns about global hooks for the rest of the process
+        handles.append(nn.modules.module.register_module_forward_hook(recorder.post_hook, always_call=True))
         for module in model.modules():
             if module is not model and recorder.leaf_policy.leaf_spec(module) is not None:
                 handles.append(module.register_forward_pre_hook(recorder.leaf_pre_hook, with_kwargs=True))

@@ -275,3 +275,50 @@ def test_random_architectures_prune_exactly(sample):
     assert [t.shape for t in outputs] == shapes
     for out, ref in zip(outputs, reference):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+class _Router(nn.Module):
+    """Branches on its input's values: one forward records only one of the two paths."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.quiet = nn.Conv2d(channels, channels, 1)
+        self.loud = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.loud(x) if x.abs().amax() > 10 else self.quiet(x)
+
+
+class _RoutedNet(nn.Module):
+    def __init__(self, with_aux_head: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.router = _Router(8)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.aux_head = nn.Linear(8, 4) if with_aux_head else None
+
+    def forward(self, x):
+        features = self.router(self.stem(x))
+        if self.training and self.aux_head is not None:
+            return self.head(features), self.aux_head(features.mean((2, 3)))
+        return self.head(features)
+
+
+def test_channels_around_a_path_the_trace_did_not_see_are_kept():
+    torch.manual_seed(0)
+    model = _RoutedNet().eval()
+    quiet, loud = torch.randn(2, 3, 8, 8), 100 * torch.randn(2, 3, 8, 8)
+    ir = PruningIR(model).infer_labels(quiet)
+    stem_group = next(g for g in ir.groups if "stem" in g.modules)
+    assert not stem_group.prunable
+    assert any("router" in reason and "router.loud.weight" in reason for reason in stem_group.unprunable_reasons)
+    labels = [label for group in ir.label_groups() for label in group[: len(group) // 2]]
+    pruned = ir.prune(labels=labels).model
+    with torch.no_grad():
+        assert pruned(loud).shape == model(loud).shape
+
+
+def test_parameters_of_never_called_modules_are_reported():
+    model = _RoutedNet(with_aux_head=True).eval()
+    with pytest.warns(UserWarning, match="aux_head.weight"):
+        PruningIR(model).infer_labels(torch.randn(2, 3, 8, 8))
