@@ -1,25 +1,58 @@
 """Quality of the criteria: prune a small residual CNN trained on scikit-learn's digits.
 
-For every criterion (pruning_ir's LossAware, Magnitude, Magnitude with batch-norm folding,
-Random; and LossAware applied in 5 rounds of scoring and pruning, ``loss_aware_x5``) and
-selection (uniform: the same share of every group; global: the network-wide lowest scores),
-prune 30/50/70% of the labels and report test accuracy
+Per seed: train the CNN, then for each ratio (30/50/70%) fix one MACs budget, the MACs that
+uniform selection leaves when it removes that share of every group's labels (the same for
+every criterion: uniform removes a fixed count per group), and prune to it with
+
+* ``uniform``: ``UniformLabelSelector(ratio)``,
+* ``global``: ``GlobalScoreLabelSelector(n)``, the smallest ``n`` whose model meets the budget,
+* ``knapsack``: ``KnapsackLabelSelector(budget, bind(macs, image))`` (LossAware criteria only),
+
+so that every model of one ratio has the same MACs, whatever the criterion and selection.
+MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
+
+* ``loss_aware``: ``LossAwareCriterion(ir)`` with its defaults (one score per label);
+* ``loss_aware_joint``: ``LossAwareCriterion(ir, joint=True)`` (the estimate for sets of
+  labels in a group, see its docstring);
+* ``loss_aware_mean``: the ``loss_aware`` scores, selected with ``normalize="mean"``;
+* ``magnitude``, ``magnitude_bn`` (batch-norm folded): ``MagnitudeCriterion``; norms are not
+  comparable across layers, so global selection normalizes them (``normalize="mean"``, as
+  Torch-Pruning does for its own criteria); ``random``: ``RandomCriterion(seed=0)``;
+* ``loss_aware_x5``: the ``loss_aware_joint`` removal in 5 rounds of scoring and pruning
+  (batch norms re-estimated between rounds); uniform: the same count per group, a fifth each
+  round; global: a fifth of the MACs each round;
+* ``tp_taylor``, ``tp_magnitude``: Torch-Pruning's ``GroupTaylorImportance()`` and
+  ``GroupMagnitudeImportance(p=2)`` with their defaults (``normalizer="mean"``) in
+  ``MetaPruner`` (``global_pruning`` for the global selection), its ratio bisected to the
+  MACs closest to the budget (uniform widths are rounded per layer, so it can land a little
+  above it: see ``macs``).
+
+Taylor criteria see the same calibration data: one pass over the training set in eval mode,
+batches of 8 (Torch-Pruning accumulates the gradients of all of them). Reported: test accuracy
 
 * ``pruned``: right after pruning (stale batch-norm statistics; for ``loss_aware_x5``, whose
   rounds re-estimate them, the same as ``bn``),
 * ``bn``: after re-estimating the batch-norm statistics on the training images (no weight update),
-* ``ft1``: after that and one epoch of fine-tuning (Adam, lr 1e-3, batches of 64),
+* ``ft1``: after that and one epoch of fine-tuning (Adam, lr 1e-3, batches of 64).
 
-side by side with Torch-Pruning's GroupTaylorImportance and GroupMagnitudeImportance
-(``MetaPruner``, same uniform/global mode) at the MACs of the LossAware model. Taylor
-criteria see the same calibration data: one pass over the training set in eval mode, batches
-of 8 (Torch-Pruning accumulates the gradients of all of them).
+The target: every LossAware entry >= every other criterion (not ``loss_aware*``) of the same
+selection and ratio, in ``bn`` and ``ft1``; knapsack, which only LossAware runs, against the
+best other criterion of any selection at that ratio (same MACs).
 
-``loss_aware_x5`` removes what the one-shot LossAware removes (the same count per group for
-uniform, the same number of labels for global) in 5 rounds on the same data (5 passes).
-Takes about 15 minutes on one CPU thread (the Torch-Pruning MACs bisection is most of it).
+JSON (``--json``)::
 
-    python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--json benchmarks/results/criteria.json]
+    {"seeds": [...], "epochs": int,
+     "table": [{"selection", "ratio", "criterion", "macs", "pruned", "bn", "ft1"}, ...],  # means over seeds
+     "rows": [{"seed", "selection", "ratio", "criterion", "macs", "budget", "pruned", "bn", "ft1",
+               "tp_ratio" (Torch-Pruning only)}, ...],
+     "comparisons": [{"criterion", "selection", "ratio", "column", "ours", "best_other", "other",
+                      "difference", "difference_se", "win"}, ...]}
+
+with selection ``"-"`` and ratio 0 for the unpruned model, accuracies as fractions, and
+``difference_se`` the standard error of the per-seed difference. Takes about 25 minutes on one
+CPU thread for 5 seeds.
+
+    python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--json benchmarks/results/criteria.json]
 """
 
 from __future__ import annotations
@@ -27,10 +60,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,26 +77,40 @@ from digits_model import accuracy, batches, build_model, digits_data, reestimate
 
 from pruning_ir import PruningIR  # noqa: E402
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion  # noqa: E402
-from pruning_ir.selectors import GlobalScoreLabelSelector, UniformLabelSelector  # noqa: E402
+from pruning_ir.latency import bind, macs as count_macs  # noqa: E402
+from pruning_ir.selectors import GlobalScoreLabelSelector, KnapsackLabelSelector, UniformLabelSelector  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7)
-OURS = ("loss_aware", "magnitude", "magnitude_bn", "random", "loss_aware_x5")
-ROUNDS = 5  # loss_aware_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
+SELECTIONS = ("uniform", "global", "knapsack")
+OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "magnitude", "magnitude_bn", "random", "loss_aware_x5")
 THEIRS = ("tp_taylor", "tp_magnitude")
+SCORED = {"loss_aware_mean": "loss_aware"}          # criteria that reuse another one's scores
+NORMALIZE = {"loss_aware_mean": "mean", "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
+KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean")
+ROUNDS = 5  # loss_aware_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
+ROUNDS_CRITERION = "loss_aware_joint"
 CALIBRATION_SEED = 123
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
 
 
-def macs(model, example) -> int:
-    import torch_pruning as tp
-    return int(tp.utils.count_ops_and_params(model, example)[0])
+def macs(model, example) -> float:
+    """MACs of one forward pass on ``example`` (``pruning_ir.latency.macs``)."""
+    return count_macs(model, example)
+
+
+def criteria_for(selection: str) -> tuple[str, ...]:
+    """The criteria a selection is run with."""
+    if selection == "knapsack":
+        return KNAPSACK
+    return tuple(name for name in OURS + THEIRS if selection == "global" or name != "loss_aware_mean")
 
 
 def score(name: str, ir: PruningIR, x, y) -> None:
+    """Write criterion ``name``'s scores into ``ir`` (LossAware: one eval-mode pass over ``x``)."""
     model = ir.model
-    if name == "loss_aware":
+    if name in ("loss_aware", "loss_aware_joint"):
         model.eval()
-        with LossAwareCriterion(ir) as collector:
+        with LossAwareCriterion(ir, joint=name == "loss_aware_joint") as collector:
             for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
                 F.cross_entropy(collector(xb), yb).backward()
         model.zero_grad(set_to_none=True)
@@ -75,29 +124,54 @@ def score(name: str, ir: PruningIR, x, y) -> None:
         raise KeyError(name)
 
 
-def select(ir: PruningIR, selection: str, ratio: float) -> list:
-    selector = UniformLabelSelector(ratio) if selection == "uniform" else GlobalScoreLabelSelector(ratio)
-    return selector.select(ir)
+def global_to_budget(ir: PruningIR, budget: float, example, normalize: str | None = None) -> list:
+    """``GlobalScoreLabelSelector(n)`` with the smallest ``n`` whose pruned model has at most
+    ``budget`` MACs (bisection on ``n``; every group keeps a channel)."""
+    def meets(count: int) -> bool:
+        return macs(ir.prune(labels=GlobalScoreLabelSelector(count, normalize=normalize).select(ir)).model,
+                    example) <= budget
+
+    low, high = 0, sum(len(group) - 1 for group in ir.label_groups())
+    if macs(ir.model, example) <= budget:
+        return []
+    if not meets(high):
+        raise ValueError(f"no global selection reaches {budget:.0f} MACs")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if meets(middle) else (middle, high)
+    return GlobalScoreLabelSelector(high, normalize=normalize).select(ir)
 
 
-def prune_in_rounds(trained, selection: str, ratio: float, x, y, rounds: int = ROUNDS):
-    """Remove what one-shot selection removes (the same count per group for uniform, the same
-    number of labels for global) in ``rounds`` steps, each scored on the current pruned model
-    after re-estimating its batch norms: re-scoring sees the redundancy that the first-order
-    scores of one full model cannot (removing one of many similar channels costs little,
-    removing all of them costs a lot)."""
-    ir = PruningIR(copy.deepcopy(trained)).infer_labels(x[:2])
-    one_shot = select(ir, selection, ratio)
+def select(ir: PruningIR, selection: str, ratio: float, budget: float, example, normalize: str | None = None) -> list:
+    """The labels one selection removes at ``ratio`` (uniform) or to ``budget`` MACs (global, knapsack)."""
+    if selection == "uniform":
+        return UniformLabelSelector(ratio).select(ir)
+    if selection == "global":
+        return global_to_budget(ir, budget, example, normalize)
+    selector = KnapsackLabelSelector(budget, bind(count_macs, example), verbose=False, normalize=normalize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "reached ... below the tolerance band": still valid
+        return selector.select(ir)
+
+
+def prune_in_rounds(trained, selection: str, ratio: float, budget: float, x, y, rounds: int = ROUNDS):
+    """Remove what one-shot selection removes in ``rounds`` steps, each scored on the current
+    pruned model after re-estimating its batch norms: uniform, the same count per group (a
+    ``1/rounds`` share of it each round); global, down to the same MACs (a ``1/rounds`` share of
+    the MACs to remove each round). Re-scoring sees how the remaining channels take over from
+    the removed ones, which no score of the full model can."""
+    example = x[:1]
+    ir = PruningIR(copy.deepcopy(trained)).infer_labels(example)
     origin = {label.class_id: group_id for group_id, group in enumerate(ir.label_groups()) for label in group}
     target = [0] * len(ir.label_groups())
-    for label in one_shot:
+    for label in UniformLabelSelector(ratio).select(ir):
         target[origin[label.class_id]] += 1
     removed = [0] * len(target)
+    start = macs(ir.model, example)
     for k in range(1, rounds + 1):
-        score("loss_aware", ir, x, y)
+        score(ROUNDS_CRITERION, ir, x, y)
         if selection == "global":
-            count = int(round(len(one_shot) * k / rounds)) - sum(removed)
-            labels = GlobalScoreLabelSelector(count).select(ir) if count > 0 else []
+            labels = global_to_budget(ir, start - (start - budget) * k / rounds, example)
         else:  # the lowest-scored labels of each group, the group's share of this round
             labels = []
             for ordered in ir.label_groups():
@@ -111,17 +185,15 @@ def prune_in_rounds(trained, selection: str, ratio: float, x, y, rounds: int = R
     return ir.model.eval()
 
 
-def tp_prune(trained, importance: str, ratio: float, global_pruning: bool, x, y):
+def tp_prune(model, importance: str, ratio: float, global_pruning: bool, example):
+    """Torch-Pruning's ``MetaPruner`` at ``ratio`` on a copy of ``model`` (its gradients, for
+    Taylor, already accumulated over the calibration data)."""
     import torch_pruning as tp
-    model = copy.deepcopy(trained).eval()
-    example = x[:2]
-    if importance == "tp_taylor":
-        imp = tp.importance.GroupTaylorImportance()
-        model.zero_grad()
-        for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
-            F.cross_entropy(model(xb), yb).backward()
-    else:
-        imp = tp.importance.GroupMagnitudeImportance(p=2)
+    source, model = model, copy.deepcopy(model).eval()
+    for mine, theirs in zip(model.parameters(), source.parameters()):  # deepcopy leaves gradients behind
+        mine.grad = None if theirs.grad is None else theirs.grad.clone()
+    imp = tp.importance.GroupTaylorImportance() if importance == "tp_taylor" else \
+        tp.importance.GroupMagnitudeImportance(p=2)
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio,
                                   global_pruning=global_pruning, ignored_layers=[model.fc])
     pruner.step()
@@ -129,16 +201,24 @@ def tp_prune(trained, importance: str, ratio: float, global_pruning: bool, x, y)
     return model
 
 
-def tp_at_macs(trained, importance: str, target: int, global_pruning: bool, x, y):
+def tp_calibrated(trained, x, y):
+    """A copy of ``trained`` holding the loss gradients of the calibration data (for GroupTaylorImportance)."""
+    model = copy.deepcopy(trained).eval()
+    model.zero_grad()
+    for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
+        F.cross_entropy(model(xb), yb).backward()
+    return model
+
+
+def tp_at_macs(model, importance: str, target: float, global_pruning: bool, example):
     """Torch-Pruning's ratio whose pruned model has the MACs closest to ``target`` (bisection)."""
-    example = x[:2]
     low, high, best = 0.0, 0.95, None
     for _ in range(14):
         ratio = (low + high) / 2
-        model = tp_prune(trained, importance, ratio, global_pruning, x, y)
-        count = macs(model, example)
+        pruned = tp_prune(model, importance, ratio, global_pruning, example)
+        count = macs(pruned, example)
         if best is None or abs(count - target) < abs(best[1] - target):
-            best = (model, count, ratio)
+            best = (pruned, count, ratio)
         if count > target:
             low = ratio
         else:
@@ -157,38 +237,50 @@ def evaluate(pruned, data, seed: int) -> dict:
 
 
 def run(seed: int, epochs: int) -> list[dict]:
+    """Every (selection, ratio, criterion) row of one seed, plus the unpruned model."""
     data = digits_data(seed=seed)
     x_train, y_train, x_test, y_test = data
     trained = train(build_model(seed=seed), x_train, y_train, epochs=epochs, seed=seed)
-    example = x_train[:2]
-    base_macs = macs(trained, example)
-    rows = [{"seed": seed, "selection": "-", "ratio": 0.0, "criterion": "unpruned", "macs": base_macs,
-             "pruned": accuracy(trained, x_test, y_test), "bn": accuracy(trained, x_test, y_test),
-             "ft1": accuracy(trained, x_test, y_test)}]
-    for selection in ("uniform", "global"):
-        for ratio in RATIOS:
-            target = None
-            for name in OURS:
-                if name == "loss_aware_x5":
-                    pruned = prune_in_rounds(trained, selection, ratio, x_train, y_train)
+    example = x_train[:1]
+    unpruned = accuracy(trained, x_test, y_test)
+    rows = [{"seed": seed, "selection": "-", "ratio": 0.0, "criterion": "unpruned", "macs": macs(trained, example),
+             "budget": macs(trained, example), "pruned": unpruned, "bn": unpruned, "ft1": unpruned}]
+    scored = {}
+    for name in ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random"):
+        scored[name] = PruningIR(copy.deepcopy(trained)).infer_labels(example)
+        score(name, scored[name], x_train, y_train)
+    calibrated = tp_calibrated(trained, x_train, y_train)
+    for ratio in RATIOS:
+        budget = macs(scored["random"].prune(labels=UniformLabelSelector(ratio).select(scored["random"])).model,
+                      example)
+        for selection in SELECTIONS:
+            for name in criteria_for(selection):
+                extra = {}
+                if name in THEIRS:
+                    pruned, _, tp_ratio = tp_at_macs(calibrated if name == "tp_taylor" else trained, name, budget,
+                                                     selection == "global", example)
+                    extra["tp_ratio"] = round(tp_ratio, 4)
+                elif name == "loss_aware_x5":
+                    pruned = prune_in_rounds(trained, selection, ratio, budget, x_train, y_train)
                 else:
-                    ir = PruningIR(copy.deepcopy(trained)).infer_labels(example)
-                    score(name, ir, x_train, y_train)
-                    pruned = ir.prune(labels=select(ir, selection, ratio)).model.eval()
-                count = macs(pruned, example)
-                target = count if name == "loss_aware" else target
+                    ir = copy.deepcopy(scored[SCORED.get(name, name)])
+                    labels = select(ir, selection, ratio, budget, example, NORMALIZE.get(name))
+                    pruned = ir.prune(labels=labels).model
                 rows.append({"seed": seed, "selection": selection, "ratio": ratio, "criterion": name,
-                             "macs": count, **evaluate(pruned, data, seed)})
-            for name in THEIRS:
-                pruned, count, tp_ratio = tp_at_macs(trained, name, target, selection == "global", x_train, y_train)
-                rows.append({"seed": seed, "selection": selection, "ratio": ratio, "criterion": name,
-                             "macs": count, "tp_ratio": round(tp_ratio, 4), **evaluate(pruned.eval(), data, seed)})
+                             "macs": macs(pruned, example), "budget": budget, **extra,
+                             **evaluate(pruned.eval(), data, seed)})
     return rows
 
 
+def _order(criterion: str) -> int:
+    names = ("unpruned",) + OURS + THEIRS
+    return names.index(criterion) if criterion in names else len(names)
+
+
 def summarize(rows: list[dict]) -> list[dict]:
+    """Means over seeds per (selection, ratio, criterion)."""
     keys = sorted({(r["selection"], r["ratio"], r["criterion"]) for r in rows},
-                  key=lambda k: (k[0] != "-", k[0], k[1], (OURS + THEIRS).index(k[2]) if k[2] in OURS + THEIRS else -1))
+                  key=lambda k: (k[0] != "-", SELECTIONS.index(k[0]) if k[0] in SELECTIONS else -1, k[1], _order(k[2])))
     table = []
     for selection, ratio, criterion in keys:
         group = [r for r in rows if (r["selection"], r["ratio"], r["criterion"]) == (selection, ratio, criterion)]
@@ -198,6 +290,52 @@ def summarize(rows: list[dict]) -> list[dict]:
             entry[column] = statistics.mean(r[column] for r in group)
         table.append(entry)
     return table
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """Every LossAware entry against the best other criterion (the target), per column.
+
+    The other criteria are those of the same selection and ratio (knapsack: of any selection
+    at that ratio); ``difference_se`` is the standard error of the per-seed difference."""
+    table = summarize(rows)
+    found = []
+    for entry in (e for e in table if e["criterion"].startswith("loss_aware")):
+        selection, ratio = entry["selection"], entry["ratio"]
+        others = [e for e in table if e["ratio"] == ratio and not e["criterion"].startswith("loss_aware")
+                  and e["selection"] != "-" and (selection == "knapsack" or e["selection"] == selection)]
+        for column in ("bn", "ft1"):
+            best = max(others, key=lambda e: e[column])
+            ours = {r["seed"]: r[column] for r in rows
+                    if (r["selection"], r["ratio"], r["criterion"]) == (selection, ratio, entry["criterion"])}
+            theirs = {r["seed"]: r[column] for r in rows
+                      if (r["selection"], r["ratio"], r["criterion"]) == (best["selection"], ratio, best["criterion"])}
+            differences = [ours[s] - theirs[s] for s in ours if s in theirs]
+            se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None
+            found.append({"criterion": entry["criterion"], "selection": selection, "ratio": ratio, "column": column,
+                          "ours": entry[column], "best_other": best[column],
+                          "other": best["criterion"] if best["selection"] == selection
+                          else f"{best['criterion']} ({best['selection']})",
+                          "difference": entry[column] - best[column], "difference_se": se,
+                          "win": entry[column] >= best[column]})
+    return found
+
+
+def report(table: list[dict], comparisons: list[dict]) -> None:
+    """Print the table and, per LossAware criterion, the comparisons it wins and loses."""
+    base = next(e["macs"] for e in table if e["criterion"] == "unpruned")
+    print(f"{'selection':9} {'ratio':>5} {'criterion':16} {'MACs':>6} {'pruned':>7} {'bn':>7} {'ft1':>7}")
+    for e in table:
+        print(f"{e['selection']:9} {e['ratio']:5.1f} {e['criterion']:16} {e['macs'] / base:6.1%} "
+              f"{100 * e['pruned']:7.2f} {100 * e['bn']:7.2f} {100 * e['ft1']:7.2f}")
+    for name in dict.fromkeys(c["criterion"] for c in comparisons):
+        mine = [c for c in comparisons if c["criterion"] == name]
+        print(f"{name} >= every other criterion: {sum(c['win'] for c in mine)}/{len(mine)} (selection x ratio x "
+              "{bn, ft1})")
+        for c in mine:
+            if not c["win"]:
+                se = "" if c["difference_se"] is None else f" (paired SE {100 * c['difference_se']:.2f})"
+                print(f"    loses {c['selection']} {c['ratio']:.1f} {c['column']}: {100 * c['ours']:.2f} vs "
+                      f"{c['other']} {100 * c['best_other']:.2f}, {100 * c['difference']:+.2f}{se}")
 
 
 def main() -> None:
@@ -210,26 +348,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
-    rows = [row for seed in args.seeds for row in run(seed, args.epochs)]
-    table = summarize(rows)
-    print(f"digits, DigitsResNet, seeds {args.seeds}: mean test accuracy (%)  [{time.time() - start:.0f} s]")
-    print(f"{'selection':9} {'ratio':>5} {'criterion':13} {'MMACs':>6} {'pruned':>7} {'bn':>7} {'ft1':>7}")
-    for e in table:
-        print(f"{e['selection']:9} {e['ratio']:5.1f} {e['criterion']:13} {e['macs'] / 1e6:6.3f} "
-              f"{100 * e['pruned']:7.2f} {100 * e['bn']:7.2f} {100 * e['ft1']:7.2f}")
-    for ours in ("loss_aware", "loss_aware_x5"):
-        wins = []
-        for selection in ("uniform", "global"):
-            for ratio in RATIOS:
-                entries = {e["criterion"]: e for e in table if e["selection"] == selection and e["ratio"] == ratio}
-                for column in ("bn", "ft1"):
-                    best_other = max(v[column] for k, v in entries.items() if k not in ("loss_aware", "loss_aware_x5"))
-                    wins.append(entries[ours][column] >= best_other)
-        print(f"{ours} >= every other criterion: {sum(wins)}/{len(wins)} (selection x ratio x {{bn, ft1}})")
+    rows = []
+    for seed in args.seeds:
+        rows.extend(run(seed, args.epochs))
+        print(f"seed {seed} done [{time.time() - start:.0f} s]", flush=True)
+    table, comparisons = summarize(rows), compare(rows)
+    print(f"digits, DigitsResNet, seeds {args.seeds}: mean test accuracy (%), MACs kept  [{time.time() - start:.0f} s]")
+    report(table, comparisons)
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "epochs": args.epochs, "table": table, "rows": rows}, f, indent=1)
+            json.dump({"seeds": args.seeds, "epochs": args.epochs, "table": table, "rows": rows,
+                       "comparisons": comparisons}, f, indent=1)
 
 
 if __name__ == "__main__":

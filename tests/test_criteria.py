@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import pickle
 import warnings
 import weakref
@@ -17,6 +18,7 @@ from torch import nn
 
 from pruning_ir import LabelsNotInferredError, PruningIR
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion
+from pruning_ir.criteria._joint import joint_scores
 
 IMPLEMENTATIONS = ["auto", "activations"]
 
@@ -372,6 +374,137 @@ def test_criterion_must_be_entered():
     ir = PruningIR(build(GatedCNN))
     with pytest.raises(Exception, match="with-block"):
         LossAwareCriterion(ir)(cnn_batches((2,))[0][0])
+
+
+# --------------------------------------------------------------------------------------
+# Joint scores: the estimate for sets of labels within a group
+# --------------------------------------------------------------------------------------
+
+
+def reference_gate_derivatives(model, batches, gate_spec):
+    """dL_b/dz for explicit gates z = 1, one row per batch: {name: (batches, size)}."""
+    model = copy.deepcopy(model)
+    rows = {name: [] for name in gate_spec}
+    for x, y in batches:
+        gates = {name: torch.ones(size, requires_grad=True) for name, (_, size) in gate_spec.items()}
+        grads = torch.autograd.grad(F.cross_entropy(model(x, gates=gates), y), list(gates.values()))
+        for name, grad in zip(gates, grads):
+            rows[name].append(grad.double())
+    return {name: torch.stack(values).numpy() for name, values in rows.items()}
+
+
+def set_cost(gram, labels):
+    """C(S) = 1_S^T M 1_S."""
+    return float(gram[np.ix_(labels, labels)].sum())
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_joint_scores_follow_the_set_estimate_of_explicit_gates(implementation):
+    model = build(GatedCNN).eval()
+    data = cnn_batches((4, 4, 4, 4, 4))
+    derivatives = reference_gate_derivatives(model, data, CNN_GATES)
+    single = PruningIR(copy.deepcopy(model))
+    collect(single, single.model, data, implementation=implementation)
+    ir = PruningIR(model)
+    collect(ir, model, data, implementation=implementation, joint=True)
+    for name, (parameter, size) in CNN_GATES.items():
+        gram = derivatives[name].T @ derivatives[name] / len(data)
+        ours = np.array([label_for(ir, parameter, i).score for i in range(size)])
+        np.testing.assert_allclose(ours, joint_scores(gram), rtol=1e-4, atol=1e-7 * gram.max())
+        order = np.argsort(ours, kind="stable")
+        assert [label_for(ir, parameter, i) for i in order] == next(
+            group for group in ir.label_groups() if label_for(ir, parameter, 0) in group)
+        # the lowest label scores what it scores alone; the k lowest add up to at least C(S_k)
+        assert ours[order[0]] == pytest.approx(label_for(single, parameter, int(order[0])).score, rel=1e-6)
+        for k in range(1, size + 1):
+            cost = set_cost(gram, order[:k])
+            assert ours[order[:k]].sum() >= cost - 1e-4 * abs(cost) - 1e-7 * gram.max()
+
+
+def test_joint_scores_charge_redundant_channels_for_removing_them_together():
+    rng = np.random.default_rng(0)
+    effect, other = rng.normal(size=(2, 200))
+    other -= effect * (effect @ other) / (effect @ effect)    # uncorrelated with the copies
+    other *= 1.2 * np.linalg.norm(effect) / np.linalg.norm(other)
+    derivatives = np.stack([effect, other, effect, np.zeros(200)], axis=1)  # channels 0 and 2 are copies; 3 is dead
+    gram = derivatives.T @ derivatives / 200
+    scores = joint_scores(gram)
+    # alone, each copy is the cheapest live channel (the default scores would remove both first);
+    # with its twin gone, removing the other copy costs 2 M_02 + M_22 = 3 M_00 more
+    assert scores[3] == 0.0
+    assert scores[0] == pytest.approx(gram[0, 0])
+    assert scores[1] == pytest.approx(gram[1, 1]) and gram[0, 0] < gram[1, 1] < 3 * gram[0, 0]
+    assert scores[2] == pytest.approx(3 * gram[0, 0])
+    order = np.argsort(scores, kind="stable")
+    assert order.tolist() == [3, 0, 1, 2]
+    for k in range(1, 5):
+        assert scores[order[:k]].sum() == pytest.approx(set_cost(gram, order[:k]))
+
+
+def test_joint_scores_never_decrease_along_the_removal_order():
+    # channels whose effects cancel make later marginal costs smaller: scores stay ordered
+    rng = np.random.default_rng(1)
+    effect = rng.normal(size=100)
+    derivatives = np.stack([effect, -effect * 1.1, rng.normal(size=100) * 0.5, -effect * 0.9], axis=1)
+    gram = derivatives.T @ derivatives / 100
+    scores = joint_scores(gram)
+    ranked = np.sort(scores)
+    assert (np.diff(ranked) > 0).all() and (scores >= 0).all()
+    order = np.argsort(scores, kind="stable")
+    for k in range(1, 5):
+        assert scores[order[:k]].sum() >= set_cost(gram, order[:k]) - 1e-12
+
+
+def test_joint_reset_and_continue():
+    data = cnn_batches((4, 4, 4, 4))
+    model = build(GatedCNN).eval()
+    whole = PruningIR(copy.deepcopy(model))
+    collect(whole, whole.model, data, joint=True)
+    ir = PruningIR(model)
+    collect(ir, model, data[:2], joint=True)
+    collect(ir, model, data[2:], joint=True, reset=False)
+    np.testing.assert_allclose([label.score for label in ir.labels()],
+                               [label.score for label in whole.labels()], rtol=1e-10)
+    collect(ir, model, data[:2])   # not joint: nothing for a joint context to continue
+    with pytest.warns(UserWarning, match="starts afresh"):
+        collect(ir, model, data[2:], joint=True, reset=False)
+    only_last = PruningIR(copy.deepcopy(model))
+    collect(only_last, only_last.model, data[2:], joint=True)
+    np.testing.assert_allclose([label.score for label in ir.labels()],
+                               [label.score for label in only_last.labels()], rtol=1e-10)
+
+
+def _joint_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from test_distributed import WORLD_SIZE, _batches, _model
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        np.save(os.path.join(out_dir, f"rank{rank}.npy"), _joint_scores_of(_batches()[rank::WORLD_SIZE]))
+    finally:
+        dist.destroy_process_group()
+
+
+def _joint_scores_of(batches) -> np.ndarray:
+    from test_distributed import _model
+    model = _model()
+    ir = PruningIR(model)
+    collect(ir, model, batches, joint=True)
+    return np.array([label.score for label in ir.labels()])
+
+
+def test_joint_outer_products_are_all_reduced_across_ranks(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from test_distributed import WORLD_SIZE, _batches, _free_port
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_joint_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(WORLD_SIZE)]
+    assert np.array_equal(ranks[0], ranks[1])
+    np.testing.assert_allclose(ranks[0], _joint_scores_of(_batches()), rtol=1e-6, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------

@@ -93,6 +93,67 @@ def test_global_removes_the_networkwide_lowest_scores():
     assert len(GlobalScoreLabelSelector(0.3).select(ir)) == round(0.3 * len(ir.labels()))
 
 
+def group_means_scaled(ir: PruningIR, factor: float) -> PruningIR:
+    """``ir`` with the first group's scores multiplied by ``factor`` (a layer whose scores are all small)."""
+    first = set(ir.label_groups()[0])
+    scores = {label: label.score * (factor if label in first else 1.0) for label in ir.labels()}
+    ir.set_scores(scores)
+    return ir
+
+
+def normalized_by_mean(ir: PruningIR) -> PruningIR:
+    """A copy of ``ir`` whose scores are divided by their group's mean, by hand."""
+    import copy
+    other = copy.deepcopy(ir)
+    means = {id(label.group): np.mean([m.score for m in group]) for group in other.label_groups() for label in group}
+    other.set_scores({label: label.score / means[id(label.group)] for label in other.labels()})
+    return other
+
+
+def test_normalize_mean_makes_every_group_mean_one_and_leaves_the_ir_alone():
+    from pruning_ir.selectors.plan import SelectionPlan
+    ir = group_means_scaled(scored_ir("resnet18"), 1e-3)
+    before = [label.score for label in ir.labels()]
+    selector = GlobalScoreLabelSelector(0.3, normalize="mean")
+    plan = SelectionPlan(ir, selector.constraint)
+    selector._normalize(plan)
+    np.testing.assert_allclose([g.scores.mean() for g in plan.groups], 1.0)
+    for g in plan.groups:   # the order inside a group is the criterion's
+        assert (np.diff(g.scores) >= 0).all()
+    selector.select(ir)
+    assert [label.score for label in ir.labels()] == before
+    with pytest.raises(ValueError, match="normalize"):
+        GlobalScoreLabelSelector(0.3, normalize="median")
+
+
+def test_normalized_global_selection_does_not_empty_the_layer_with_small_scores():
+    """Raw: a group whose scores are all 1000x smaller loses every label it can before any other
+    group loses one. normalize="mean": the selection made on scores divided by each group's mean."""
+    ir = group_means_scaled(scored_ir("resnet18"), 1e-3)
+    small = ir.label_groups()[0]
+    count = len(small) + 10
+    raw = removed_per_group(GlobalScoreLabelSelector(count).select(ir))
+    assert len(raw[small[0].group.id]) == len(small) - 1     # all but the one the constraint keeps
+    normalized = GlobalScoreLabelSelector(count, normalize="mean").select(ir)
+    assert len(normalized) == count
+    assert len(removed_per_group(normalized).get(small[0].group.id, [])) < len(small) // 2
+    by_hand = GlobalScoreLabelSelector(count).select(normalized_by_mean(ir))
+    assert [(label.group.id, label.channel) for label in normalized] == \
+        [(label.group.id, label.channel) for label in by_hand]
+    assert_prefixes(ir, normalized)
+
+
+def test_normalized_knapsack_keeps_the_most_normalized_score():
+    ir = group_means_scaled(scored_ir("resnet18"), 1e-3)
+    budget = 0.6 * parameter_count(ir.model)
+    channels = []
+    for scored, normalize in ((ir, "mean"), (normalized_by_mean(ir), None)):
+        selector = KnapsackLabelSelector(budget, parameter_count, verbose=False, normalize=normalize)
+        channels.append([(label.group.id, label.channel) for label in selector.select(scored)])
+        assert selector.latency <= budget
+    assert channels[0] == channels[1]
+
+
 def test_unscored_selection_is_deterministic_by_group_then_channel():
     entry = ZOO["resnet18"]
     ir = PruningIR(entry.build()).infer_labels(*entry.example_inputs())

@@ -18,13 +18,17 @@ class GlobalScoreLabelSelector(LabelSelector):
     """Removes the ``n_or_ratio`` lowest-scored labels of the whole network.
 
     A value in (0, 1) is a share of all prunable labels, a value >= 1 a number of labels
-    (0 removes nothing). Scores must be comparable across groups (Taylor scores are). Labels
-    leave in chunks the constraint allows; a chunk that would exceed the count is skipped
-    (with the rest of its group), so at most that many labels are removed.
+    (0 removes nothing). Scores must be comparable across groups: LossAwareCriterion scores
+    are (use ``joint=True`` there when a large share goes, or single layers get emptied);
+    weight norms are not, and want ``normalize="mean"`` (see :class:`LabelSelector`, which also
+    says what normalizing costs). Labels leave in chunks the constraint allows; a chunk that
+    would exceed the count is skipped (with the rest of its group), so at most that many labels
+    are removed.
     """
 
-    def __init__(self, n_or_ratio: int | float, constraint: ChannelConstraint | None = None):
-        super().__init__(constraint)
+    def __init__(self, n_or_ratio: int | float, constraint: ChannelConstraint | None = None, *,
+                 normalize: str | None = None):
+        super().__init__(constraint, normalize)
         if isinstance(n_or_ratio, bool) or not isinstance(n_or_ratio, Real) or not math.isfinite(n_or_ratio):
             raise TypeError(f"n_or_ratio must be a share in (0, 1) or a count >= 1, got {n_or_ratio!r}")
         if n_or_ratio < 0:

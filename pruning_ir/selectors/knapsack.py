@@ -55,7 +55,9 @@ class KnapsackLabelSelector(LabelSelector):
     leave each group in ascending score order. A target at or above the current latency
     selects nothing; one below the smallest reachable model raises ValueError naming it.
     After ``select``: ``history`` (one :class:`KnapsackIteration` each), ``latency_calls``,
-    ``latency`` (measured latency of the returned selection).
+    ``latency`` (measured latency of the returned selection). The kept score is a sum over
+    groups, so scores must be comparable across groups: ``normalize`` as in
+    :class:`LabelSelector` (LossAwareCriterion scores: raw, with ``joint=True``).
     """
 
     CORRECTIONS_PER_ESTIMATE = 2   # budget corrections on one linearization before measuring a new one
@@ -65,10 +67,10 @@ class KnapsackLabelSelector(LabelSelector):
                  strict_label_order: bool = True, channels_constraint: ChannelConstraint | None = None,
                  max_iterations: int = 15, solver_execution_time_limit: float = 60, verbose: bool = True, *,
                  max_relative_latency_step: float = 0.5, constraint: ChannelConstraint | None = None,
-                 tolerance: float = 0.02, chunk_fraction: float = 0.5):
+                 tolerance: float = 0.02, chunk_fraction: float = 0.5, normalize: str | None = None):
         if channels_constraint is not None and constraint is not None and channels_constraint != constraint:
             raise ValueError("pass the channel constraint once: channels_constraint= and constraint= are one argument")
-        super().__init__(channels_constraint if channels_constraint is not None else constraint)
+        super().__init__(channels_constraint if channels_constraint is not None else constraint, normalize)
         self.target_latency = check_target(target_latency)
         self.latency_calculation_function = check_function(latency_calculation_function)
         if not isinstance(max_iterations, int) or max_iterations < 1:
