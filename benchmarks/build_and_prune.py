@@ -1,181 +1,146 @@
-"""IR build + label inference + pruning half of every group, pruning_ir vs Torch-Pruning.
+"""Speed: build, calibration, selection and pruning time per model, and peak memory,
+pruning_ir vs Torch-Pruning.
 
-Each measurement runs in a fresh subprocess, alternating the two libraries per model so
-machine drift hits both alike: its first, cold run gives the peak memory (resident set
-size above the process right after the model and inputs were built), then the median of
-three runs on fresh copies of the model gives the time. Peak memory is the peak
-resident set size above the process's size right after the model and inputs were built.
+The same work for both, on half of every group's channels: build (pruning_ir: ``PruningIR``
++ ``infer_labels``; Torch-Pruning: ``MetaPruner``, i.e. its dependency graph and groups),
+calibration (``CALIBRATION_STEPS`` forward + backward passes of a surrogate loss, the mean
+square of the outputs: inside ``LossAwareCriterion`` / plain, for ``GroupTaylorImportance``),
+selection (``UniformLabelSelector(0.5)`` / ``step(interactive=True)`` up to each group: the
+Taylor importance and the thresholds) and pruning (``ir.prune(inplace=True)`` / every
+``group.prune()``).
 
-    python benchmarks/build_and_prune.py [--quick] [--repeats 3]
+Each measurement runs in a fresh subprocess, the libraries alternating per model (ABBA): the
+first, cold run in the process gives the peak memory (peak resident set size above the
+process right after the model and inputs were built, see ``bench_common``) and then the
+median of ``timed_runs`` runs on fresh copies gives the times; the median over processes is
+reported, and ratios are ours / Torch-Pruning.
+
+    python benchmarks/build_and_prune.py [--quick]   (= python benchmarks/run.py --only speed)
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
-import torch
+from bench_common import (PeakMemory, interleaved, model_mb, output_shapes, run_worker, short_error,
+                          surrogate_loss, tp_fix_attention, tp_pruner, worker_main)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results", "build_and_prune.json")
-THREADS = 1  # one intra-op thread: timings on a shared 2-core machine stay stable
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+RATIO = 0.5
+CALIBRATION_STEPS = 2
+PHASES = ("build", "calibrate", "select", "prune")
+LIBRARIES = ("pruning_ir", "torch_pruning")
 
 
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
-
-
-def _output_shapes(model, inputs) -> list:
-    from torch.utils import _pytree as pytree
-    with torch.no_grad():
-        out = model(*inputs)
-    return [tuple(t.shape) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _prune_with_pruning_ir(model, inputs) -> None:
-    from pruning_ir import PruningIR
-
+def _pipeline_ours(model, inputs) -> dict[str, float]:
+    from pruning_ir import LossAwareCriterion, PruningIR, UniformLabelSelector
+    times, start = {}, time.perf_counter()
     ir = PruningIR(model).infer_labels(*inputs)
-    labels = [label for group in ir.label_groups() for label in group[: len(group) // 2]]
+    times["build"], start = time.perf_counter() - start, time.perf_counter()
+    with LossAwareCriterion(ir) as collector:
+        times["calibrate_setup"] = time.perf_counter() - start   # entering the criterion: a fixed cost
+        for _ in range(CALIBRATION_STEPS):
+            surrogate_loss(collector(*inputs)).backward()
+    model.zero_grad(set_to_none=True)
+    times["calibrate"], start = time.perf_counter() - start, time.perf_counter()
+    labels = UniformLabelSelector(RATIO).select(ir)
+    times["select"], start = time.perf_counter() - start, time.perf_counter()
     ir.prune(labels=labels, inplace=True)
+    times["prune"] = time.perf_counter() - start
+    return times
 
 
-def _prune_with_torch_pruning(model, inputs) -> None:
-    import torch_pruning as tp
-    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
-    pruner = tp.pruner.MetaPruner(model, inputs[0] if len(inputs) == 1 else inputs,
-                                  importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=0.5, ignored_layers=outputs)
-    pruner.step()
-
-
-def worker(library: str, name: str, timed_runs: int = 3) -> dict:
-    """Peak memory of the first (cold) run in this fresh process, then the median time of
-    ``timed_runs`` more runs on fresh copies of the model (imports and first-call kernel
-    set-up paid once, by the cold run)."""
-    sys.path.insert(0, HERE)
-    from models import BENCHMARK_MODELS
-    torch.set_num_threads(THREADS)
-    model, inputs = BENCHMARK_MODELS[name]()
-    before = sum(p.numel() for p in model.parameters())
-    model_mb = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
-    shapes = _output_shapes(model, inputs)
-    prune = _prune_with_pruning_ir if library == "pruning_ir" else _prune_with_torch_pruning
-    __import__("pruning_ir" if library == "pruning_ir" else "torch_pruning")
-    copies = [copy.deepcopy(model) for _ in range(timed_runs)]
-    baseline = _rss_mb("VmRSS")
-    _reset_peak()
-    error = None
-    try:
-        prune(model, inputs)
-    except Exception as exc:  # a library that cannot prune the model is a result, not a crash
-        error = f"{type(exc).__name__}: {str(exc)[:200]}"
-    peak = _rss_mb("VmHWM") - baseline
-    times = []
-    for replica in copies if error is None else []:
+def _pipeline_tp(model, inputs) -> dict[str, float]:
+    times, start = {}, time.perf_counter()
+    pruner = tp_pruner(model, inputs, "taylor", RATIO)
+    times["build"], start = time.perf_counter() - start, time.perf_counter()
+    for _ in range(CALIBRATION_STEPS):
+        surrogate_loss(model(*inputs)).backward()
+    times["calibrate"], start = time.perf_counter() - start, time.perf_counter()
+    select = prune = 0.0
+    for group in pruner.step(interactive=True):   # importance + thresholds up to each yield
+        select += time.perf_counter() - start
         start = time.perf_counter()
-        prune(replica, inputs)
-        times.append(time.perf_counter() - start)
-    runs = False
-    if error is None:
-        try:
-            runs = _output_shapes(model, inputs) == shapes
-        except Exception as exc:
-            error = f"pruned model fails: {type(exc).__name__}: {str(exc)[:160]}"
-    after = sum(p.numel() for p in model.parameters())
-    return {"library": library, "model": name, "seconds": statistics.median(times) if times else None,
-            "peak_mb": peak, "model_mb": model_mb, "params_before": before, "params_after": after,
-            "runs": runs, "error": error}
+        group.prune()
+        prune += time.perf_counter() - start
+        start = time.perf_counter()
+    select += time.perf_counter() - start
+    start = time.perf_counter()
+    tp_fix_attention(model, pruner)
+    times["select"], times["prune"] = select, prune + time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return times
 
 
-def fmt(value, spec: str) -> str:
-    """Format a number, or a dash of the same width for a missing one."""
-    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-    return format(value, spec) if value is not None else "-".rjust(width)
+def worker(library: str, name: str, timed_runs: str = "3") -> dict:
+    """In a fresh process: one cold run (peak memory), then ``timed_runs`` warm runs (times)."""
+    from models import BENCHMARK_MODELS
+    model, inputs = BENCHMARK_MODELS[name]()
+    shapes, size = output_shapes(model, inputs), model_mb(model)
+    pipeline = _pipeline_ours if library == "pruning_ir" else _pipeline_tp
+    __import__("pruning_ir" if library == "pruning_ir" else "torch_pruning")
+    copies = [copy.deepcopy(model) for _ in range(int(timed_runs))]
+    result = {"model_mb": size, "error": None, "runs": False}
+    try:
+        with PeakMemory() as peak:
+            pipeline(model, inputs)
+        result["peak_mb"] = peak.mb
+        after = output_shapes(model, inputs)
+        result["runs"] = after == shapes
+        if not result["runs"]:
+            result["error"] = f"output shapes changed: {shapes} -> {after}"
+        runs = [pipeline(replica, inputs) for replica in copies]
+    except Exception as error:  # noqa: BLE001 - a library that cannot prune the model is a result
+        result["error"] = short_error(error)
+        return result
+    result.update({phase: statistics.median(r[phase] for r in runs) for phase in (*PHASES, "calibrate_setup")
+                   if phase in runs[0]})
+    result["total"] = sum(result[phase] for phase in PHASES)
+    return result
 
 
-def measure(library: str, name: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", library, name]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        return {"library": library, "model": name, "error": done.stderr.strip().splitlines()[-1:], "runs": False}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _median(results: list[dict], key: str) -> float | None:
+    values = [r[key] for r in results if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two small models, one repeat (CI smoke test)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker)))
-        return
-    sys.path.insert(0, HERE)
+def run(quick: bool = False, processes: int = 2) -> dict:
+    """Every benchmark model (quick: two small ones, one process each, one timed run)."""
     from models import BENCHMARK_MODELS, QUICK_MODELS
-    names = QUICK_MODELS if args.quick else list(BENCHMARK_MODELS)
-    repeats = 1 if args.quick else args.repeats
+    names = list(QUICK_MODELS) if quick else list(BENCHMARK_MODELS)
+    processes, timed_runs = (1, 1) if quick else (processes, 2)
     rows = []
-    header = f"{'model':<14}{'ours s':>9}{'TP s':>9}{'ratio':>7}{'ours MB':>9}{'TP MB':>8}{'model MB':>9}" \
-             f"{'mem/model':>10}  {'ours ok':<8}{'TP ok':<6}"
-    print(header)
-    print("-" * len(header))
     for name in names:
-        runs = {"pruning_ir": [], "torch_pruning": []}
-        for _ in range(repeats):
-            for library in runs:
-                runs[library].append(measure(library, name))
+        results = {library: [] for library in LIBRARIES}
+        for library in interleaved(LIBRARIES, processes):
+            results[library].append(run_worker("build_and_prune", [library, name, str(timed_runs)], timeout=900,
+                                                 fresh=not quick))
         row = {"model": name}
-        for library, results in runs.items():
-            good = [r for r in results if r.get("error") is None and r.get("seconds") is not None]
-            row[library] = {
-                "seconds": statistics.median(r["seconds"] for r in good) if good else None,
-                "peak_mb": statistics.median(r["peak_mb"] for r in good) if good else None,
-                "runs": all(r.get("runs") for r in results),
-                "error": next((r.get("error") for r in results if r.get("error")), None),
-                "params_before": results[0].get("params_before"), "params_after": results[0].get("params_after"),
-                "model_mb": results[0].get("model_mb"),
-            }
+        for library, found in results.items():
+            timed = [r for r in found if r.get("total") is not None]   # ran to the end, even if its model broke
+            row[library] = {key: _median(timed, key) for key in (*PHASES, "calibrate_setup", "total", "peak_mb")}
+            row[library].update(model_mb=_median(found, "model_mb"), runs=all(r.get("runs") for r in found),
+                                error=next((r["error"] for r in found if r.get("error")), None))
+        for entry in (row["pruning_ir"], row["torch_pruning"]):   # TP's importance is computed in step()
+            entry["calibrate_select"] = entry["calibrate"] + entry["select"] if entry["calibrate"] else None
         ours, theirs = row["pruning_ir"], row["torch_pruning"]
-        row["time_ratio"] = ours["seconds"] / theirs["seconds"] if ours["seconds"] and theirs["seconds"] else None
+        row["ratio"] = {key: ours[key] / theirs[key] if ours[key] and theirs[key] else None
+                        for key in (*PHASES, "calibrate_select", "total", "peak_mb")}
         rows.append(row)
-        print(f"{name:<14}{fmt(ours['seconds'], '9.3f')}{fmt(theirs['seconds'], '9.3f')}"
-              f"{fmt(row['time_ratio'], '7.2f')}{fmt(ours['peak_mb'], '9.1f')}{fmt(theirs['peak_mb'], '8.1f')}"
-              f"{fmt(ours['model_mb'], '9.1f')}"
-              f"{fmt(ours['peak_mb'] / ours['model_mb'] if ours['peak_mb'] is not None else None, '10.2f')}  "
-              f"{str(ours['runs']):<8}{str(theirs['runs']):<6}", flush=True)
-    ratios = [r["time_ratio"] for r in rows if r["time_ratio"]]
-    summary = {"median_time_ratio": statistics.median(ratios) if ratios else None,
-               "machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "threads": THREADS, "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
-    print(f"\nmedian time ratio (pruning_ir / Torch-Pruning): {fmt(summary['median_time_ratio'], '.2f')}")
-    for row in rows:
-        for library in ("pruning_ir", "torch_pruning"):
-            if row[library]["error"]:
-                print(f"{row['model']}: {library} failed: {row[library]['error']}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS if not args.quick else RESULTS.replace(".json", "_quick.json"), "w") as out:
-        json.dump({"summary": summary, "rows": rows}, out, indent=2)
+        total = row["ratio"]["total"]
+        print(f"  speed {name:<14} ours {ours['total'] or float('nan'):7.3f} s  TP "
+              f"{theirs['total'] or float('nan'):7.3f} s  ratio {total if total else float('nan'):.2f}", flush=True)
+    medians = {key: _median([r["ratio"] for r in rows], key)
+               for key in (*PHASES, "calibrate_select", "total", "peak_mb")}
+    return {"settings": {"ratio": RATIO, "calibration_steps": CALIBRATION_STEPS, "processes": processes,
+                         "timed_runs": timed_runs, "memory": "peak RSS above the process after model build, "
+                                                             "cold run, whole pipeline"},
+            "median_ratio": medians, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    if not worker_main(worker):
+        from run import main
+        main(["--only", "speed", *sys.argv[1:]])

@@ -82,22 +82,27 @@ def remeasured(function, model) -> float:
     return statistics.median(function(model) for _ in range(3))
 
 
-def run_selector(ir: PruningIR, selector, function) -> dict:
+def run_selector(ir: PruningIR, selector, function) -> tuple[dict, torch.nn.Module]:
+    """Select, prune a copy and re-measure: the row, and the pruned model."""
     start = time.perf_counter()
     labels = selector.select(ir)
     seconds = time.perf_counter() - start
-    achieved = remeasured(function, ir.prune(labels=labels).model)
+    pruned = ir.prune(labels=labels).model
+    achieved = remeasured(function, pruned)
     target = selector.target_latency
     return {"target": target, "achieved": achieved, "achieved_over_target": achieved / target,
             "seen_by_selector_over_target": selector.latency / target,
             "selection_s": seconds, "latency_calls": selector.latency_calls,
             "iterations": len(getattr(selector, "history", [])), "labels_removed": len(labels),
-            "kept_score_share": kept_share(ir, labels)}
+            "kept_score_share": kept_share(ir, labels)}, pruned
 
 
-def target_rows(kinds: tuple[str, ...], repeats: int) -> tuple[list[dict], dict]:
+def target_rows(kinds: tuple[str, ...], repeats: int, models: dict[str, str] = MODELS,
+                shares: tuple[float, ...] = TARGETS, pruned: dict | None = None) -> tuple[list[dict], dict]:
+    """Knapsack and binary search on every model, cost and share; the pruned models go into
+    ``pruned[(model, cost, share, method)]`` when a dict is given."""
     rows, noise = [], {}
-    for name, title in MODELS.items():
+    for name, title in models.items():
         for kind in kinds:
             ir, example = zoo_ir(name)
             function = cost_function(kind, example, repeats)
@@ -105,7 +110,7 @@ def target_rows(kinds: tuple[str, ...], repeats: int) -> tuple[list[dict], dict]
             if kind == "cpu":
                 spread = [function(ir.model) for _ in range(5)]
                 noise[name] = (max(spread) - min(spread)) / statistics.median(spread)
-            for share in TARGETS:
+            for share in shares:
                 for method in ("knapsack", "binary_search"):
                     ir, _ = zoo_ir(name)   # a fresh IR: nothing measured by an earlier run is reused
                     if method == "knapsack":
@@ -115,7 +120,10 @@ def target_rows(kinds: tuple[str, ...], repeats: int) -> tuple[list[dict], dict]
                         selector = BinarySearchLatencyLabelSelector(share * original, function)
                     row = {"model": title, "cost": kind, "share": share, "method": method, "original": original}
                     try:
-                        row.update(run_selector(ir, selector, function))
+                        result, model = run_selector(ir, selector, function)
+                        row.update(result)
+                        if pruned is not None:
+                            pruned[(name, kind, share, method)] = model
                     except ValueError as error:   # below the smallest reachable model
                         row["unreachable"] = str(error)
                         print(f"{title:<18} {kind:<4} {share:.1f}  {method:<13} {error}", flush=True)

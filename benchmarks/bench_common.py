@@ -1,0 +1,270 @@
+"""Shared pieces of the benchmark sections: paths, process memory, subprocess workers,
+output checks, the machine's description, and Torch-Pruning set up the usual way.
+
+Memory is the peak resident set size (``VmHWM`` of ``/proc/self/status``, reset through
+``/proc/self/clear_refs``) above the process's size just before the measured step: it counts
+everything the step allocates (tensors, graphs, Python objects), unlike ``tracemalloc``,
+which misses tensor storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _path in (HERE, REPO, os.path.join(REPO, "tests")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+THREADS = 1  # one intra-op thread: timings on a shared 2-core machine stay comparable
+
+
+# -- process memory -----------------------------------------------------------------------------
+def rss_mb(field: str = "VmRSS") -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    """Reset ``VmHWM`` to the current resident set size (Linux; a no-op where not allowed)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+class PeakMemory:
+    """``with PeakMemory() as peak: ...`` then ``peak.mb``: peak RSS above the start, MiB."""
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = rss_mb()
+        reset_peak()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mb = max(rss_mb("VmHWM") - self.start, 0.0)
+
+
+# -- models and outputs -------------------------------------------------------------------------
+def tensors(output: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def output_shapes(model: nn.Module, inputs: tuple) -> list[tuple]:
+    with torch.no_grad():
+        return [tuple(t.shape) for t in tensors(model(*inputs))]
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_mb(model: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
+
+
+def surrogate_loss(output: Any) -> torch.Tensor:
+    """A scalar for calibration backward passes on any model: mean square of every output."""
+    return sum(t.float().pow(2).mean() for t in tensors(output) if t.is_floating_point())
+
+
+def short_error(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in this (main) thread after ``seconds`` of wall time."""
+    def expire(signum, frame):
+        raise TimeoutError(f"did not finish within {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def interleaved(libraries: tuple[str, ...], repeats: int) -> Iterator[str]:
+    """ABBA order over repeats (A B, B A, A B, ...): linear drift hits every library alike."""
+    for repeat in range(repeats):
+        yield from (libraries if repeat % 2 == 0 else libraries[::-1])
+
+
+# -- Torch-Pruning, the usual way -------------------------------------------------------------------
+_QKV_NAMES = (("qkv",), ("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+
+
+def tp_classifier(model: nn.Module) -> list[nn.Module]:
+    """The final classifier Torch-Pruning is told to ignore: the last Linear (else the last conv)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1:]
+    return [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)][-1:]
+
+
+def tp_attention(model: nn.Module) -> dict[nn.Module, tuple[nn.Module, ...]]:
+    """Attention modules and their q/k/v Linears (timm, HF BERT/LLaMA, separate q/k/v styles)."""
+    found = {}
+    for module in model.modules():
+        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+        for names in _QKV_NAMES:
+            linears = tuple(getattr(module, n, None) for n in names)
+            if isinstance(head_dim, int) and all(isinstance(m, nn.Linear) for m in linears):
+                found[module] = linears
+    return found
+
+
+def tp_num_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """``num_heads`` for MetaPruner, as Torch-Pruning's ViT / BERT / LLaMA examples build it."""
+    heads = {}
+    for module, linears in tp_attention(model).items():
+        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size")
+        for linear in linears:
+            heads[linear] = linear.out_features // head_dim // (3 if len(linears) == 1 else 1)
+    return heads
+
+
+def tp_fix_attention(model: nn.Module, pruner) -> None:
+    """After ``step()``, update the attention modules' head attributes from the pruned
+    Linears, as Torch-Pruning's examples do (``m.num_heads = pruner.num_heads[m.qkv]``...)."""
+    for module, linears in tp_attention(model).items():
+        first = linears[0]
+        heads = pruner.num_heads.get(first)
+        if not heads:
+            continue
+        width = first.out_features // (3 if len(linears) == 1 else 1)
+        head_dim = width // heads
+        for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("head_dim", head_dim),
+                            ("attention_head_size", head_dim), ("all_head_size", width)):
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, value)
+        if len(linears) == 3 and pruner.num_heads.get(linears[1]):
+            kv_heads = pruner.num_heads[linears[1]]
+            for name, value in (("num_key_value_heads", kv_heads), ("num_key_value_groups", heads // kv_heads)):
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, value)
+
+
+def tp_pruner(model: nn.Module, inputs: tuple, importance: str = "magnitude", ratio: float = 0.5,
+              global_pruning: bool = False):
+    """A ``tp.pruner.MetaPruner`` (builds the dependency graph): the final classifier ignored,
+    attention heads declared; ``importance`` is "magnitude" (L2) or "taylor"."""
+    import torch_pruning as tp
+    imp = tp.importance.GroupTaylorImportance() if importance == "taylor" \
+        else tp.importance.GroupMagnitudeImportance(p=2)
+    # fresh dicts: MetaPruner's defaults are shared mutable dicts that num_heads is merged into
+    return tp.pruner.MetaPruner(model, inputs[0] if len(inputs) == 1 else inputs, importance=imp,
+                                pruning_ratio=ratio, global_pruning=global_pruning,
+                                ignored_layers=tp_classifier(model), num_heads=tp_num_heads(model),
+                                in_channel_groups={}, out_channel_groups={})
+
+
+def tp_prune(model: nn.Module, inputs: tuple, importance: str = "magnitude", ratio: float = 0.5,
+             global_pruning: bool = False) -> nn.Module:
+    """Prune ``model`` in place with Torch-Pruning (see :func:`tp_pruner`); returns it."""
+    pruner = tp_pruner(model, inputs, importance, ratio, global_pruning)
+    pruner.step()
+    tp_fix_attention(model, pruner)
+    return model
+
+
+def ours_prune(model: nn.Module, inputs: tuple, ratio: float = 0.5) -> nn.Module:
+    """Prune with pruning_ir: magnitude scores, the same share of every group; returns the model."""
+    from pruning_ir import MagnitudeCriterion, PruningIR, UniformLabelSelector
+    ir = PruningIR(model).infer_labels(*inputs)
+    MagnitudeCriterion(ir).apply()
+    return ir.prune(labels=UniformLabelSelector(ratio).select(ir), inplace=True).model
+
+
+# -- subprocess workers -------------------------------------------------------------------------------
+def run_worker(module: str, args: list[str], timeout: float, fresh: bool = True) -> dict:
+    """Run ``python benchmarks/<module>.py --worker ARGS`` in a fresh process; its last stdout
+    line is a JSON object. A crash or a timeout comes back as ``{"error": ...}``. With
+    ``fresh=False`` (quick smoke runs) ``<module>.worker(*ARGS)`` runs in this process instead:
+    no interpreter start-up, but memory figures then include this process's caches."""
+    if not fresh:
+        try:
+            with time_limit(timeout):
+                return __import__(module).worker(*args)
+        except Exception as error:  # noqa: BLE001
+            return {"error": short_error(error)}
+    command = [sys.executable, os.path.join(HERE, f"{module}.py"), "--worker", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"TimeoutError: worker did not finish within {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"worker exited with {done.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def worker_main(worker: Callable[..., dict]) -> bool:
+    """If this process was started by :func:`run_worker`, run ``worker(*args)``, print its
+    JSON and return True."""
+    if "--worker" not in sys.argv:
+        return False
+    torch.set_num_threads(THREADS)
+    args = sys.argv[sys.argv.index("--worker") + 1:]
+    print(json.dumps(worker(*args)))
+    return True
+
+
+# -- the machine ---------------------------------------------------------------------------------------
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Machine, load, date and versions: what a reader needs to weigh the numbers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_model(), "cores": cores, "load_average": list(os.getloadavg()),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": THREADS,
+            "torch_pruning": _version("torch-pruning"), "pruning_ir": _version("pruning-ir"),
+            "transformers": _version("transformers")}
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """Format a number, or a dash of the same width for a missing one."""
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return format(value, spec) if value is not None else "-".rjust(width)

@@ -1,0 +1,66 @@
+"""Smoke test of the benchmark runner: ``benchmarks/run.py --quick`` into a temporary
+directory writes every section's JSON and the report, and pruning_ir prunes every model of
+the coverage section. No timing is asserted (a shared CI machine is too noisy for that)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch_pruning")
+pytest.importorskip("sklearn")
+pytest.importorskip("transformers")
+
+RUNNER = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run.py")
+SECTIONS = ("coverage", "speed", "quality", "latency", "scale")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> str:
+    results = str(tmp_path_factory.mktemp("bench"))
+    done = subprocess.run([sys.executable, RUNNER, "--quick", "--results-dir", results],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return results
+
+
+def _load(results: str, name: str) -> dict:
+    with open(os.path.join(results, f"{name}_quick.json")) as handle:
+        return json.load(handle)
+
+
+def test_every_section_writes_its_json(quick_run):
+    for name in SECTIONS:
+        data = _load(quick_run, name)
+        assert "error" not in data, data.get("error")
+        assert data["quick"] is True and data["environment"]["cores"] >= 1
+    assert _load(quick_run, "run")["failed"] == []
+
+
+def test_report_has_every_section(quick_run):
+    with open(os.path.join(quick_run, "RESULTS_quick.md")) as handle:
+        text = handle.read()
+    for heading in ("## Machine", "## 1. Coverage", "## 2. Speed", "## 3. Quality", "## 4. Latency budget",
+                    "## 5. Scale", "## Where we lose / caveats"):
+        assert heading in text
+
+
+def test_pruning_ir_prunes_every_coverage_model(quick_run):
+    coverage = _load(quick_run, "coverage")
+    assert coverage["rows"], "no coverage rows"
+    failed = {r["model"]: r["pruning_ir"]["error"] for r in coverage["rows"] if not r["pruning_ir"]["pruned"]}
+    assert not failed
+    assert coverage["summary"]["pruning_ir"] == coverage["summary"]["models"]
+
+
+def test_sections_have_rows_for_both_libraries(quick_run):
+    speed, scale, latency = _load(quick_run, "speed"), _load(quick_run, "scale"), _load(quick_run, "latency")
+    for row in speed["rows"] + scale["rows"]:
+        assert row["pruning_ir"]["error"] is None
+        assert "torch_pruning" in row
+    assert latency["targets"] and {r["method"] for r in latency["speedup"]} >= {"knapsack_macs", "tp_uniform"}
+    assert _load(quick_run, "quality")["criteria"]["table"]
