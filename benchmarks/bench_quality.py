@@ -33,7 +33,7 @@ def run(quick: bool = False, seeds: tuple[int, ...] | None = None) -> dict:
         if quick:
             script = ["-c", f"import sys; sys.path.insert(0, {HERE!r}); import criteria; {QUICK_PATCH}; "
                             "criteria.main()"]
-        command = [sys.executable, *script, "--seeds", *map(str, seeds), "--json", path]
+        command = [sys.executable, *script, "--seeds", *map(str, seeds), "--budget", "macs", "--json", path]
         if quick:
             command += ["--epochs", str(QUICK_EPOCHS)]
         done = subprocess.run(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3600)

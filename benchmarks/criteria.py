@@ -9,6 +9,9 @@ every criterion: uniform removes a fixed count per group), and prune to it with
 * ``knapsack``: ``KnapsackLabelSelector(budget, bind(macs, image))`` (LossAware criteria only),
 
 so that every model of one ratio has the same MACs, whatever the criterion and selection.
+With ``--budget macs`` a ratio is instead the share of MACs removed: the budget is
+``(1 - ratio)`` of the unpruned MACs and uniform selection removes the smallest share of every
+group's labels that meets it (``make bench`` reports this form).
 MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
 
 * ``loss_aware``: ``LossAwareCriterion(ir)`` with its defaults (one score per label);
@@ -236,7 +239,17 @@ def evaluate(pruned, data, seed: int) -> dict:
     return result
 
 
-def run(seed: int, epochs: int) -> list[dict]:
+def uniform_ratio_for(ir: PruningIR, budget: float, example, steps: int = 20) -> float:
+    """The smallest share of every group's labels whose uniform removal meets ``budget`` MACs (bisection)."""
+    low, high = 0.0, 0.99
+    for _ in range(steps):
+        middle = (low + high) / 2
+        pruned = ir.prune(labels=UniformLabelSelector(middle).select(ir)).model
+        low, high = (low, middle) if macs(pruned, example) <= budget else (middle, high)
+    return high
+
+
+def run(seed: int, epochs: int, budget_kind: str = "labels") -> list[dict]:
     """Every (selection, ratio, criterion) row of one seed, plus the unpruned model."""
     data = digits_data(seed=seed)
     x_train, y_train, x_test, y_test = data
@@ -251,8 +264,13 @@ def run(seed: int, epochs: int) -> list[dict]:
         score(name, scored[name], x_train, y_train)
     calibrated = tp_calibrated(trained, x_train, y_train)
     for ratio in RATIOS:
-        budget = macs(scored["random"].prune(labels=UniformLabelSelector(ratio).select(scored["random"])).model,
-                      example)
+        if budget_kind == "macs":
+            budget = (1 - ratio) * macs(trained, example)
+            uniform_ratio = uniform_ratio_for(scored["random"], budget, example)
+        else:
+            uniform_ratio = ratio
+            budget = macs(scored["random"].prune(labels=UniformLabelSelector(ratio).select(scored["random"])).model,
+                          example)
         for selection in SELECTIONS:
             for name in criteria_for(selection):
                 extra = {}
@@ -261,10 +279,10 @@ def run(seed: int, epochs: int) -> list[dict]:
                                                      selection == "global", example)
                     extra["tp_ratio"] = round(tp_ratio, 4)
                 elif name == "loss_aware_x5":
-                    pruned = prune_in_rounds(trained, selection, ratio, budget, x_train, y_train)
+                    pruned = prune_in_rounds(trained, selection, uniform_ratio, budget, x_train, y_train)
                 else:
                     ir = copy.deepcopy(scored[SCORED.get(name, name)])
-                    labels = select(ir, selection, ratio, budget, example, NORMALIZE.get(name))
+                    labels = select(ir, selection, uniform_ratio, budget, example, NORMALIZE.get(name))
                     pruned = ir.prune(labels=labels).model
                 rows.append({"seed": seed, "selection": selection, "ratio": ratio, "criterion": name,
                              "macs": macs(pruned, example), "budget": budget, **extra,
@@ -343,6 +361,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget", choices=("labels", "macs"), default="labels",
+                        help="a ratio is the share of labels removed (uniform) or of MACs removed")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "criteria.json"))
     args = parser.parse_args()
@@ -350,7 +370,7 @@ def main() -> None:
     start = time.time()
     rows = []
     for seed in args.seeds:
-        rows.extend(run(seed, args.epochs))
+        rows.extend(run(seed, args.epochs, args.budget))
         print(f"seed {seed} done [{time.time() - start:.0f} s]", flush=True)
     table, comparisons = summarize(rows), compare(rows)
     print(f"digits, DigitsResNet, seeds {args.seeds}: mean test accuracy (%), MACs kept  [{time.time() - start:.0f} s]")
@@ -358,7 +378,7 @@ def main() -> None:
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "epochs": args.epochs, "table": table, "rows": rows,
+            json.dump({"seeds": args.seeds, "epochs": args.epochs, "budget": args.budget, "table": table, "rows": rows,
                        "comparisons": comparisons}, f, indent=1)
 
 
