@@ -24,14 +24,6 @@ from pruning_ir.latency import macs
 from pruning_ir.masking import plain_forward, plain_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SmallNet(nn.Module):
     """conv-bn stem, a residual block, a strided conv, a classifier: four prunable groups."""
 
