@@ -221,7 +221,8 @@ class KnapsackLabelSelector(LabelSelector):
         if latency < target * (1 - self.tolerance) and not converged:
             warnings.warn(f"KnapsackLabelSelector reached {latency:.6g} for target {target:.6g} "
                           f"after {self.max_iterations} iterations (tolerance {self.tolerance:.0%}); "
-                          "raise max_iterations for a closer fit", RuntimeWarning, stacklevel=4)
+                          "raise max_iterations for a closer fit; with a measured (noisy) latency, widen "
+                          "tolerance or measure with statistic='min'", RuntimeWarning, stacklevel=4)
         return counts, latency
 
     @staticmethod
