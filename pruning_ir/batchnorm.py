@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .latency import to_device
+
 __all__ = ["tune_batchnorm_statistics"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -31,16 +33,6 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
         return model(batch[0])
     raise TypeError(f"cannot tell the model's inputs in a batch of type {type(batch).__name__}; "
                     "pass forward=lambda model, batch: model(...)")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
 
 
 @torch.no_grad()
@@ -76,7 +68,7 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
         model.train()
         batches = loader if max_batches is None else islice(loader, max_batches)
         for batch in tqdm(batches, desc="batch-norm statistics", disable=not verbose, leave=False):
-            forward(model, _to_device(batch, device))
+            forward(model, to_device(batch, device))
             seen += 1
         if seen == 0:
             raise ValueError("the loader gave no batch: batch-norm statistics cannot be re-estimated")

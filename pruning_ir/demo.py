@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .criteria import LossAwareCriterion
 from .digits import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train
 from .ir import PruningIR
-from .latency import bind, macs, measure_latency, parameter_count
+from .latency import bind, macs, measure_latency, one_thread, parameter_count
 from .report import KNAPSACK_HEADERS, format_count, group_channels, knapsack_rows, markdown_table, plot_channels
 from .saving import save_pruned
 from .selectors import ChannelConstraint, KnapsackLabelSelector
@@ -38,12 +38,8 @@ CHANNEL_STEP = 8          # CPU kernels run odd widths far slower: keep multiple
 
 def _cpu_latency(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> float:
     """Median seconds of one forward pass on one CPU thread (steadier than all threads on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return measure_latency(model, images, warmup=5, repeats=repeats)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _calibrate(ir: PruningIR, x: torch.Tensor, y: torch.Tensor, verbose: bool) -> None:

@@ -54,7 +54,7 @@ def _run(model: nn.Module, inputs: tuple, kwargs: dict) -> Any:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Counting is bound by op dispatch: intra-op threads only add contention (up to 50x
     slower on a loaded machine), so count on one thread and restore the setting after."""
     threads = torch.get_num_threads()
@@ -71,7 +71,7 @@ def macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> float:
     Deterministic and device independent: counted by ``torch.utils.flop_counter`` from the
     shapes of the matmuls and convolutions that actually run.
     """
-    with _eval_mode(model), _one_thread(), FlopCounterMode(display=False) as counter:
+    with _eval_mode(model), one_thread(), FlopCounterMode(display=False) as counter:
         _run(model, inputs, kwargs)
     return counter.get_total_flops() / 2.0
 
@@ -81,13 +81,14 @@ def parameter_count(model: nn.Module) -> float:
     return float(sum(p.numel() for p in model.parameters()))
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (nested in tuples, lists, dicts) moved to ``device``."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -122,7 +123,7 @@ def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device =
     tensors = list(model.parameters()) + list(model.buffers())
     if any(t.device != device for t in tensors):
         model = copy.deepcopy(model).to(device)
-    inputs, kwargs = _to_device(inputs, device), _to_device(kwargs, device)
+    inputs, kwargs = to_device(inputs, device), to_device(kwargs, device)
     times = []
     with _eval_mode(model):
         for _ in range(warmup):

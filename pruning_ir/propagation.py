@@ -130,15 +130,15 @@ def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
     return state
 
 
-def _unseen_parameters(model: nn.Module, traced: TracedGraph) -> list[str]:
+def _unseen_parameters(state: PropagationState, traced: TracedGraph) -> list[str]:
     """Parameters the recorded forward never read (directly, or inside a leaf module it called)."""
-    used = {node.target for node in traced.graph.nodes if node.op == "get_attr"}
-    leaves = [node.target for node in traced.graph.nodes if node.op == "call_module"]
-    seen_ids = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if name in used or any(name.startswith(f"{leaf}.") for leaf in leaves):
-            seen_ids.add(id(parameter))
-    return [name for name, parameter in model.named_parameters() if id(parameter) not in seen_ids]
+    seen = set()
+    for node in traced.graph.nodes:
+        if node.op == "get_attr":
+            seen.add(id(_named_tensor(state.modules, node.target)))
+        elif node.op == "call_module":
+            seen.update(id(parameter) for parameter in state.modules[node.target].parameters())
+    return [name for name, parameter in state.model.named_parameters() if id(parameter) not in seen]
 
 
 def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
@@ -151,7 +151,7 @@ def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
     a warning (an auxiliary head that runs only in training mode, say), as nothing tells
     which tensors would reach them.
     """
-    unseen = _unseen_parameters(state.model, traced)
+    unseen = _unseen_parameters(state, traced)
     if not unseen:
         return
     nodes = [node for node in traced.graph.nodes if node.op not in ("placeholder", "output", "get_attr")]
