@@ -329,6 +329,9 @@ def without_masks(model: nn.Module, index: "ChannelIndex", inplace: bool) -> nn.
     """``model`` (or, unless ``inplace``, a deep copy) with the masks baked in: every channel mask,
     and every torch pruning of a tensor the index binds, becomes a plain parameter holding the
     masked values. The model itself when nothing is masked (pruning then proceeds as usual)."""
+    refreshing = any(isinstance(h, RefreshMasks) for h in model._forward_pre_hooks.values())
+    if not refreshing and not _pruning_hooks(model):
+        return model  # the common case, on every prune: nothing is masked
     bound = _bound_names(index)
 
     def targets(root: nn.Module) -> list[tuple[nn.Module, int, BasePruningMethod]]:
@@ -336,7 +339,7 @@ def without_masks(model: nn.Module, index: "ChannelIndex", inplace: bool) -> nn.
         return [(module, key, hook) for module, key, hook in _pruning_hooks(root)
                 if isinstance(hook, ChannelMask) or hook._tensor_name in bound.get(names[id(module)], ())]
 
-    if not targets(model) and not any(isinstance(h, RefreshMasks) for h in model._forward_pre_hooks.values()):
+    if not targets(model) and not refreshing:
         return model
     if not inplace:
         model = copy.deepcopy(refresh(model))
