@@ -4,7 +4,8 @@ Torch-Pruning's Taylor and magnitude importance (local and global), by ``criteri
 ``criteria.py`` (run as a subprocess with its command line, so that it stays the one place
 this comparison is defined) trains the CNN on scikit-learn's digits per seed, prunes it at
 30/50/70% and reports test accuracy right after pruning, after batch-norm re-estimation and
-after one epoch of fine-tuning; Torch-Pruning is matched to the MACs of the LossAware model.
+after one epoch of fine-tuning (one run here); Torch-Pruning is matched to the MACs of the
+LossAware model.
 Its JSON is stored whole under ``criteria``.
 """
 
@@ -20,6 +21,7 @@ from bench_common import HERE
 
 SEEDS = (0, 1)
 QUICK_SEEDS = (0,)
+FINETUNES = 1      # fine-tuning runs per model (criteria.py's own default, 3, would not fit the bench's 30 minutes)
 QUICK_EPOCHS = 3   # training epochs of the unpruned model in quick mode (smoke test only)
 # quick mode: one ratio and large calibration batches (a smoke test, not a measurement)
 QUICK_PATCH = "criteria.RATIOS = (0.5,); criteria.CALIBRATION_BATCH = 128"
@@ -33,7 +35,8 @@ def run(quick: bool = False, seeds: tuple[int, ...] | None = None) -> dict:
         if quick:
             script = ["-c", f"import sys; sys.path.insert(0, {HERE!r}); import criteria; {QUICK_PATCH}; "
                             "criteria.main()"]
-        command = [sys.executable, *script, "--seeds", *map(str, seeds), "--budget", "macs", "--json", path]
+        command = [sys.executable, *script, "--seeds", *map(str, seeds), "--budget", "macs",
+                   "--finetunes", str(FINETUNES), "--json", path]
         if quick:
             command += ["--epochs", str(QUICK_EPOCHS)]
         done = subprocess.run(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3600)

@@ -7,6 +7,9 @@ every criterion: uniform removes a fixed count per group), and prune to it with
 * ``uniform``: ``UniformLabelSelector(ratio)``,
 * ``global``: ``GlobalScoreLabelSelector(n)``, the smallest ``n`` whose model meets the budget,
 * ``knapsack``: ``KnapsackLabelSelector(budget, bind(macs, image))`` (LossAware criteria only),
+* ``tp_widths``: each group cut to the widths Torch-Pruning's magnitude criterion picked under
+  global selection, its lowest-scored labels first: the same architecture for every criterion,
+  so this row compares which channels a criterion keeps, apart from how it spreads the removal,
 
 so that every model of one ratio has the same MACs, whatever the criterion and selection.
 With ``--budget macs`` a ratio is instead the share of MACs removed: the budget is
@@ -36,18 +39,22 @@ batches of 8 (Torch-Pruning accumulates the gradients of all of them). Reported:
 * ``pruned``: right after pruning (stale batch-norm statistics; for ``loss_aware_x5``, whose
   rounds re-estimate them, the same as ``bn``),
 * ``bn``: after re-estimating the batch-norm statistics on the training images (no weight update),
-* ``ft1``: after that and one epoch of fine-tuning (Adam, lr 1e-3, batches of 64).
+* ``ft1``: after that and one epoch of fine-tuning (Adam, lr 1e-3, batches of 64), the mean of
+  ``--finetunes`` runs (3; different data orders) of the same pruned model.
+
+Rows also record ``widths``, the channels kept per group (stem stream, block-1 interior, second
+stream, block-2 interior).
 
 The target: every LossAware entry >= every other criterion (not ``loss_aware*``) of the same
 selection and ratio, in ``bn`` and ``ft1``; knapsack, which only LossAware runs, against the
-best other criterion of any selection at that ratio (same MACs).
+best other criterion of any selection but ``tp_widths`` at that ratio (same MACs).
 
 JSON (``--json``)::
 
-    {"seeds": [...], "epochs": int,
+    {"seeds": [...], "epochs": int, "budget": "labels" | "macs", "finetunes": int,
      "table": [{"selection", "ratio", "criterion", "macs", "pruned", "bn", "ft1"}, ...],  # means over seeds
-     "rows": [{"seed", "selection", "ratio", "criterion", "macs", "budget", "pruned", "bn", "ft1",
-               "tp_ratio" (Torch-Pruning only)}, ...],
+     "rows": [{"seed", "selection", "ratio", "criterion", "macs", "budget", "pruned", "bn", "ft1", "ft1_runs",
+               "widths", "tp_ratio" (Torch-Pruning only)}, ...],
      "comparisons": [{"criterion", "selection", "ratio", "column", "ours", "best_other", "other",
                       "difference", "difference_se", "win"}, ...]}
 
@@ -55,7 +62,12 @@ with selection ``"-"`` and ratio 0 for the unpruned model, accuracies as fractio
 ``difference_se`` the standard error of the per-seed difference. Takes about 25 minutes on one
 CPU thread for 5 seeds.
 
-    python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--json benchmarks/results/criteria.json]
+    python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--finetunes 3] [--json benchmarks/results/criteria.json]
+
+Seeds can run in parallel processes (one thread each) and be combined without re-running::
+
+    python benchmarks/criteria.py --seeds 0 1 2 --json a.json & python benchmarks/criteria.py --seeds 3 4 5 --json b.json
+    python benchmarks/criteria.py --merge a.json b.json --json benchmarks/results/criteria.json
 """
 
 from __future__ import annotations
@@ -84,12 +96,15 @@ from pruning_ir.latency import bind, macs as count_macs  # noqa: E402
 from pruning_ir.selectors import GlobalScoreLabelSelector, KnapsackLabelSelector, UniformLabelSelector  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7)
-SELECTIONS = ("uniform", "global", "knapsack")
+SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
 OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "magnitude", "magnitude_bn", "random", "loss_aware_x5")
 THEIRS = ("tp_taylor", "tp_magnitude")
 SCORED = {"loss_aware_mean": "loss_aware"}          # criteria that reuse another one's scores
 NORMALIZE = {"loss_aware_mean": "mean", "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
 KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean")
+AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
+WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
+FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
 ROUNDS = 5  # loss_aware_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
 ROUNDS_CRITERION = "loss_aware_joint"
 CALIBRATION_SEED = 123
@@ -105,6 +120,8 @@ def criteria_for(selection: str) -> tuple[str, ...]:
     """The criteria a selection is run with."""
     if selection == "knapsack":
         return KNAPSACK
+    if selection == "tp_widths":
+        return AT_WIDTHS
     return tuple(name for name in OURS + THEIRS if selection == "global" or name != "loss_aware_mean")
 
 
@@ -229,14 +246,33 @@ def tp_at_macs(model, importance: str, target: float, global_pruning: bool, exam
     return best
 
 
-def evaluate(pruned, data, seed: int) -> dict:
+def widths(model) -> list[int]:
+    """Channels kept per group of the digits CNN: stem stream, block-1 interior, second stream, block-2 interior."""
+    return [model.stem.out_channels, model.block1.conv1.out_channels, model.down.out_channels,
+            model.block2.conv1.out_channels]
+
+
+def evaluate(pruned, data, seed: int, finetunes: int = FINETUNES) -> dict:
+    """Test accuracy right after pruning, after batch-norm re-estimation, and after one epoch of
+    fine-tuning (the mean of ``finetunes`` runs with different data orders: one run's spread is
+    0.3-0.7 points on this data)."""
     x_train, y_train, x_test, y_test = data
-    result = {"pruned": accuracy(pruned, x_test, y_test)}
+    result = {"pruned": accuracy(pruned, x_test, y_test), "widths": widths(pruned)}
     calibrated = reestimate_batchnorm(copy.deepcopy(pruned), x_train)
     result["bn"] = accuracy(calibrated, x_test, y_test)
-    tuned = train(copy.deepcopy(calibrated), x_train, y_train, epochs=1, lr=1e-3, seed=seed + 7)
-    result["ft1"] = accuracy(tuned, x_test, y_test)
+    runs = [accuracy(train(copy.deepcopy(calibrated), x_train, y_train, epochs=1, lr=1e-3, seed=seed + 7 + 100 * k),
+                     x_test, y_test) for k in range(finetunes)]
+    result["ft1"], result["ft1_runs"] = statistics.mean(runs), runs
     return result
+
+
+def prune_to_widths(ir: PruningIR, target: list[int]) -> torch.nn.Module:
+    """``ir``'s model with each group cut to ``target`` (``widths`` order), its lowest-scored labels first."""
+    full, labels = widths(ir.model), []
+    for group in ir.label_groups():
+        changed = [i for i, (a, b) in enumerate(zip(widths(ir.prune(labels=[group[0]]).model), full)) if a != b]
+        labels.extend(group[:full[changed[0]] - target[changed[0]]])
+    return ir.prune(labels=labels).model
 
 
 def uniform_ratio_for(ir: PruningIR, budget: float, example, steps: int = 20) -> float:
@@ -249,7 +285,7 @@ def uniform_ratio_for(ir: PruningIR, budget: float, example, steps: int = 20) ->
     return high
 
 
-def run(seed: int, epochs: int, budget_kind: str = "labels") -> list[dict]:
+def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FINETUNES) -> list[dict]:
     """Every (selection, ratio, criterion) row of one seed, plus the unpruned model."""
     data = digits_data(seed=seed)
     x_train, y_train, x_test, y_test = data
@@ -257,7 +293,8 @@ def run(seed: int, epochs: int, budget_kind: str = "labels") -> list[dict]:
     example = x_train[:1]
     unpruned = accuracy(trained, x_test, y_test)
     rows = [{"seed": seed, "selection": "-", "ratio": 0.0, "criterion": "unpruned", "macs": macs(trained, example),
-             "budget": macs(trained, example), "pruned": unpruned, "bn": unpruned, "ft1": unpruned}]
+             "budget": macs(trained, example), "pruned": unpruned, "bn": unpruned, "ft1": unpruned,
+             "widths": widths(trained)}]
     scored = {}
     for name in ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random"):
         scored[name] = PruningIR(copy.deepcopy(trained)).infer_labels(example)
@@ -271,10 +308,16 @@ def run(seed: int, epochs: int, budget_kind: str = "labels") -> list[dict]:
             uniform_ratio = ratio
             budget = macs(scored["random"].prune(labels=UniformLabelSelector(ratio).select(scored["random"])).model,
                           example)
+        reference = None  # (model, row) of WIDTHS_FROM under global selection
         for selection in SELECTIONS:
             for name in criteria_for(selection):
                 extra = {}
-                if name in THEIRS:
+                if selection == "tp_widths" and name == WIDTHS_FROM:  # the reference itself: its global row
+                    rows.append({**reference[1], "selection": selection})
+                    continue
+                if selection == "tp_widths":
+                    pruned = prune_to_widths(copy.deepcopy(scored[name]), widths(reference[0]))
+                elif name in THEIRS:
                     pruned, _, tp_ratio = tp_at_macs(calibrated if name == "tp_taylor" else trained, name, budget,
                                                      selection == "global", example)
                     extra["tp_ratio"] = round(tp_ratio, 4)
@@ -286,7 +329,9 @@ def run(seed: int, epochs: int, budget_kind: str = "labels") -> list[dict]:
                     pruned = ir.prune(labels=labels).model
                 rows.append({"seed": seed, "selection": selection, "ratio": ratio, "criterion": name,
                              "macs": macs(pruned, example), "budget": budget, **extra,
-                             **evaluate(pruned.eval(), data, seed)})
+                             **evaluate(pruned.eval(), data, seed, finetunes)})
+                if selection == "global" and name == WIDTHS_FROM:
+                    reference = (pruned, rows[-1])
     return rows
 
 
@@ -306,6 +351,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                  "macs": statistics.mean(r["macs"] for r in group)}
         for column in ("pruned", "bn", "ft1"):
             entry[column] = statistics.mean(r[column] for r in group)
+        if all("widths" in r for r in group):
+            entry["widths"] = [round(statistics.mean(w), 1) for w in zip(*(r["widths"] for r in group))]
         table.append(entry)
     return table
 
@@ -320,7 +367,8 @@ def compare(rows: list[dict]) -> list[dict]:
     for entry in (e for e in table if e["criterion"].startswith("loss_aware")):
         selection, ratio = entry["selection"], entry["ratio"]
         others = [e for e in table if e["ratio"] == ratio and not e["criterion"].startswith("loss_aware")
-                  and e["selection"] != "-" and (selection == "knapsack" or e["selection"] == selection)]
+                  and e["selection"] != "-" and (e["selection"] == selection
+                                                 or selection == "knapsack" and e["selection"] != "tp_widths")]
         for column in ("bn", "ft1"):
             best = max(others, key=lambda e: e[column])
             ours = {r["seed"]: r[column] for r in rows
@@ -341,10 +389,11 @@ def compare(rows: list[dict]) -> list[dict]:
 def report(table: list[dict], comparisons: list[dict]) -> None:
     """Print the table and, per LossAware criterion, the comparisons it wins and loses."""
     base = next(e["macs"] for e in table if e["criterion"] == "unpruned")
-    print(f"{'selection':9} {'ratio':>5} {'criterion':16} {'MACs':>6} {'pruned':>7} {'bn':>7} {'ft1':>7}")
+    print(f"{'selection':9} {'ratio':>5} {'criterion':16} {'MACs':>6} {'pruned':>7} {'bn':>7} {'ft1':>7}  widths")
     for e in table:
         print(f"{e['selection']:9} {e['ratio']:5.1f} {e['criterion']:16} {e['macs'] / base:6.1%} "
-              f"{100 * e['pruned']:7.2f} {100 * e['bn']:7.2f} {100 * e['ft1']:7.2f}")
+              f"{100 * e['pruned']:7.2f} {100 * e['bn']:7.2f} {100 * e['ft1']:7.2f}  "
+              + " ".join(f"{w:g}" for w in e.get("widths", ())))
     for name in dict.fromkeys(c["criterion"] for c in comparisons):
         mine = [c for c in comparisons if c["criterion"] == name]
         print(f"{name} >= every other criterion: {sum(c['win'] for c in mine)}/{len(mine)} (selection x ratio x "
@@ -361,16 +410,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--finetunes", type=int, default=FINETUNES,
+                        help="fine-tuning runs (data orders) averaged into ft1")
     parser.add_argument("--budget", choices=("labels", "macs"), default="labels",
                         help="a ratio is the share of labels removed (uniform) or of MACs removed")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "criteria.json"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no run: combine the rows of these JSON files (runs of other seeds, same settings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
     rows = []
-    for seed in args.seeds:
-        rows.extend(run(seed, args.epochs, args.budget))
+    if args.merge:
+        parts = [json.load(open(path)) for path in args.merge]
+        settings = {(part["epochs"], part.get("budget"), part.get("finetunes")) for part in parts}
+        if len(settings) > 1:
+            parser.error(f"--merge: the files were run with different settings (epochs, budget, finetunes): {settings}")
+        (args.epochs, args.budget, args.finetunes), = settings
+        args.seeds = [seed for part in parts for seed in part["seeds"]]
+        rows = [row for part in parts for row in part["rows"]]
+    for seed in [] if args.merge else args.seeds:
+        rows.extend(run(seed, args.epochs, args.budget, args.finetunes))
         print(f"seed {seed} done [{time.time() - start:.0f} s]", flush=True)
     table, comparisons = summarize(rows), compare(rows)
     print(f"digits, DigitsResNet, seeds {args.seeds}: mean test accuracy (%), MACs kept  [{time.time() - start:.0f} s]")
@@ -378,7 +439,8 @@ def main() -> None:
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "epochs": args.epochs, "budget": args.budget, "table": table, "rows": rows,
+            json.dump({"seeds": args.seeds, "epochs": args.epochs, "budget": args.budget, "finetunes": args.finetunes,
+                       "table": table, "rows": rows,
                        "comparisons": comparisons}, f, indent=1)
 
 
