@@ -39,12 +39,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .criteria import Criterion, DataFreeCriterion, LossAwareCriterion
-from .criteria.loss_aware import _STATE_ATTRIBUTE as _TAYLOR_STATE
 from .errors import PruningIRError
 from .ir import PruningIR
 from .labels import Label
@@ -249,7 +247,7 @@ class GradualPruner:
             with plain_parameters(self.ir.model):
                 self.criterion(self.ir).apply()
             return
-        resumed = getattr(self.ir._require_index(), _TAYLOR_STATE, None) if self._scorer is not None and \
+        resumed = LossAwareCriterion.accumulated_state(self.ir) if self._scorer is not None and \
             not getattr(self._scorer, "reset", True) else None
         if self._close_window() == 0 and resumed is None:
             raise PruningIRError(
@@ -334,10 +332,7 @@ class GradualPruner:
             self._close_window()
             self._resume_scores = True
             self._open_window_if_due()
-        total, count, *rest = getattr(self.ir._require_index(), _TAYLOR_STATE)
-        grams = rest[0] if rest and rest[0] is not None else None   # joint=True: per-group outer products
-        return {"sum": torch.from_numpy(np.array(total, dtype=np.float64)), "batches": int(count),
-                "grams": None if grams is None else [torch.from_numpy(np.array(g, dtype=np.float64)) for g in grams]}
+        return LossAwareCriterion.accumulated_state(self.ir)
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule, step count, masked labels, update history and the open window's scores
@@ -379,22 +374,11 @@ class GradualPruner:
         scores = state.get("scores")
         self._resume_scores = scores is not None
         if scores is not None:
-            grams = scores.get("grams")
-            self._restore_scores(scores["sum"].numpy().astype(np.float64), int(scores["batches"]),
-                                 None if grams is None else [g.numpy().astype(np.float64) for g in grams])
+            LossAwareCriterion.load_accumulated_state(ir, scores)
         if state["finalized"]:
             self.finalize()  # a copy pruned like the saved one (pruned_ir)
         else:
             self._open_window_if_due()
-
-    def _restore_scores(self, total: np.ndarray, count: int, grams: list[np.ndarray] | None) -> None:
-        """Put a window's saved Taylor sums back on the IR's index (the next context continues them)."""
-        index = self.ir._require_index()
-        if len(total) != index.class_count:
-            raise ValueError("the saved scores do not fit this IR (another model?)")
-        setattr(index, _TAYLOR_STATE, (total, count, grams))
-        classes = np.array([label.class_id for label in self.ir.labels()], dtype=np.int64)
-        index.class_scores[classes] = total[classes] / count
 
     def __getstate__(self) -> dict:
         scores = self._flush_scores()

@@ -474,6 +474,38 @@ def test_joint_reset_and_continue():
                                [label.score for label in only_last.labels()], rtol=1e-10)
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_accumulated_state_moves_to_another_ir(joint, tmp_path):
+    """accumulated_state / load_accumulated_state: saved sums continue on a fresh IR of the same
+    model as if the first context had run there; sums of another model are refused."""
+    data = cnn_batches((4, 4, 4, 4))
+    model = build(GatedCNN).eval()
+    whole = PruningIR(copy.deepcopy(model))
+    collect(whole, whole.model, data, joint=joint)
+    first = PruningIR(copy.deepcopy(model))
+    assert LossAwareCriterion.accumulated_state(first.infer_labels(data[0][0])) is None
+    collect(first, first.model, data[:2], joint=joint)
+    path = tmp_path / "state.pt"
+    torch.save(LossAwareCriterion.accumulated_state(first), path)
+    state = torch.load(path, weights_only=True)
+    assert (state["grams"] is not None) == joint and state["batches"] == 2
+
+    second = PruningIR(copy.deepcopy(model)).infer_labels(data[0][0])
+    LossAwareCriterion.load_accumulated_state(second, state)
+    np.testing.assert_allclose([label.score for label in second.labels()],
+                               [label.score for label in first.labels()], rtol=1e-12)
+    collect(second, second.model, data[2:], joint=joint, reset=False)
+    np.testing.assert_allclose([label.score for label in second.labels()],
+                               [label.score for label in whole.labels()], rtol=1e-10)
+
+    broken = [{**state, "sum": state["sum"][:-1]}, {**state, "batches": 0}]
+    if joint:
+        broken.append({**state, "grams": state["grams"][1:]})
+    for wrong in broken:
+        with pytest.raises(ValueError, match="do not fit"):
+            LossAwareCriterion.load_accumulated_state(second, wrong)
+
+
 def _joint_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from test_distributed import WORLD_SIZE, _batches, _model

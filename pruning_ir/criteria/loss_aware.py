@@ -414,19 +414,46 @@ class LossAwareCriterion(Criterion):
             total, total_count = self._prior[0] + local, self._prior[1] + count
             if grams is not None:
                 grams = [mine + theirs for mine, theirs in zip(grams, self._prior[2])]
-        scores = total[self._label_classes] / total_count
-        if not np.all(np.isfinite(scores)):
+        if not np.all(np.isfinite(total[self._label_classes])):
             message = ("LossAwareCriterion: a loss or gradient was inf or nan inside the context; the scores "
                        "are not finite")
             if write_state:
                 raise PruningIRError(message + " and were not written")
             self._warn_once("finite", message)
             return
-        self.index.class_scores[self._label_classes] = scores
-        for classes, gram in zip(self._group_classes, grams or []):
-            self.index.class_scores[classes] = joint_scores(gram / total_count)
+        _write_scores(self.index, total, total_count, grams)
         if write_state:
             setattr(self.index, _STATE_ATTRIBUTE, (total, total_count, grams))
+
+    @staticmethod
+    def accumulated_state(ir: PruningIR) -> dict[str, Any] | None:
+        """The sums the last context left on ``ir`` (what ``reset=False`` continues), or None:
+        ``{"sum": per-class sums of squares, "batches": int, "grams": per-group outer-product sums
+        or None}`` as float64 CPU tensors, so that ``torch.save`` / ``weights_only`` loading work."""
+        state = getattr(ir._require_index(), _STATE_ATTRIBUTE, None)
+        if state is None:
+            return None
+        total, count, *rest = state
+        grams = rest[0] if rest and rest[0] is not None else None
+        return {"sum": torch.from_numpy(np.array(total, dtype=np.float64)), "batches": int(count),
+                "grams": None if grams is None else [torch.from_numpy(np.array(g, dtype=np.float64)) for g in grams]}
+
+    @staticmethod
+    def load_accumulated_state(ir: PruningIR, state: dict[str, Any]) -> None:
+        """Put sums from ``accumulated_state`` back on ``ir`` and write the scores they give; a
+        following context with ``reset=False`` continues them. Raises ValueError when they do
+        not fit ``ir``'s labels."""
+        index = ir._require_index()
+        total = state["sum"].numpy().astype(np.float64)
+        grams = state.get("grams")
+        grams = None if grams is None else [g.numpy().astype(np.float64) for g in grams]
+        count = int(state["batches"])
+        sizes = [len(group.classes) for group in index.groups if group.prunable]
+        if len(total) != index.class_count or count <= 0 or \
+                grams is not None and [len(g) for g in grams] != sizes:
+            raise ValueError("the saved LossAwareCriterion sums do not fit this IR (another model?)")
+        setattr(index, _STATE_ATTRIBUTE, (total, count, grams))
+        _write_scores(index, total, count, grams)
 
     @property
     def batches(self) -> int:
@@ -437,3 +464,13 @@ class LossAwareCriterion(Criterion):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+
+def _write_scores(index, total: np.ndarray, count: int, grams: list[np.ndarray] | None) -> None:
+    """Label scores from accumulated sums: the mean square per label, or with ``grams`` (joint)
+    each group's joint scores."""
+    labels = np.flatnonzero(label_mask(index))
+    index.class_scores[labels] = total[labels] / count
+    groups = [group.classes for group in index.groups if group.prunable]
+    for classes, gram in zip(groups, grams or []):
+        index.class_scores[classes] = joint_scores(gram / count)
