@@ -179,7 +179,7 @@ def test_scores_equal_explicit_gate_derivatives(cls, gate_spec, batches, train, 
     data = batches()
     reference = reference_scores(model, data, gate_spec)
     ir = PruningIR(model)
-    collect(ir, model, data, implementation=implementation)
+    collect(ir, model, data, implementation=implementation, joint=False)  # the single-label formula
     assert sum(len(g) for g in ir.label_groups()) == sum(size for _, size in gate_spec.values())
     for name, (parameter, size) in gate_spec.items():
         stride = VIT_STRIDE.get(name, 1) if cls is GatedViT else 1
@@ -465,7 +465,7 @@ def test_joint_reset_and_continue():
     collect(ir, model, data[2:], joint=True, reset=False)
     np.testing.assert_allclose([label.score for label in ir.labels()],
                                [label.score for label in whole.labels()], rtol=1e-10)
-    collect(ir, model, data[:2])   # not joint: nothing for a joint context to continue
+    collect(ir, model, data[:2], joint=False)   # nothing for a joint context to continue
     with pytest.warns(UserWarning, match="starts afresh"):
         collect(ir, model, data[2:], joint=True, reset=False)
     only_last = PruningIR(copy.deepcopy(model))
@@ -504,6 +504,38 @@ def test_accumulated_state_moves_to_another_ir(joint, tmp_path):
     for wrong in broken:
         with pytest.raises(ValueError, match="do not fit"):
             LossAwareCriterion.load_accumulated_state(second, wrong)
+
+
+def test_joint_auto_is_the_default_and_caps_the_group_width(monkeypatch):
+    """The default, joint="auto", gives joint scores to groups up to JOINT_AUTO_MAX_LABELS labels
+    and single-label scores to wider ones; anything else is refused."""
+    import pruning_ir.criteria.loss_aware as loss_aware
+    data = cnn_batches((4, 4, 4))
+    model = build(GatedCNN).eval()
+    runs = {}
+    for joint in ("auto", True, False):
+        ir = PruningIR(copy.deepcopy(model))
+        collect(ir, ir.model, data, **({} if joint == "auto" else {"joint": joint}))
+        runs[joint] = [np.array([label.score for label in group]) for group in sorted_groups(ir)]
+    for auto, joint in zip(runs["auto"], runs[True]):
+        np.testing.assert_allclose(auto, joint, rtol=1e-12)
+    assert any(not np.allclose(single, joint) for single, joint in zip(runs[False], runs[True]))
+
+    widths = sorted(len(group) for group in runs[True])
+    assert widths[0] < widths[-1]
+    monkeypatch.setattr(loss_aware, "JOINT_AUTO_MAX_LABELS", widths[0])
+    ir = PruningIR(copy.deepcopy(model))
+    collect(ir, ir.model, data)
+    for scores, single, joint in zip(sorted_groups(ir), runs[False], runs[True]):
+        expected = joint if len(scores) <= widths[0] else single
+        np.testing.assert_allclose([label.score for label in scores], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="joint must be"):
+        LossAwareCriterion(ir, joint="yes")
+
+
+def sorted_groups(ir):
+    """The IR's groups with their labels in channel order (label_groups() sorts them by score)."""
+    return [sorted(group, key=lambda label: label.class_id) for group in ir.label_groups()]
 
 
 def _joint_worker(rank: int, port: int, out_dir: str) -> None:

@@ -23,6 +23,8 @@ from .base import Criterion
 
 # accumulated (sum of squares, batch count, per-group sums of outer products or None), kept on the IR's index
 _STATE_ATTRIBUTE = "_loss_aware_state"
+# joint="auto": groups up to this many labels get joint scores (an n x n float64 sum: 32 MiB at 2048)
+JOINT_AUTO_MAX_LABELS = 2048
 
 
 @dataclass(eq=False)
@@ -95,7 +97,7 @@ class LossAwareCriterion(Criterion):
     which the pruned model will be judged: eval mode scores removal with frozen batch-norm
     statistics (train mode, batches of 8: 64.2% there).
 
-    **Joint scores** (``joint=True``). The selectors add label scores, but the estimate for a
+    **Joint scores** (the default). The selectors add label scores, but the estimate for a
     *set* :math:`S` of one group's labels is the square of the sum, not the sum of the squares:
 
     .. math::
@@ -103,13 +105,13 @@ class LossAwareCriterion(Criterion):
         C(S) = \frac{1}{B} \sum_b \Big( \sum_{\ell \in S} t_b(\ell) \Big)^2
              = 1_S^\top M \, 1_S, \qquad M = \frac{1}{B} \sum_b t_b t_b^\top
 
-    with :math:`t_b(\ell)` the inner sum above (the default score is :math:`M_{\ell\ell}`). The
+    with :math:`t_b(\ell)` the inner sum above (the single-label score is :math:`M_{\ell\ell}`). The
     off-diagonal terms are large for channels that move the loss together, as many channels of
     a wide layer do: there single scores are small, their sum badly underestimates removing most
     of the layer, and global or knapsack selection on default scores empties it. On the digits
     CNN of ``benchmarks/criteria.py``, global selection down to a quarter of the MACs, batch
-    norms re-estimated, 5 seeds: 32% accuracy with default scores, 78% with joint ones (uniform
-    selection: 74%; Torch-Pruning's best: 66%). With ``joint=True`` each group's labels are
+    norms re-estimated, 5 seeds: 32% accuracy with single-label scores, 78% with joint ones
+    (uniform selection: 74%; Torch-Pruning's best: 66%). With joint scores each group's labels are
     ordered greedily by the marginal cost :math:`C(S \cup \{\ell\}) - C(S)` and score it (kept
     non-decreasing), so the lowest :math:`k` scores of a group add up to :math:`C(S_k)` and every
     selector ranks set costs (see ``pruning_ir/criteria/_joint.py``). Interactions between groups
@@ -117,9 +119,10 @@ class LossAwareCriterion(Criterion):
     picks under global or knapsack selection recover less in one epoch of fine-tuning than
     Torch-Pruning's evener ones at 30-50% (0.9-2.7 points there). Costs: one outer product per
     group per backward pass and :math:`8 \sum_g n_g^2` bytes for groups of :math:`n_g` labels
-    (62 MiB for ResNet-50; too much for very wide groups); the scores are written when the
-    context exits. Pruning in a few rounds (score, prune a share, score again) also sees how
-    the remaining channels take over.
+    (62 MiB for ResNet-50), so by default (``joint="auto"``) groups of more than
+    ``JOINT_AUTO_MAX_LABELS`` (2048) labels, such as a large language model's MLP, keep
+    single-label scores; the scores are written when the context exits. Pruning in a few rounds
+    (score, prune a share, score again) also sees how the remaining channels take over.
 
     Args:
         ir: the PruningIR to score.
@@ -128,12 +131,14 @@ class LossAwareCriterion(Criterion):
             average of the previous LossAwareCriterion context on this IR (same labels).
         implementation: ``"auto"`` (parameter gradients where exact, activations elsewhere) or
             ``"activations"``.
-        joint: False (default): each label scores its own estimate :math:`M_{\ell\ell}`. True:
-            scores follow the estimate for sets of labels within a group (above); the one to use
-            with global or knapsack selection.
+        joint: ``"auto"`` (default): joint scores (above) for every group of at most
+            ``JOINT_AUTO_MAX_LABELS`` labels, single-label ones for wider groups. True: joint
+            scores for every group. False: each label scores its own estimate
+            :math:`M_{\ell\ell}` (the formula above; cheaper, but global and knapsack selection
+            on these scores empty wide layers).
 
     Scores are written into the IR after every backward pass on CPU (when the context exits on
-    accelerators or with ``joint=True``, to avoid a synchronisation or an ordering per step).
+    accelerators or with joint scores, to avoid a synchronisation or an ordering per step).
     Under ``torch.distributed`` the sums (and outer products) are all-reduced across ranks when
     the context exits, so every rank gets the scores of all the data (each rank's batches
     counted as batches) and selects the same labels; every rank must enter and leave the context.
@@ -142,13 +147,15 @@ class LossAwareCriterion(Criterion):
     """
 
     def __init__(self, ir: PruningIR, snapshot_name: str = "main", *, reset: bool = True,
-                 implementation: str = "auto", joint: bool = False):
+                 implementation: str = "auto", joint: bool | str = "auto"):
         super().__init__(ir, snapshot_name)
         if implementation not in ("auto", "activations"):
             raise ValueError(f"implementation must be 'auto' or 'activations', got {implementation!r}")
         self.reset = reset
         self.implementation = implementation
-        self.joint = bool(joint)
+        if joint not in (True, False, "auto"):
+            raise ValueError(f"joint must be True, False or 'auto', got {joint!r}")
+        self.joint = joint
         self._lock = threading.RLock()
         self._ready = False
         self._handles: list = []
@@ -212,13 +219,18 @@ class LossAwareCriterion(Criterion):
         self._labels = label_mask(index)
         self._label_classes = np.flatnonzero(self._labels)
         self._group_classes = [group.classes for group in index.groups if group.prunable]
+        self._joint_groups = [self.joint is True or (self.joint == "auto" and len(c) <= JOINT_AUTO_MAX_LABELS)
+                              for c in self._group_classes]
+        self._is_joint = any(self._joint_groups)
         self._group_positions: list[torch.Tensor] | None = None
         prior = None if self.reset else getattr(index, _STATE_ATTRIBUTE, None)
         if prior is not None and len(prior[0]) != index.class_count:
             prior = None
-        if prior is not None and self.joint and (len(prior) < 3 or prior[2] is None):
-            self._warn_once("prior", "LossAwareCriterion(joint=True, reset=False): the previous context was not "
-                            "joint, so there is nothing to continue; this context starts afresh")
+        if prior is not None and self._is_joint and (len(prior) < 3 or prior[2] is None or [
+                gram is not None for gram in prior[2]] != self._joint_groups):
+            self._warn_once("prior", "LossAwareCriterion(reset=False): the previous context did not keep joint "
+                            "sums for the same groups (joint=False?), so there is nothing to continue; this "
+                            "context starts afresh")
             prior = None
         self._prior = prior
 
@@ -358,11 +370,11 @@ class LossAwareCriterion(Criterion):
             if self._sum is None:
                 self._sum = torch.zeros_like(self._batch)
             self._sum.addcmul_(self._batch, self._batch)
-            if self.joint:
+            if self._is_joint:
                 self._add_outer_products()
             self._count += 1
             self._batch.zero_()
-            if self._sum.device.type == "cpu" and not self.joint:
+            if self._sum.device.type == "cpu" and not self._is_joint:
                 self._store(self._sum.numpy().copy(), self._count, None, write_state=False)
         # activations this backward did not reach (a forward whose loss was never
         # differentiated) are not kept beyond it; several forwards feeding one backward are
@@ -370,22 +382,25 @@ class LossAwareCriterion(Criterion):
         self._release_pending()
 
     def _add_outer_products(self) -> None:
-        """joint: add the outer product of this batch's terms with themselves to each group's sum."""
+        """joint: add the outer product of this batch's terms with themselves to each joint group's sum."""
         if self._group_positions is None:
             device = self._batch.device
             self._group_positions = [torch.as_tensor(c, dtype=torch.long, device=device) for c in self._group_classes]
-            self._grams = [torch.zeros(len(c), len(c), dtype=torch.float64, device=device)
-                           for c in self._group_classes]
+            self._grams = [torch.zeros(len(c), len(c), dtype=torch.float64, device=device) if joint else None
+                           for c, joint in zip(self._group_classes, self._joint_groups)]
         for positions, gram in zip(self._group_positions, self._grams):
-            values = self._batch.index_select(0, positions)
-            gram.addr_(values, values)
+            if gram is not None:
+                values = self._batch.index_select(0, positions)
+                gram.addr_(values, values)
 
-    def _local_grams(self) -> list[np.ndarray] | None:
-        if not self.joint:
+    def _local_grams(self) -> list[np.ndarray | None] | None:
+        """Per prunable group, the sum of outer products (None for groups without joint scores)."""
+        if not self._is_joint:
             return None
         if self._grams is None:
-            return [np.zeros((len(c), len(c))) for c in self._group_classes]
-        return [gram.cpu().numpy().copy() for gram in self._grams]
+            return [np.zeros((len(c), len(c))) if joint else None
+                    for c, joint in zip(self._group_classes, self._joint_groups)]
+        return [None if gram is None else gram.cpu().numpy().copy() for gram in self._grams]
 
     def _reduce_and_store(self, failed: bool) -> None:
         local = np.zeros(self.index.class_count) if self._sum is None else self._sum.cpu().numpy().copy()
@@ -395,14 +410,16 @@ class LossAwareCriterion(Criterion):
             device = torch.device("cpu")
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
-            parts = [local] + [gram.ravel() for gram in grams or []] + [np.array([float(count)])]
+            present = [gram for gram in grams or [] if gram is not None]
+            parts = [local] + [gram.ravel() for gram in present] + [np.array([float(count)])]
             packed = torch.from_numpy(np.concatenate(parts)).to(device)
             dist.all_reduce(packed)
             packed = packed.cpu().numpy()
             local, count, offset = packed[:len(local)].copy(), int(round(packed[-1])), len(local)
             for i, gram in enumerate(grams or []):
-                grams[i] = packed[offset:offset + gram.size].reshape(gram.shape).copy()
-                offset += gram.size
+                if gram is not None:
+                    grams[i] = packed[offset:offset + gram.size].reshape(gram.shape).copy()
+                    offset += gram.size
         if count == 0:
             self._warn_once("empty", "LossAwareCriterion: no backward pass ran inside the context; scores unchanged")
             return
@@ -413,7 +430,7 @@ class LossAwareCriterion(Criterion):
         if self._prior is not None:
             total, total_count = self._prior[0] + local, self._prior[1] + count
             if grams is not None:
-                grams = [mine + theirs for mine, theirs in zip(grams, self._prior[2])]
+                grams = [None if mine is None else mine + theirs for mine, theirs in zip(grams, self._prior[2])]
         if not np.all(np.isfinite(total[self._label_classes])):
             message = ("LossAwareCriterion: a loss or gradient was inf or nan inside the context; the scores "
                        "are not finite")
@@ -436,7 +453,8 @@ class LossAwareCriterion(Criterion):
         total, count, *rest = state
         grams = rest[0] if rest and rest[0] is not None else None
         return {"sum": torch.from_numpy(np.array(total, dtype=np.float64)), "batches": int(count),
-                "grams": None if grams is None else [torch.from_numpy(np.array(g, dtype=np.float64)) for g in grams]}
+                "grams": None if grams is None else [None if g is None else torch.from_numpy(np.array(g, dtype=np.float64))
+                                                     for g in grams]}
 
     @staticmethod
     def load_accumulated_state(ir: PruningIR, state: dict[str, Any]) -> None:
@@ -446,11 +464,11 @@ class LossAwareCriterion(Criterion):
         index = ir._require_index()
         total = state["sum"].numpy().astype(np.float64)
         grams = state.get("grams")
-        grams = None if grams is None else [g.numpy().astype(np.float64) for g in grams]
+        grams = None if grams is None else [None if g is None else g.numpy().astype(np.float64) for g in grams]
         count = int(state["batches"])
         sizes = [len(group.classes) for group in index.groups if group.prunable]
-        if len(total) != index.class_count or count <= 0 or \
-                grams is not None and [len(g) for g in grams] != sizes:
+        if len(total) != index.class_count or count <= 0 or grams is not None and (
+                len(grams) != len(sizes) or any(g is not None and g.shape != (n, n) for g, n in zip(grams, sizes))):
             raise ValueError("the saved LossAwareCriterion sums do not fit this IR (another model?)")
         setattr(index, _STATE_ATTRIBUTE, (total, count, grams))
         _write_scores(index, total, count, grams)
@@ -467,10 +485,11 @@ class LossAwareCriterion(Criterion):
 
 
 def _write_scores(index, total: np.ndarray, count: int, grams: list[np.ndarray] | None) -> None:
-    """Label scores from accumulated sums: the mean square per label, or with ``grams`` (joint)
-    each group's joint scores."""
+    """Label scores from accumulated sums: the mean square per label, and for the groups with an
+    outer-product sum in ``grams`` (joint) the group's joint scores."""
     labels = np.flatnonzero(label_mask(index))
     index.class_scores[labels] = total[labels] / count
     groups = [group.classes for group in index.groups if group.prunable]
     for classes, gram in zip(groups, grams or []):
-        index.class_scores[classes] = joint_scores(gram / count)
+        if gram is not None:
+            index.class_scores[classes] = joint_scores(gram / count)

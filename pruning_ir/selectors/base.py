@@ -45,9 +45,9 @@ class LabelSelector(ABC):
     one group from being emptied because its scores are all small; the price is that a group's
     overall importance is thrown away: under ``"mean"`` every group weighs the same however much
     the loss depends on it. LossAwareCriterion scores estimate the loss and are meant to be
-    ranked raw, with ``joint=True`` for global and knapsack selection (``benchmarks/criteria.py``,
-    a quarter of the MACs, batch norms re-estimated: 78% raw joint vs 74% normalized default
-    scores in global selection, 75% vs 55% in knapsack selection, which weighs groups by cost).
+    ranked raw, with its default joint scores (``benchmarks/criteria.py``, a quarter of the
+    MACs, batch norms re-estimated: 78% raw joint vs 74% normalized single-label scores in global
+    selection, 75% vs 55% in knapsack selection, which weighs groups by cost).
     """
 
     def __init__(self, constraint: ChannelConstraint | None = None, normalize: str | None = None):

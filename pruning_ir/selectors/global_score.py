@@ -19,7 +19,8 @@ class GlobalScoreLabelSelector(LabelSelector):
 
     A value in (0, 1) is a share of all prunable labels, a value >= 1 a number of labels
     (0 removes nothing). Scores must be comparable across groups: LossAwareCriterion scores
-    are (use ``joint=True`` there when a large share goes, or single layers get emptied);
+    are (keep its default joint scores when a large share goes: single-label ones,
+    ``joint=False``, empty single layers);
     weight norms are not, and want ``normalize="mean"`` (see :class:`LabelSelector`, which also
     says what normalizing costs). Labels leave in chunks the constraint allows; a chunk that
     would exceed the count is skipped (with the rest of its group), so at most that many labels

@@ -57,7 +57,7 @@ class KnapsackLabelSelector(LabelSelector):
     After ``select``: ``history`` (one :class:`KnapsackIteration` each), ``latency_calls``,
     ``latency`` (measured latency of the returned selection). The kept score is a sum over
     groups, so scores must be comparable across groups: ``normalize`` as in
-    :class:`LabelSelector` (LossAwareCriterion scores: raw, with ``joint=True``).
+    :class:`LabelSelector` (LossAwareCriterion scores: raw, with its default joint scores).
     """
 
     CORRECTIONS_PER_ESTIMATE = 2   # budget corrections on one linearization before measuring a new one
