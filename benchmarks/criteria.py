@@ -17,8 +17,9 @@ With ``--budget macs`` a ratio is instead the share of MACs removed: the budget 
 group's labels that meets it (``make bench`` reports this form).
 MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
 
-* ``loss_aware``: ``LossAwareCriterion(ir)`` with its defaults (one score per label);
-* ``loss_aware_joint``: ``LossAwareCriterion(ir, joint=True)`` (the estimate for sets of
+* ``loss_aware``: ``LossAwareCriterion(ir, joint=False)``, one score per label (the formula
+  of the issue; the default before joint scores);
+* ``loss_aware_joint``: ``LossAwareCriterion(ir)``, its default joint scores (the estimate for sets of
   labels in a group, see its docstring);
 * ``loss_aware_mean``: the ``loss_aware`` scores, selected with ``normalize="mean"``;
 * ``magnitude``, ``magnitude_bn`` (batch-norm folded): ``MagnitudeCriterion``; norms are not
@@ -59,8 +60,9 @@ JSON (``--json``)::
                       "difference", "difference_se", "win"}, ...]}
 
 with selection ``"-"`` and ratio 0 for the unpruned model, accuracies as fractions, and
-``difference_se`` the standard error of the per-seed difference. Takes about 25 minutes on one
-CPU thread for 5 seeds.
+``difference_se`` the standard error of the per-seed difference. Takes about 3.5 minutes per
+seed on one CPU thread (the 6 seeds of ``results/criteria.json``: two processes of 3 seeds,
+10.5 minutes).
 
     python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--finetunes 3] [--json benchmarks/results/criteria.json]
 

@@ -2,10 +2,12 @@
 
 A step is ``loss = cross_entropy(model(x), y); loss.backward()`` in train mode; the
 calibration step runs the same inside ``with LossAwareCriterion(ir) as collector`` (the
-context is entered once, as in a calibration loop; its one-time setup is reported apart).
+context is entered once, as in a calibration loop; its one-time setup and the work when it
+exits, where joint scores are computed, are reported apart).
 Plain and calibration steps alternate so that machine drift hits both alike; the ratio is
-of medians (and of minima, the steadier one on a shared machine). ``implementation="activations"``
-(every gate hooked on its activation, the fallback path) is measured too, for reference.
+of medians (and of minima, the steadier one on a shared machine). Variants: ``auto`` (the
+default), ``single`` (``joint=False``) and ``activations`` (``implementation="activations"``,
+every gate hooked on its activation, the fallback path), for reference.
 
     python benchmarks/overhead.py [--models resnet50 vit_small] [--batch 8] [--repeats 7] [--size 224] [--threads 1]
 """
@@ -37,6 +39,8 @@ MODELS = {
     "vit_small": lambda size: VisionTransformer(FusedQKVAttention, image_size=size, patch_size=16, dim=384,
                                                 num_heads=6, depth=12, num_classes=1000),
 }
+# the default (joint scores, parameter gradients where exact), single-label scores, every gate on its activation
+VARIANTS = {"auto": {}, "single": {"joint": False}, "activations": {"implementation": "activations"}}
 
 
 def _sync(device: torch.device) -> None:
@@ -63,8 +67,8 @@ def measure(name: str, batch: int, size: int, repeats: int, device: torch.device
     ir = PruningIR(model).infer_labels(x[:1])
     infer_s = time.perf_counter() - start
     result = {"model": name, "batch": batch, "size": size, "labels": len(ir.labels()), "infer_labels_s": infer_s}
-    for implementation in ("auto", "activations"):
-        criterion = LossAwareCriterion(ir, implementation=implementation)
+    for variant, options in VARIANTS.items():
+        criterion = LossAwareCriterion(ir, **options)
         start = time.perf_counter()
         collector = criterion.__enter__()
         setup_s = time.perf_counter() - start
@@ -76,9 +80,11 @@ def measure(name: str, batch: int, size: int, repeats: int, device: torch.device
                 plain.append(_step(model, model, x, y, device))
                 calibration.append(_step(collector, model, x, y, device))
         finally:
+            start = time.perf_counter()
             criterion.__exit__(None, None, None)
-        result[implementation] = {
-            "setup_s": setup_s, "plain_s": statistics.median(plain), "calibration_s": statistics.median(calibration),
+            exit_s = time.perf_counter() - start
+        result[variant] = {
+            "setup_s": setup_s, "exit_s": exit_s, "plain_s": statistics.median(plain), "calibration_s": statistics.median(calibration),
             "ratio": statistics.median(calibration) / statistics.median(plain),
             "ratio_of_minima": min(calibration) / min(plain), "plain_all_s": plain, "calibration_all_s": calibration,
             "activation_sites": len(criterion._activation_gates) if hasattr(criterion, "_activation_gates") else None,
@@ -103,13 +109,14 @@ def main() -> None:
     for name in args.models:
         r = measure(name, args.batch, args.size, args.repeats, device)
         results.append(r)
-        for implementation in ("auto", "activations"):
-            m = r[implementation]
-            print(f"{name:10} batch {args.batch} {args.size}px {implementation:11}: "
+        for variant in VARIANTS:
+            m = r[variant]
+            print(f"{name:10} batch {args.batch} {args.size}px {variant:11}: "
                   f"plain {m['plain_s'] * 1e3:8.1f} ms  "
                   f"calibration {m['calibration_s'] * 1e3:8.1f} ms  ratio {m['ratio']:.3f} "
                   f"(of minima {m['ratio_of_minima']:.3f})  "
-                  f"(setup {m['setup_s'] * 1e3:.0f} ms, {m['activation_sites']} activation sites)", flush=True)
+                  f"(setup {m['setup_s'] * 1e3:.0f} ms, exit {m['exit_s'] * 1e3:.0f} ms, "
+                  f"{m['activation_sites']} activation sites)", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as f:
