@@ -57,7 +57,7 @@ JSON (``--json``)::
      "rows": [{"seed", "selection", "ratio", "criterion", "macs", "budget", "pruned", "bn", "ft1", "ft1_runs",
                "widths", "tp_ratio" (Torch-Pruning only)}, ...],
      "comparisons": [{"criterion", "selection", "ratio", "column", "ours", "best_other", "other",
-                      "difference", "difference_se", "win"}, ...]}
+                      "difference", "difference_se", "other_macs_ratio", "win"}, ...]}
 
 with selection ``"-"`` and ratio 0 for the unpruned model, accuracies as fractions, and
 ``difference_se`` the standard error of the per-seed difference. Takes about 3.5 minutes per
@@ -384,6 +384,7 @@ def compare(rows: list[dict]) -> list[dict]:
                           "other": best["criterion"] if best["selection"] == selection
                           else f"{best['criterion']} ({best['selection']})",
                           "difference": entry[column] - best[column], "difference_se": se,
+                          "other_macs_ratio": best["macs"] / entry["macs"],
                           "win": entry[column] >= best[column]})
     return found
 
@@ -403,8 +404,10 @@ def report(table: list[dict], comparisons: list[dict]) -> None:
         for c in mine:
             if not c["win"]:
                 se = "" if c["difference_se"] is None else f" (paired SE {100 * c['difference_se']:.2f})"
+                more = c.get("other_macs_ratio", 1.0) - 1
+                macs_note = f"; it keeps {more:+.0%} MACs" if abs(more) >= 0.02 else ""
                 print(f"    loses {c['selection']} {c['ratio']:.1f} {c['column']}: {100 * c['ours']:.2f} vs "
-                      f"{c['other']} {100 * c['best_other']:.2f}, {100 * c['difference']:+.2f}{se}")
+                      f"{c['other']} {100 * c['best_other']:.2f}, {100 * c['difference']:+.2f}{se}{macs_note}")
 
 
 def main() -> None:
