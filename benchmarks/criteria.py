@@ -64,11 +64,13 @@ with selection ``"-"`` and ratio 0 for the unpruned model, accuracies as fractio
 seed on one CPU thread (the 6 seeds of ``results/criteria.json``: two processes of 3 seeds,
 10.5 minutes).
 
-    python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--finetunes 3] [--json benchmarks/results/criteria.json]
+    python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--finetunes 3]
+                                  [--json benchmarks/results/criteria.json]
 
 Seeds can run in parallel processes (one thread each) and be combined without re-running::
 
-    python benchmarks/criteria.py --seeds 0 1 2 --json a.json & python benchmarks/criteria.py --seeds 3 4 5 --json b.json
+    python benchmarks/criteria.py --seeds 0 1 2 --json a.json &
+    python benchmarks/criteria.py --seeds 3 4 5 --json b.json
     python benchmarks/criteria.py --merge a.json b.json --json benchmarks/results/criteria.json
 """
 

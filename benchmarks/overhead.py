@@ -84,7 +84,8 @@ def measure(name: str, batch: int, size: int, repeats: int, device: torch.device
             criterion.__exit__(None, None, None)
             exit_s = time.perf_counter() - start
         result[variant] = {
-            "setup_s": setup_s, "exit_s": exit_s, "plain_s": statistics.median(plain), "calibration_s": statistics.median(calibration),
+            "setup_s": setup_s, "exit_s": exit_s, "plain_s": statistics.median(plain),
+            "calibration_s": statistics.median(calibration),
             "ratio": statistics.median(calibration) / statistics.median(plain),
             "ratio_of_minima": min(calibration) / min(plain), "plain_all_s": plain, "calibration_all_s": calibration,
             "activation_sites": len(criterion._activation_gates) if hasattr(criterion, "_activation_gates") else None,

@@ -117,7 +117,7 @@ class LossAwareCriterion(Criterion):
     selector ranks set costs (see ``pruning_ir/criteria/_joint.py``). Interactions between groups
     are still ignored, and the estimate is of the loss right after pruning, not after
     fine-tuning: on the digits CNN (6 seeds) the widths it picks under global or knapsack
-    selection recover less in one epoch than Torch-Pruning's evener ones (0.4-2.2 points at
+    selection recover less in one epoch than Torch-Pruning's evener ones (0.6-2.2 points at
     30-50% of the labels), while at Torch-Pruning's own widths the channels it keeps fine-tune
     as well (within 0.4 points, inside the noise). Costs: one outer product per
     group per backward pass and :math:`8 \sum_g n_g^2` bytes for groups of :math:`n_g` labels
@@ -454,9 +454,11 @@ class LossAwareCriterion(Criterion):
             return None
         total, count, *rest = state
         grams = rest[0] if rest and rest[0] is not None else None
-        return {"sum": torch.from_numpy(np.array(total, dtype=np.float64)), "batches": int(count),
-                "grams": None if grams is None else [None if g is None else torch.from_numpy(np.array(g, dtype=np.float64))
-                                                     for g in grams]}
+
+        def tensor(values):
+            return None if values is None else torch.from_numpy(np.array(values, dtype=np.float64))
+        return {"sum": tensor(total), "batches": int(count),
+                "grams": None if grams is None else [tensor(gram) for gram in grams]}
 
     @staticmethod
     def load_accumulated_state(ir: PruningIR, state: dict[str, Any]) -> None:
