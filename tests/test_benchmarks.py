@@ -64,3 +64,22 @@ def test_sections_have_rows_for_both_libraries(quick_run):
         assert "torch_pruning" in row
     assert latency["targets"] and {r["method"] for r in latency["speedup"]} >= {"knapsack_macs", "tp_uniform"}
     assert _load(quick_run, "quality")["criteria"]["table"]
+
+
+def test_finetune_length_smoke(tmp_path):
+    """benchmarks/finetune_length.py on one seed and one short fine-tune: every model of every
+    ratio gets an accuracy per fine-tuning length, and --merge gives back the same table."""
+    script = os.path.join(os.path.dirname(RUNNER), "finetune_length.py")
+    path, merged = str(tmp_path / "run.json"), str(tmp_path / "merged.json")
+    done = subprocess.run([sys.executable, script, "--seeds", "0", "--epochs", "1", "--finetunes", "1",
+                           "--json", path], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.load(open(path))
+    assert {(row["ratio"], row["model"]) for row in data["rows"]} == {
+        (ratio, model) for ratio in (0.3, 0.5)
+        for model in ("joint_uniform", "joint_global", "joint_knapsack", "tp_magnitude_global")}
+    assert all(0.0 <= row["accuracy"]["1"] <= 1.0 and 0.0 <= row["bn"] <= 1.0 for row in data["rows"])
+    done = subprocess.run([sys.executable, script, "--merge", path, "--json", merged],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.load(open(merged))["table"] == data["table"]
