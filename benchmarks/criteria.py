@@ -21,7 +21,9 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
   of the issue; the default before joint scores);
 * ``loss_aware_joint``: ``LossAwareCriterion(ir)``, its default joint scores (the estimate for sets of
   labels in a group, see its docstring);
-* ``loss_aware_mean``: the ``loss_aware`` scores, selected with ``normalize="mean"``;
+* ``loss_aware_mean``, ``loss_aware_joint_mean``: the ``loss_aware`` / ``loss_aware_joint``
+  scores, selected with ``normalize="mean"`` (global and knapsack selection only: uniform
+  selection never compares groups);
 * ``magnitude``, ``magnitude_bn`` (batch-norm folded): ``MagnitudeCriterion``; norms are not
   comparable across layers, so global selection normalizes them (``normalize="mean"``, as
   Torch-Pruning does for its own criteria); ``random``: ``RandomCriterion(seed=0)``;
@@ -101,11 +103,13 @@ from pruning_ir.selectors import GlobalScoreLabelSelector, KnapsackLabelSelector
 
 RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
-OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "magnitude", "magnitude_bn", "random", "loss_aware_x5")
+OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean", "magnitude", "magnitude_bn",
+        "random", "loss_aware_x5")
 THEIRS = ("tp_taylor", "tp_magnitude")
-SCORED = {"loss_aware_mean": "loss_aware"}          # criteria that reuse another one's scores
-NORMALIZE = {"loss_aware_mean": "mean", "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
-KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean")
+SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
+NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "magnitude": "mean",
+             "magnitude_bn": "mean"}  # else raw scores
+KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean")
 AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
 FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
@@ -126,7 +130,7 @@ def criteria_for(selection: str) -> tuple[str, ...]:
         return KNAPSACK
     if selection == "tp_widths":
         return AT_WIDTHS
-    return tuple(name for name in OURS + THEIRS if selection == "global" or name != "loss_aware_mean")
+    return tuple(name for name in OURS + THEIRS if selection == "global" or name not in SCORED)
 
 
 def score(name: str, ir: PruningIR, x, y) -> None:
@@ -424,7 +428,8 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "criteria.json"))
     parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="no run: combine the rows of these JSON files (runs of other seeds, same settings)")
+                        help="no run: combine the rows of these JSON files (runs of other seeds or other "
+                             "criteria, same settings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -435,8 +440,11 @@ def main() -> None:
         if len(settings) > 1:
             parser.error(f"--merge: the files were run with different settings (epochs, budget, finetunes): {settings}")
         (args.epochs, args.budget, args.finetunes), = settings
-        args.seeds = [seed for part in parts for seed in part["seeds"]]
-        rows = [row for part in parts for row in part["rows"]]
+        args.seeds = sorted({seed for part in parts for seed in part["seeds"]})
+        keys = {}  # a run of other criteria on the same seeds adds rows; a repeated row is kept once
+        for row in (row for part in parts for row in part["rows"]):
+            keys.setdefault((row["seed"], row["selection"], row["ratio"], row["criterion"]), row)
+        rows = list(keys.values())
     for seed in [] if args.merge else args.seeds:
         rows.extend(run(seed, args.epochs, args.budget, args.finetunes))
         print(f"seed {seed} done [{time.time() - start:.0f} s]", flush=True)
