@@ -25,6 +25,14 @@ def check_share(name: str, value: float) -> float:
     return float(value)
 
 
+def check_shares(start: float, threshold: float) -> None:
+    """A schedule's two shares: each in [0, 1), ``start`` at most ``threshold``."""
+    check_share("threshold", threshold)
+    check_share("start", start)
+    if start > threshold:
+        raise ValueError(f"start ({start}) must not exceed threshold ({threshold})")
+
+
 def check_step(name: str, value: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
@@ -105,11 +113,8 @@ class LinearSchedule(Schedule):
     mode: ClassVar[str] = "gradual"
 
     def __post_init__(self) -> None:
-        check_share("threshold", self.threshold)
-        check_share("start", self.start)
+        check_shares(self.start, self.threshold)
         check_step("stepsize", self.stepsize)
-        if self.start > self.threshold:
-            raise ValueError(f"start ({self.start}) must not exceed threshold ({self.threshold})")
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and math.isfinite(self.gamma)):
             raise ValueError(f"gamma must be a positive share increment, got {self.gamma!r}")
 
@@ -146,13 +151,10 @@ class CubicSchedule(Schedule):
     mode: ClassVar[str] = "agp"
 
     def __post_init__(self) -> None:
-        check_share("threshold", self.threshold)
-        check_share("start", self.start)
+        check_shares(self.start, self.threshold)
         check_step("frequency", self.frequency)
         check_step("start_step", self.start_step)
         check_step("end_step", self.end_step)
-        if self.start > self.threshold:
-            raise ValueError(f"start ({self.start}) must not exceed threshold ({self.threshold})")
         if self.end_step <= self.start_step:
             raise ValueError(f"end_step ({self.end_step}) must come after start_step ({self.start_step})")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
 import pickle
 import warnings
 import weakref
@@ -536,39 +535,6 @@ def test_joint_auto_is_the_default_and_caps_the_group_width(monkeypatch):
 def sorted_groups(ir):
     """The IR's groups with their labels in channel order (label_groups() sorts them by score)."""
     return [sorted(group, key=lambda label: label.class_id) for group in ir.label_groups()]
-
-
-def _joint_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-    from test_distributed import WORLD_SIZE, _batches, _model
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        np.save(os.path.join(out_dir, f"rank{rank}.npy"), _joint_scores_of(_batches()[rank::WORLD_SIZE]))
-    finally:
-        dist.destroy_process_group()
-
-
-def _joint_scores_of(batches) -> np.ndarray:
-    from test_distributed import _model
-    model = _model()
-    ir = PruningIR(model)
-    collect(ir, model, batches, joint=True)
-    return np.array([label.score for label in ir.labels()])
-
-
-def test_joint_outer_products_are_all_reduced_across_ranks(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-    from test_distributed import WORLD_SIZE, _batches, _free_port
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    mp.spawn(_joint_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(WORLD_SIZE)]
-    assert np.array_equal(ranks[0], ranks[1])
-    np.testing.assert_allclose(ranks[0], _joint_scores_of(_batches()), rtol=1e-6, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------

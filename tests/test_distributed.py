@@ -35,24 +35,24 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 4, (5,), generator=g)) for _ in range(BATCHES)]
 
 
-def _scores(batches) -> np.ndarray:
+def _scores(batches, joint: bool) -> np.ndarray:
     model = _model()
     ir = PruningIR(model)
-    with LossAwareCriterion(ir) as collector:
+    with LossAwareCriterion(ir, joint=joint) as collector:
         for x, y in batches:
             F.cross_entropy(collector(x), y).backward()
             model.zero_grad()
     return np.array([label.score for label in ir.labels()])
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, joint: bool) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         shard = _batches()[rank::WORLD_SIZE]
-        np.save(os.path.join(out_dir, f"rank{rank}.npy"), _scores(shard))
+        np.save(os.path.join(out_dir, f"rank{rank}.npy"), _scores(shard, joint))
     finally:
         dist.destroy_process_group()
 
@@ -64,15 +64,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_scores_are_all_reduced_across_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+@pytest.mark.parametrize("joint", [False, True], ids=["single", "joint"])
+def test_scores_are_all_reduced_across_ranks(tmp_path, joint):
+    """Single-label sums, and with joint scores the per-group outer products too."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), joint), nprocs=WORLD_SIZE, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(WORLD_SIZE)]
     assert np.array_equal(ranks[0], ranks[1])  # every rank selects the same labels
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = _scores(_batches())  # one process, every batch
-        local = _scores(_batches()[0::WORLD_SIZE])
+        single = _scores(_batches(), joint)  # one process, every batch
+        local = _scores(_batches()[0::WORLD_SIZE], joint)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(ranks[0], single, rtol=1e-6, atol=1e-12)

@@ -210,14 +210,20 @@ def test_mask_unmask_restores_the_original_model():
     assert torch.equal(outputs(model, x), reference)
 
 
-def test_prune_of_masked_ir_copies_bakes_and_keeps_the_original_masked():
+def _masked_after_backward(selector):
+    """A model masked with ``selector``'s labels after one backward pass (its masked tensors are
+    then non-leaf, which deepcopy and pickling must handle), with its input and outputs."""
     model = build()
     x, y = data()
     ir = PruningIR(model).infer_labels(x)
-    ir.mask(UniformLabelSelector(0.4).select(ir))
+    ir.mask(selector.select(ir))
     model.train()
-    F.cross_entropy(model(x), y).backward()  # masked tensors are now non-leaf: deepcopy needs care
-    reference = outputs(model, x)
+    F.cross_entropy(model(x), y).backward()
+    return model, x, ir, outputs(model, x)
+
+
+def test_prune_of_masked_ir_copies_bakes_and_keeps_the_original_masked():
+    model, x, ir, reference = _masked_after_backward(UniformLabelSelector(0.4))
     pruned = ir.prune(labels=ir.masked_labels())
     assert not torch_prune.is_pruned(pruned.model) and pruned.masked_labels() == []
     assert torch_prune.is_pruned(model)
@@ -263,13 +269,7 @@ def test_functional_use_outside_the_module_sees_current_masked_values():
 
 
 def test_dill_round_trip_of_a_masked_ir():
-    model = build()
-    x, y = data()
-    ir = PruningIR(model).infer_labels(x)
-    ir.mask(GlobalScoreLabelSelector(0.3).select(ir))
-    model.train()
-    F.cross_entropy(model(x), y).backward()
-    reference = outputs(model, x)
+    model, x, ir, reference = _masked_after_backward(GlobalScoreLabelSelector(0.3))
     buffer = io.BytesIO()
     torch.save(ir, buffer, pickle_module=dill)
     buffer.seek(0)

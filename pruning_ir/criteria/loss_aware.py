@@ -219,8 +219,7 @@ class LossAwareCriterion(Criterion):
     def _setup_state(self) -> None:
         index = self.index
         self._labels = label_mask(index)
-        self._label_classes = np.flatnonzero(self._labels)
-        self._group_classes = [group.classes for group in index.groups if group.prunable]
+        self._label_classes, self._group_classes = _score_layout(index)
         self._joint_groups = [self.joint is True or (self.joint == "auto" and len(c) <= JOINT_AUTO_MAX_LABELS)
                               for c in self._group_classes]
         self._is_joint = any(self._joint_groups)
@@ -440,7 +439,7 @@ class LossAwareCriterion(Criterion):
                 raise PruningIRError(message + " and were not written")
             self._warn_once("finite", message)
             return
-        _write_scores(self.index, total, total_count, grams)
+        _write_scores(self.index, self._label_classes, self._group_classes, total, total_count, grams)
         if write_state:
             setattr(self.index, _STATE_ATTRIBUTE, (total, total_count, grams))
 
@@ -470,12 +469,13 @@ class LossAwareCriterion(Criterion):
         grams = state.get("grams")
         grams = None if grams is None else [None if g is None else g.numpy().astype(np.float64) for g in grams]
         count = int(state["batches"])
-        sizes = [len(group.classes) for group in index.groups if group.prunable]
+        labels, groups = _score_layout(index)
         if len(total) != index.class_count or count <= 0 or grams is not None and (
-                len(grams) != len(sizes) or any(g is not None and g.shape != (n, n) for g, n in zip(grams, sizes))):
+                len(grams) != len(groups) or any(g is not None and g.shape != (len(c), len(c))
+                                                 for g, c in zip(grams, groups))):
             raise ValueError("the saved LossAwareCriterion sums do not fit this IR (another model?)")
         setattr(index, _STATE_ATTRIBUTE, (total, count, grams))
-        _write_scores(index, total, count, grams)
+        _write_scores(index, labels, groups, total, count, grams)
 
     @property
     def batches(self) -> int:
@@ -488,12 +488,17 @@ class LossAwareCriterion(Criterion):
             warnings.warn(message, stacklevel=3)
 
 
-def _write_scores(index, total: np.ndarray, count: int, grams: list[np.ndarray] | None) -> None:
+def _score_layout(index) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The class ids that are labels, and the label classes of each prunable group (the order
+    of the per-group sums)."""
+    return np.flatnonzero(label_mask(index)), [group.classes for group in index.groups if group.prunable]
+
+
+def _write_scores(index, labels: np.ndarray, groups: list[np.ndarray], total: np.ndarray, count: int,
+                  grams: list[np.ndarray | None] | None) -> None:
     """Label scores from accumulated sums: the mean square per label, and for the groups with an
     outer-product sum in ``grams`` (joint) the group's joint scores."""
-    labels = np.flatnonzero(label_mask(index))
     index.class_scores[labels] = total[labels] / count
-    groups = [group.classes for group in index.groups if group.prunable]
     for classes, gram in zip(groups, grams or []):
         if gram is not None:
             index.class_scores[classes] = joint_scores(gram / count)
