@@ -4,7 +4,9 @@ Per seed: train the CNN, then for each ratio (30/50/70%) fix one MACs budget, th
 uniform selection leaves when it removes that share of every group's labels (the same for
 every criterion: uniform removes a fixed count per group), and prune to it with
 
-* ``uniform``: ``UniformLabelSelector(ratio)``,
+* ``uniform``: ``UniformLabelSelector(ratio)``; where Torch-Pruning's per-layer rounding cannot
+  reach those widths (at 70%: 19 of 64 channels; it keeps 18 or 20), every criterion, ours and
+  its, is pruned to the uniform widths it reaches nearest to the budget instead,
 * ``global``: ``GlobalScoreLabelSelector(n)``, the smallest ``n`` whose model meets the budget,
 * ``knapsack``: ``KnapsackLabelSelector(budget, bind(macs, image))`` (LossAware criteria only),
 * ``tp_widths``: each group cut to the widths Torch-Pruning's magnitude criterion picked under
@@ -27,9 +29,11 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
 * ``magnitude``, ``magnitude_bn`` (batch-norm folded): ``MagnitudeCriterion``; norms are not
   comparable across layers, so global selection normalizes them (``normalize="mean"``, as
   Torch-Pruning does for its own criteria); ``random``: ``RandomCriterion(seed=0)``;
-* ``loss_aware_x5``: the ``loss_aware_joint`` removal in 5 rounds of scoring and pruning
-  (batch norms re-estimated between rounds); uniform: the same count per group, a fifth each
-  round; global: a fifth of the MACs each round;
+* ``loss_aware_x5``, ``loss_aware_mean_x5``: the ``loss_aware_joint`` / ``loss_aware_mean``
+  removal in 5 rounds of scoring and pruning, ``pruning_ir.prune_in_rounds`` (batch norms
+  re-estimated after each round); uniform: a fifth of the share each round; global: a fifth of
+  the MACs to remove each round (``BinarySearchLatencyLabelSelector``, mean-normalized for
+  ``loss_aware_mean_x5``);
 * ``tp_taylor``, ``tp_magnitude``: Torch-Pruning's ``GroupTaylorImportance()`` and
   ``GroupMagnitudeImportance(p=2)`` with their defaults (``normalizer="mean"``) in
   ``MetaPruner`` (``global_pruning`` for the global selection), its ratio bisected to the
@@ -39,8 +43,8 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
 Taylor criteria see the same calibration data: one pass over the training set in eval mode,
 batches of 8 (Torch-Pruning accumulates the gradients of all of them). Reported: test accuracy
 
-* ``pruned``: right after pruning (stale batch-norm statistics; for ``loss_aware_x5``, whose
-  rounds re-estimate them, the same as ``bn``),
+* ``pruned``: right after pruning (stale batch-norm statistics; for the ``*_x5`` criteria,
+  whose rounds re-estimate them, the same as ``bn``),
 * ``bn``: after re-estimating the batch-norm statistics on the training images (no weight update),
 * ``ft1``: after that and one epoch of fine-tuning (Adam, lr 1e-3, batches of 64), the mean of
   ``--finetunes`` runs (3; different data orders) of the same pruned model.
@@ -80,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -96,25 +101,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from digits_model import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train  # noqa: E402
 
-from pruning_ir import PruningIR  # noqa: E402
+from pruning_ir import PruningIR, prune_in_rounds as rounds_of  # noqa: E402
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion  # noqa: E402
 from pruning_ir.latency import bind, macs as count_macs  # noqa: E402
-from pruning_ir.selectors import GlobalScoreLabelSelector, KnapsackLabelSelector, UniformLabelSelector  # noqa: E402
+from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector,  # noqa: E402
+                                  KnapsackLabelSelector, UniformLabelSelector)
 
 RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
 OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean", "magnitude", "magnitude_bn",
-        "random", "loss_aware_x5")
+        "random", "loss_aware_x5", "loss_aware_mean_x5")
 THEIRS = ("tp_taylor", "tp_magnitude")
 SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
-NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "magnitude": "mean",
-             "magnitude_bn": "mean"}  # else raw scores
+NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_mean_x5": "mean",
+             "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
 KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean")
 AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
 FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
-ROUNDS = 5  # loss_aware_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
-ROUNDS_CRITERION = "loss_aware_joint"
+ROUNDS = 5  # *_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
+IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_mean_x5": "loss_aware"}  # -> the scores of each round
 CALIBRATION_SEED = 123
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
 
@@ -182,35 +188,32 @@ def select(ir: PruningIR, selection: str, ratio: float, budget: float, example, 
         return selector.select(ir)
 
 
-def prune_in_rounds(trained, selection: str, ratio: float, budget: float, x, y, rounds: int = ROUNDS):
-    """Remove what one-shot selection removes in ``rounds`` steps, each scored on the current
-    pruned model after re-estimating its batch norms: uniform, the same count per group (a
-    ``1/rounds`` share of it each round); global, down to the same MACs (a ``1/rounds`` share of
-    the MACs to remove each round). Re-scoring sees how the remaining channels take over from
-    the removed ones, which no score of the full model can."""
+def prune_in_rounds(trained, name: str, selection: str, ratio: float, budget: float, x, y, rounds: int = ROUNDS):
+    """Remove what one-shot selection removes in ``rounds`` steps with ``pruning_ir.prune_in_rounds``,
+    each step scored (``IN_ROUNDS[name]``'s scores) on the partly pruned model after re-estimating
+    its batch norms: uniform, a ``1/rounds`` share of the same per-group counts each round; global,
+    the network-wide lowest labels (``BinarySearchLatencyLabelSelector``, normalized as ``name``
+    says) down to a ``1/rounds`` share of the MACs to remove each round. Re-scoring sees how the
+    remaining channels take over from the removed ones, which no score of the full model can."""
     example = x[:1]
-    ir = PruningIR(copy.deepcopy(trained)).infer_labels(example)
-    origin = {label.class_id: group_id for group_id, group in enumerate(ir.label_groups()) for label in group}
-    target = [0] * len(ir.label_groups())
-    for label in UniformLabelSelector(ratio).select(ir):
-        target[origin[label.class_id]] += 1
-    removed = [0] * len(target)
-    start = macs(ir.model, example)
-    for k in range(1, rounds + 1):
-        score(ROUNDS_CRITERION, ir, x, y)
-        if selection == "global":
-            labels = global_to_budget(ir, start - (start - budget) * k / rounds, example)
-        else:  # the lowest-scored labels of each group, the group's share of this round
-            labels = []
-            for ordered in ir.label_groups():
-                group_id = origin[ordered[0].class_id]  # class ids survive pruning, group ids need not
-                count = int(round(target[group_id] * k / rounds)) - removed[group_id]
-                labels.extend(ordered[:count])
-        for label in labels:
-            removed[origin[label.class_id]] += 1
-        ir = ir.prune(labels=labels)
-        reestimate_batchnorm(ir.model, x)
-    return ir.model.eval()
+    ir = PruningIR(copy.deepcopy(trained).eval()).infer_labels(example)
+    criterion = functools.partial(LossAwareCriterion, joint=IN_ROUNDS[name] == "loss_aware_joint")
+    options = dict(rounds=rounds, criterion=criterion, batchnorm_loader=list(batches(x, x, 64, seed=None)),
+                   inplace=True, verbose=False)
+
+    def calibrate(collector) -> None:
+        for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
+            F.cross_entropy(collector(xb), yb).backward()
+
+    if selection == "global":
+        cost = bind(count_macs, example)
+        normalize = NORMALIZE.get(name)
+        pruned = rounds_of(ir, lambda target: BinarySearchLatencyLabelSelector(target, cost, normalize=normalize),
+                           budget, calibrate, latency_function=cost, **options)
+    else:
+        pruned = rounds_of(ir, UniformLabelSelector, ratio, calibrate, **options)
+    pruned.model.zero_grad(set_to_none=True)
+    return pruned.model.eval()
 
 
 def tp_prune(model, importance: str, ratio: float, global_pruning: bool, example):
@@ -293,6 +296,16 @@ def uniform_ratio_for(ir: PruningIR, budget: float, example, steps: int = 20) ->
     return high
 
 
+def uniform_meeting_point(ir: PruningIR, trained, ratio: float, budget: float, example) -> tuple[float, float]:
+    """The uniform share and MACs budget every criterion is pruned to: ``ratio`` and ``budget``,
+    unless Torch-Pruning's per-layer rounding cannot reach those widths (at 70%, 64 channels keep
+    19 here, 20 or 18 there); then the widths it reaches nearest to ``budget``, for everyone."""
+    _, reached, _ = tp_at_macs(trained, "tp_magnitude", budget, False, example)
+    if abs(reached - budget) <= 0.005 * budget:
+        return ratio, budget
+    return uniform_ratio_for(ir, reached, example), reached
+
+
 def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FINETUNES) -> list[dict]:
     """Every (selection, ratio, criterion) row of one seed, plus the unpruned model."""
     data = digits_data(seed=seed)
@@ -318,6 +331,10 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
                           example)
         reference = None  # (model, row) of WIDTHS_FROM under global selection
         for selection in SELECTIONS:
+            selection_ratio, selection_budget = uniform_ratio, budget
+            if selection == "uniform":
+                selection_ratio, selection_budget = uniform_meeting_point(scored["random"], trained, uniform_ratio,
+                                                                          budget, example)
             for name in criteria_for(selection):
                 extra = {}
                 if selection == "tp_widths" and name == WIDTHS_FROM:  # the reference itself: its global row
@@ -326,17 +343,18 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
                 if selection == "tp_widths":
                     pruned = prune_to_widths(copy.deepcopy(scored[name]), widths(reference[0]))
                 elif name in THEIRS:
-                    pruned, _, tp_ratio = tp_at_macs(calibrated if name == "tp_taylor" else trained, name, budget,
-                                                     selection == "global", example)
+                    pruned, _, tp_ratio = tp_at_macs(calibrated if name == "tp_taylor" else trained, name,
+                                                     selection_budget, selection == "global", example)
                     extra["tp_ratio"] = round(tp_ratio, 4)
-                elif name == "loss_aware_x5":
-                    pruned = prune_in_rounds(trained, selection, uniform_ratio, budget, x_train, y_train)
+                elif name in IN_ROUNDS:
+                    pruned = prune_in_rounds(trained, name, selection, selection_ratio, selection_budget, x_train,
+                                             y_train)
                 else:
                     ir = copy.deepcopy(scored[SCORED.get(name, name)])
-                    labels = select(ir, selection, uniform_ratio, budget, example, NORMALIZE.get(name))
+                    labels = select(ir, selection, selection_ratio, selection_budget, example, NORMALIZE.get(name))
                     pruned = ir.prune(labels=labels).model
                 rows.append({"seed": seed, "selection": selection, "ratio": ratio, "criterion": name,
-                             "macs": macs(pruned, example), "budget": budget, **extra,
+                             "macs": macs(pruned, example), "budget": selection_budget, **extra,
                              **evaluate(pruned.eval(), data, seed, finetunes)})
                 if selection == "global" and name == WIDTHS_FROM:
                     reference = (pruned, rows[-1])

@@ -17,8 +17,6 @@ SECTIONS = ("coverage", "speed", "quality", "latency", "scale")
 TITLES = {"coverage": "1. Coverage", "speed": "2. Speed", "quality": "3. Quality (digits CNN)",
           "latency": "4. Latency budget", "scale": "5. Scale"}
 QUALITY_MARGIN = 0.005  # half a point of accuracy: one or two test images of the digits split
-OURS_CRITERIA = ("loss_aware", "loss_aware_joint", "loss_aware_x5")
-TP_CRITERIA = ("tp_taylor", "tp_magnitude")
 
 
 def num(value, spec: str = ".3f", suffix: str = "") -> str:

@@ -12,6 +12,7 @@ from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionE
                      TracingError)
 from .gradual import GradualPruner
 from .ir import PruningIR
+from .rounds import prune_in_rounds
 from .labels import DependencyGroup, Label
 from .latency import LatencyMeasurementError, bind
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
@@ -20,7 +21,7 @@ from .saving import load_pruned, save_pruned
 from .tracing import LeafModule
 
 __all__ = [
-    "GradualPruner",
+    "GradualPruner", "prune_in_rounds",
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
     "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",

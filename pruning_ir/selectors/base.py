@@ -72,10 +72,17 @@ class LabelSelector(ABC):
         return labels
 
     def _normalize(self, plan: SelectionPlan) -> None:
-        """Divide each group's scores in ``plan`` by their ``normalize`` reduction (the IR is unchanged)."""
+        """Divide each group's scores in ``plan`` by their ``normalize`` reduction (the IR is unchanged).
+
+        Masked labels (``ir.mask``) are already gone from the model: the reduction is over the
+        others, as it would be on the model with the masked labels pruned."""
         reduce = NORMALIZERS[self.normalize]
+        masked = {label.class_id for label in plan.ir.masked_labels()}
         for group in plan.groups:
-            scale = float(reduce(group.scores)) if group.scores.size else 0.0
+            scores = group.scores
+            if masked:
+                scores = scores[np.array([label.class_id not in masked for label in group.labels], dtype=bool)]
+            scale = float(reduce(scores)) if scores.size else 0.0
             if scale > 0:
                 group.scores = group.scores / scale
 

@@ -66,13 +66,15 @@ class BinarySearchLatencyLabelSelector(LabelSelector):
     """Removes the network-wide lowest-scored labels, as many as ``target_latency`` requires.
 
     The cheap baseline for :class:`KnapsackLabelSelector`: about log2(#labels) latency calls,
-    no solver, but blind to how much latency each label actually costs. After ``select``:
+    no solver, but blind to how much latency each label actually costs. ``normalize``: as for
+    :class:`GlobalScoreLabelSelector` (see :class:`LabelSelector`). After ``select``:
     ``latency_calls``, ``latency`` (measured latency of the returned selection).
     """
 
     def __init__(self, target_latency: float, latency_calculation_function: Callable[[nn.Module], float],
-                 constraint: ChannelConstraint | None = None, *, verbose: bool = False):
-        super().__init__(constraint)
+                 constraint: ChannelConstraint | None = None, *, normalize: str | None = None,
+                 verbose: bool = False):
+        super().__init__(constraint, normalize)
         self.target_latency = check_target(target_latency)
         self.latency_calculation_function = check_function(latency_calculation_function)
         self.verbose = verbose

@@ -1,0 +1,110 @@
+"""Pruning in rounds: score, remove a share, score the smaller model again, and so on.
+
+One-shot pruning scores every label on the full model, so it cannot see how the remaining
+channels take over from the removed ones. Removing the same amount in ``rounds`` equal steps,
+re-calibrating in between, can (Molchanov et al. 2019 prune iteratively too)::
+
+    def calibrate(score_collector):
+        for inputs, targets in loader:
+            loss_fn(score_collector(inputs), targets).backward()
+
+    ir = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibrate, rounds=5, batchnorm_loader=loader)
+
+Round ``k`` removes, cumulatively, ``k / rounds`` of the target: the selector factory gets
+the share of the original labels removed after that round (or, with ``latency_function``,
+a latency falling linearly to ``target``), so the last round ends exactly where one-shot
+selection with the same selector would. The rounds run on masks (:class:`GradualPruner`, no
+training step): labels masked in a round stay masked, and each group loses at least them.
+With ``batchnorm_loader`` the batch-norm statistics are re-estimated after every round, as
+pruning leaves them stale; calibrating with stale statistics scores a broken model. The cost
+is ``rounds`` calibration passes instead of one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batchnorm import tune_batchnorm_statistics
+from .criteria import DataFreeCriterion, LossAwareCriterion
+from .errors import LabelsNotInferredError
+from .gradual import CriterionFactory, GradualPruner
+from .ir import PruningIR
+from .masking import plain_parameters
+from .schedules import LinearSchedule, check_step
+from .selectors import LabelSelector
+
+__all__ = ["prune_in_rounds"]
+
+
+def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSelector], target: float,
+                    calibrate: Callable[[Callable[..., Any]], None] | None = None, *, rounds: int = 5,
+                    criterion: CriterionFactory = LossAwareCriterion,
+                    latency_function: Callable[[nn.Module], float] | None = None,
+                    batchnorm_loader: Iterable[Any] | None = None, inplace: bool = False,
+                    verbose: bool = True) -> PruningIR:
+    """Prune ``ir`` to ``target`` in ``rounds`` steps, re-scoring the partly pruned model before each.
+
+    Args:
+        ir: the IR to prune; its labels are inferred on the first calibration call if needed.
+        selector_factory: ``target -> LabelSelector``, such as ``UniformLabelSelector`` or
+            ``lambda share: GlobalScoreLabelSelector(share, normalize="mean")``; with
+            ``latency_function``, ``lambda latency: KnapsackLabelSelector(latency, ...)``.
+        target: the share of labels to remove in all, in (0, 1); with ``latency_function``,
+            the latency to reach.
+        calibrate: ``calibrate(score_collector)`` runs the calibration data through
+            ``score_collector(...)`` and calls ``loss.backward()`` on each output, once per round.
+            Not needed for a data-free criterion (magnitude, random).
+        rounds: how many scoring-and-selection rounds (1: one-shot).
+        criterion: ``ir -> Criterion`` (a class or a ``functools.partial``).
+        latency_function: ``model -> cost``; ``target`` is then a cost below the model's own.
+        batchnorm_loader: batches to re-estimate the batch norms on after each round
+            (:func:`tune_batchnorm_statistics`); None keeps the statistics the model has.
+        inplace: prune ``ir``'s model itself (less memory; ``ir`` is used up).
+        verbose: a progress bar over the rounds.
+
+    Returns the pruned IR, like ``ir.prune``: its model is the smaller model.
+    """
+    if not isinstance(ir, PruningIR):
+        raise TypeError(f"prune_in_rounds expects a PruningIR, got {type(ir).__name__}")
+    check_step("rounds", rounds)
+    share = _share(ir, target, latency_function)
+    data_free = isinstance(criterion(ir), DataFreeCriterion)
+    if calibrate is None and not data_free:
+        raise TypeError("prune_in_rounds needs calibrate(score_collector) for a data-driven criterion "
+                        "(LossAwareCriterion): it runs the calibration data once per round")
+    if data_free and not ir.labels_inferred:
+        raise LabelsNotInferredError("prune_in_rounds with a data-free criterion runs no data: infer the labels "
+                                     "first (ir.infer_labels(*example_inputs))")
+    work = ir if inplace else ir.prune(labels=[]) if ir.labels_inferred else copy.deepcopy(ir)
+    schedule = LinearSchedule(threshold=share, start=share / rounds, gamma=share / rounds, stepsize=1)
+    pruner = GradualPruner(work, selector_factory, criterion=criterion, schedule=schedule,
+                           latency_function=latency_function)
+    for _ in tqdm(range(schedule.updates), desc="pruning in rounds", disable=not verbose):
+        if not data_free:
+            calibrate(pruner)
+        pruner.step()
+        if batchnorm_loader is not None:
+            tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)
+    pruner.finalize(inplace=True)
+    return pruner.pruned_ir
+
+
+def _share(ir: PruningIR, target: float, latency_function: Callable[[nn.Module], float] | None) -> float:
+    """The share of the schedule: ``target`` itself, or the latency reduction it asks for."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        raise TypeError(f"target must be a number, got {target!r}")
+    if latency_function is None:
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"target must be a share of labels in (0, 1), got {target} "
+                             "(a latency target needs latency_function=)")
+        return float(target)
+    with plain_parameters(ir.model):
+        base = float(latency_function(ir.model))
+    if not 0.0 < target < base:
+        raise ValueError(f"target latency {target:.6g} must lie between 0 and the model's own latency {base:.6g}")
+    return 1.0 - target / base

@@ -1,0 +1,126 @@
+"""Pruning in rounds: the one-shot widths, re-scoring on the partly pruned model, batch norms,
+latency targets, normalization over unmasked labels, and bad arguments."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
+
+from pruning_ir import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector, LabelsNotInferredError,
+                        LossAwareCriterion, MagnitudeCriterion, PruningIR, UniformLabelSelector, bind,
+                        prune_in_rounds, tune_batchnorm_statistics)
+from pruning_ir.latency import macs
+from test_gradual import build, data
+
+
+def calibration(x: torch.Tensor, y: torch.Tensor, seen: list | None = None, batch: int = 8):
+    """``calibrate(score_collector)`` over (x, y); records the masked-label count it saw in ``seen``."""
+    def calibrate(collector):
+        if seen is not None:
+            seen.append(len(collector.ir.masked_labels()))
+        for start in range(0, len(x), batch):
+            F.cross_entropy(collector(x[start:start + batch]), y[start:start + batch]).backward()
+    return calibrate
+
+
+def group_widths(ir: PruningIR) -> list[int]:
+    return [len(group) for group in ir.label_groups()]
+
+
+def test_rounds_end_at_the_one_shot_widths_scored_on_the_partly_pruned_model():
+    model = build().eval()
+    x, y = data()
+    ir = PruningIR(model).infer_labels(x[:1])
+    before = copy.deepcopy(model.state_dict())
+    seen = []
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y, seen), rounds=3, verbose=False)
+    one_shot = ir.prune(labels=UniformLabelSelector(0.5).select(ir))
+    assert group_widths(pruned) == group_widths(one_shot) == [4, 4, 8]
+    total = sum(group_widths(ir))
+    assert len(seen) == 3 and seen[0] == 0 and 0 < seen[1] < seen[2] < total // 2  # each round sees the last masks
+    assert not torch_prune.is_pruned(model) and not torch_prune.is_pruned(pruned.model)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert pruned.model(x).shape == (len(x), 5)
+
+
+def test_one_round_is_one_shot_selection():
+    x, y = data()
+    ir = PruningIR(build().eval()).infer_labels(x[:1])
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y), rounds=1, verbose=False)
+    with LossAwareCriterion(ir) as collector:
+        calibration(x, y)(collector)
+    one_shot = ir.prune(labels=UniformLabelSelector(0.5).select(ir))
+    for (name, theirs), mine in zip(one_shot.model.state_dict().items(), pruned.model.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+
+
+def test_batch_norms_are_re_estimated_after_every_round():
+    x, y = data()
+    ir = PruningIR(build().eval()).infer_labels(x[:1])
+    loader = [x[:16], x[16:]]
+    seen = []
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y, seen), rounds=2,
+                             batchnorm_loader=loader, verbose=False)
+    fresh = tune_batchnorm_statistics(copy.deepcopy(pruned.model), loader, verbose=False)
+    norms = [(mine, theirs) for mine, theirs in zip(pruned.model.modules(), fresh.modules())
+             if isinstance(mine, torch.nn.BatchNorm2d)]
+    assert len(norms) == 4 and not torch.allclose(norms[0][0].running_var, torch.ones(4))  # not the untrained 1s
+    for mine, theirs in norms:
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.running_var, theirs.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_latency_target_in_rounds_with_a_data_free_criterion():
+    x, _ = data()
+    example = x[:1]
+    ir = PruningIR(build().eval()).infer_labels(example)
+    latency = bind(macs, example)
+    full = latency(ir.model)
+    pruned = prune_in_rounds(ir, lambda target: BinarySearchLatencyLabelSelector(target, latency, normalize="mean"),
+                             0.5 * full, rounds=3, criterion=MagnitudeCriterion, latency_function=latency,
+                             verbose=False)
+    assert 0.4 * full <= latency(pruned.model) <= 0.5 * full
+
+
+def test_mean_normalization_ranks_as_if_masked_labels_were_pruned():
+    x, _ = data()
+    ir = PruningIR(build()).infer_labels(x[:1])
+    rng = np.random.default_rng(0)
+    groups = ir.label_groups()
+    scores = {label: float(rng.uniform(1.0, 2.0)) for group in groups for label in group}
+    gone = groups[0][:3]  # a masked channel scores 0
+    scores.update({label: 0.0 for label in gone})
+    ir.set_scores(scores)
+    pruned = ir.prune(labels=gone)
+    ir.mask(gone)
+    for count in (2, 5, 9):
+        on_masked = GlobalScoreLabelSelector(count + len(gone), normalize="mean").select(ir)
+        on_pruned = GlobalScoreLabelSelector(count, normalize="mean").select(pruned)
+        removed = [sum(label.group is group[0].group for label in on_masked) for group in ir.label_groups()]
+        removed[0] -= len(gone)
+        assert removed == [sum(label.group is group[0].group for label in on_pruned)
+                           for group in pruned.label_groups()]
+
+
+@pytest.mark.parametrize("arguments, error, match", [
+    (dict(target=1.2), ValueError, "share of labels"),
+    (dict(target=0.5, rounds=0), ValueError, "rounds"),
+    (dict(target=0.5, calibrate=None), TypeError, "calibrate"),
+    (dict(target=10 ** 9, latency_function=bind(macs, torch.zeros(1, 1, 8, 8))), ValueError, "own latency"),
+])
+def test_bad_arguments_are_refused(arguments, error, match):
+    x, y = data()
+    ir = PruningIR(build()).infer_labels(x[:1])
+    arguments = {"calibrate": calibration(x, y), **arguments}
+    with pytest.raises(error, match=match):
+        prune_in_rounds(ir, UniformLabelSelector, verbose=False, **arguments)
+
+
+def test_data_free_rounds_need_inferred_labels():
+    with pytest.raises(LabelsNotInferredError, match="infer"):
+        prune_in_rounds(PruningIR(build()), UniformLabelSelector, 0.5, criterion=MagnitudeCriterion, verbose=False)
