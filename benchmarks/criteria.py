@@ -31,9 +31,9 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
   Torch-Pruning does for its own criteria); ``random``: ``RandomCriterion(seed=0)``;
 * ``loss_aware_x5``, ``loss_aware_mean_x5``: the ``loss_aware_joint`` / ``loss_aware_mean``
   removal in 5 rounds of scoring and pruning, ``pruning_ir.prune_in_rounds`` (batch norms
-  re-estimated after each round); uniform: a fifth of the share each round; global: a fifth of
-  the MACs to remove each round (``BinarySearchLatencyLabelSelector``, mean-normalized for
-  ``loss_aware_mean_x5``);
+  re-estimated after each round); uniform: a fifth of the share each round; global and
+  knapsack: a fifth of the MACs to remove each round (``BinarySearchLatencyLabelSelector`` /
+  ``KnapsackLabelSelector``, mean-normalized for ``loss_aware_mean_x5``);
 * ``tp_taylor``, ``tp_magnitude``: Torch-Pruning's ``GroupTaylorImportance()`` and
   ``GroupMagnitudeImportance(p=2)`` with their defaults (``normalizer="mean"``) in
   ``MetaPruner`` (``global_pruning`` for the global selection), its ratio bisected to the
@@ -66,9 +66,9 @@ JSON (``--json``)::
                       "difference", "difference_se", "other_macs_ratio", "win"}, ...]}
 
 with selection ``"-"`` and ratio 0 for the unpruned model, accuracies as fractions, and
-``difference_se`` the standard error of the per-seed difference. Takes about 3.5 minutes per
-seed on one CPU thread (the 6 seeds of ``results/criteria.json``: two processes of 3 seeds,
-10.5 minutes).
+``difference_se`` the standard error of the per-seed difference. Takes about 4.2 minutes per
+seed on one CPU thread (the 12 seeds of ``results/criteria.json``: four processes of 3 seeds,
+two at a time on 2 cores, 26 minutes).
 
     python benchmarks/criteria.py [--seeds 0 1 2 3 4] [--epochs 10] [--finetunes 3]
                                   [--json benchmarks/results/criteria.json]
@@ -77,7 +77,8 @@ Seeds can run in parallel processes (one thread each) and be combined without re
 
     python benchmarks/criteria.py --seeds 0 1 2 --json a.json &
     python benchmarks/criteria.py --seeds 3 4 5 --json b.json
-    python benchmarks/criteria.py --merge a.json b.json --json benchmarks/results/criteria.json
+    (then seeds 6 7 8 -> c.json and 9 10 11 -> d.json the same way)
+    python benchmarks/criteria.py --merge a.json b.json c.json d.json --json benchmarks/results/criteria.json
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ THEIRS = ("tp_taylor", "tp_magnitude")
 SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
 NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_mean_x5": "mean",
              "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
-KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean")
+KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean", "loss_aware_x5",
+            "loss_aware_mean_x5")
 AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
 FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
@@ -205,13 +207,18 @@ def prune_in_rounds(trained, name: str, selection: str, ratio: float, budget: fl
         for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
             F.cross_entropy(collector(xb), yb).backward()
 
-    if selection == "global":
-        cost = bind(count_macs, example)
-        normalize = NORMALIZE.get(name)
+    cost, normalize = bind(count_macs, example), NORMALIZE.get(name)
+    if selection == "uniform":
+        pruned = rounds_of(ir, UniformLabelSelector, ratio, calibrate, **options)
+    elif selection == "global":
         pruned = rounds_of(ir, lambda target: BinarySearchLatencyLabelSelector(target, cost, normalize=normalize),
                            budget, calibrate, latency_function=cost, **options)
     else:
-        pruned = rounds_of(ir, UniformLabelSelector, ratio, calibrate, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "reached ... below the tolerance band": still valid
+            pruned = rounds_of(ir, lambda target: KnapsackLabelSelector(target, cost, verbose=False,
+                                                                        normalize=normalize),
+                               budget, calibrate, latency_function=cost, **options)
     pruned.model.zero_grad(set_to_none=True)
     return pruned.model.eval()
 

@@ -44,10 +44,12 @@ class LabelSelector(ABC):
     width; Torch-Pruning's default is ``"mean"``, Molchanov et al. 2017 use ``"l2"``), and stops
     one group from being emptied because its scores are all small; the price is that a group's
     overall importance is thrown away: under ``"mean"`` every group weighs the same however much
-    the loss depends on it. LossAwareCriterion scores estimate the loss and are meant to be
-    ranked raw, with its default joint scores (``benchmarks/criteria.py``, a quarter of the
-    MACs, batch norms re-estimated: 78% raw joint vs 74% normalized single-label scores in global
-    selection, 75% vs 55% in knapsack selection, which weighs groups by cost).
+    the loss depends on it. LossAwareCriterion scores estimate the loss, so ranked raw with its
+    default joint scores they keep the most accuracy right after pruning (``benchmarks/criteria.py``,
+    a quarter of the MACs, batch norms re-estimated: 78% raw joint vs 74% normalized single-label
+    scores in global selection, 75% vs 55% in knapsack selection, which weighs groups by cost);
+    ``"mean"`` spreads the removal more evenly, which recovers better in a short fine-tune
+    (with single-label scores in rounds, ``prune_in_rounds``, the best global setting there).
     """
 
     def __init__(self, constraint: ChannelConstraint | None = None, normalize: str | None = None):
