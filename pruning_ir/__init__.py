@@ -12,9 +12,9 @@ from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionE
                      TracingError)
 from .gradual import GradualPruner
 from .ir import PruningIR
-from .rounds import prune_in_rounds
 from .labels import DependencyGroup, Label
 from .latency import LatencyMeasurementError, bind
+from .rounds import prune_in_rounds
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
 from .saving import load_pruned, save_pruned

@@ -66,6 +66,24 @@ def test_sections_have_rows_for_both_libraries(quick_run):
     assert _load(quick_run, "quality")["criteria"]["table"]
 
 
+def test_quality_prunes_in_rounds_to_the_one_shot_budget(quick_run):
+    """The criteria benchmark's rounds (``pruning_ir.prune_in_rounds``) run for every selection and
+    end where one-shot selection does: uniform at its widths, global and knapsack within the MACs."""
+    rows = _load(quick_run, "quality")["criteria"]["rows"]
+    rounds = [row for row in rows if row["criterion"].endswith("_x5")]
+    assert {(row["selection"], row["criterion"]) for row in rounds} == {
+        (selection, criterion) for selection in ("uniform", "global", "knapsack")
+        for criterion in ("loss_aware_x5", "loss_aware_mean_x5")}
+    for row in rounds:
+        one_shot = next(other for other in rows if other["criterion"] == "loss_aware_joint" and
+                        (other["seed"], other["selection"], other["ratio"]) == (row["seed"], row["selection"],
+                                                                                row["ratio"]))
+        if row["selection"] == "uniform":
+            assert row["widths"] == one_shot["widths"]
+        else:
+            assert row["macs"] <= row["budget"] * (1 + 1e-9)
+
+
 def test_finetune_length_smoke(tmp_path):
     """benchmarks/finetune_length.py on one seed and one short fine-tune: every model of every
     ratio gets an accuracy per fine-tuning length, and --merge gives back the same table."""

@@ -48,6 +48,13 @@ def test_rounds_end_at_the_one_shot_widths_scored_on_the_partly_pruned_model():
     assert pruned.model(x).shape == (len(x), 5)
 
 
+def test_labels_are_inferred_on_the_first_calibration_call_of_a_copy():
+    x, y = data()
+    ir = PruningIR(build().eval())
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y), rounds=2, verbose=False)
+    assert group_widths(pruned) == [4, 4, 8] and not ir.labels_inferred
+
+
 def test_one_round_is_one_shot_selection():
     x, y = data()
     ir = PruningIR(build().eval()).infer_labels(x[:1])
@@ -124,3 +131,14 @@ def test_bad_arguments_are_refused(arguments, error, match):
 def test_data_free_rounds_need_inferred_labels():
     with pytest.raises(LabelsNotInferredError, match="infer"):
         prune_in_rounds(PruningIR(build()), UniformLabelSelector, 0.5, criterion=MagnitudeCriterion, verbose=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rounds_stay_on_the_model_device():
+    x, y = data()
+    x, y = x.cuda(), y.cuda()
+    ir = PruningIR(build().cuda().eval()).infer_labels(x[:1])
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y), rounds=2, batchnorm_loader=[x],
+                             verbose=False)
+    assert {parameter.device.type for parameter in pruned.model.parameters()} == {"cuda"}
+    assert pruned.model(x).device.type == "cuda"
