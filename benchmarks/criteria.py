@@ -95,11 +95,11 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from digits import calibration  # noqa: E402
 from digits_model import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train  # noqa: E402
 
 from pruning_ir import PruningIR, prune_in_rounds as rounds_of  # noqa: E402
@@ -123,7 +123,6 @@ WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths 
 FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
 ROUNDS = 5  # *_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
 IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_mean_x5": "loss_aware"}  # -> the scores of each round
-CALIBRATION_SEED = 123
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
 
 
@@ -147,8 +146,7 @@ def score(name: str, ir: PruningIR, x, y) -> None:
     if name in ("loss_aware", "loss_aware_joint"):
         model.eval()
         with LossAwareCriterion(ir, joint=name == "loss_aware_joint") as collector:
-            for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
-                F.cross_entropy(collector(xb), yb).backward()
+            calibration(x, y, CALIBRATION_BATCH)(collector)
         model.zero_grad(set_to_none=True)
     elif name == "magnitude":
         MagnitudeCriterion(ir).apply()
@@ -202,11 +200,7 @@ def prune_in_rounds(trained, name: str, selection: str, ratio: float, budget: fl
     criterion = functools.partial(LossAwareCriterion, joint=IN_ROUNDS[name] == "loss_aware_joint")
     options = dict(rounds=rounds, criterion=criterion, batchnorm_loader=list(batches(x, x, 64, seed=None)),
                    inplace=True, verbose=False)
-
-    def calibrate(collector) -> None:
-        for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
-            F.cross_entropy(collector(xb), yb).backward()
-
+    calibrate = calibration(x, y, CALIBRATION_BATCH)
     cost, normalize = bind(count_macs, example), NORMALIZE.get(name)
     if selection == "uniform":
         pruned = rounds_of(ir, UniformLabelSelector, ratio, calibrate, **options)
@@ -243,8 +237,7 @@ def tp_calibrated(trained, x, y):
     """A copy of ``trained`` holding the loss gradients of the calibration data (for GroupTaylorImportance)."""
     model = copy.deepcopy(trained).eval()
     model.zero_grad()
-    for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
-        F.cross_entropy(model(xb), yb).backward()
+    calibration(x, y, CALIBRATION_BATCH)(model)
     return model
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from digits_model import accuracy, batches, build_model, digits_data, reestimate
 from pruning_ir import PruningIR  # noqa: E402
 from pruning_ir.criteria import LossAwareCriterion  # noqa: E402
 
-__all__ = ["Digits", "trained_digits", "score_loss_aware", "evaluate_pruned"]
+__all__ = ["Digits", "trained_digits", "calibration", "score_loss_aware", "evaluate_pruned"]
 
 CALIBRATION_BATCH = 8       # small batches: Molchanov's per-batch square tends to the per-sample one
 CALIBRATION_SEED = 123
@@ -55,12 +56,20 @@ def trained_digits(seed: int = 0, width: int = 32, epochs: int = 20) -> Digits:
     return Digits(model, x_train, y_train, x_test, y_test)
 
 
+def calibration(x: torch.Tensor, y: torch.Tensor, batch: int = CALIBRATION_BATCH) -> Callable[[Callable], None]:
+    """``calibrate(score_collector)``: one pass over ``(x, y)`` in shuffled batches, a backward each
+    (the calibration loop of every benchmark, for a criterion context or ``prune_in_rounds``)."""
+    def calibrate(collector: Callable) -> None:
+        for xb, yb in batches(x, y, batch, seed=CALIBRATION_SEED):
+            F.cross_entropy(collector(xb), yb).backward()
+    return calibrate
+
+
 def score_loss_aware(ir: PruningIR, x: torch.Tensor, y: torch.Tensor) -> None:
     """Set the IR's scores with LossAwareCriterion: one eval-mode pass over ``(x, y)``."""
     ir.model.eval()
     with LossAwareCriterion(ir) as collector:
-        for xb, yb in batches(x, y, CALIBRATION_BATCH, seed=CALIBRATION_SEED):
-            F.cross_entropy(collector(xb), yb).backward()
+        calibration(x, y)(collector)
     ir.model.zero_grad(set_to_none=True)
 
 

@@ -48,13 +48,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from digits import Digits, score_loss_aware, trained_digits  # noqa: E402
+from digits import Digits, calibration, score_loss_aware, trained_digits  # noqa: E402
 from digits_model import accuracy, batches, reestimate_batchnorm  # noqa: E402
 
-from pruning_ir import GradualPruner, KnapsackLabelSelector, PruningIR  # noqa: E402
+from pruning_ir import GradualPruner, KnapsackLabelSelector, PruningIR, prune_in_rounds  # noqa: E402
 from pruning_ir.latency import bind, macs  # noqa: E402
 
 KEPT_MACS = 0.3        # 70% of the MACs removed
+ROUNDS = 5             # the rounds arm: scoring and selection rounds before the fine-tuning
 LEARNING_RATE = 1e-3
 BATCH = 64
 
@@ -80,12 +81,8 @@ def train_epochs(model: nn.Module, data: Digits, epochs: int, seed: int, pruner:
                 pruner.step()
 
 
-def one_shot(data: Digits, latency, epochs: int, seed: int) -> dict:
-    started = time.perf_counter()
-    ir = PruningIR(copy.deepcopy(data.model))
-    score_loss_aware(ir, data.x_train, data.y_train)
-    labels = KnapsackLabelSelector(KEPT_MACS * latency(data.model), latency, verbose=False).select(ir)
-    model = ir.prune(labels=labels).model
+def fine_tuned(model: nn.Module, data: Digits, latency, epochs: int, seed: int, started: float) -> dict:
+    """Accuracy of a pruned ``model`` as it is, after batch-norm re-estimation, and after ``epochs``."""
     result = {"pruned": accuracy(model, data.x_test, data.y_test)}
     reestimate_batchnorm(model, data.x_train)
     result["bn"] = accuracy(model, data.x_test, data.y_test)
@@ -95,6 +92,26 @@ def one_shot(data: Digits, latency, epochs: int, seed: int) -> dict:
     result["macs"] = latency(model) / latency(data.model)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def one_shot(data: Digits, latency, epochs: int, seed: int) -> dict:
+    started = time.perf_counter()
+    ir = PruningIR(copy.deepcopy(data.model))
+    score_loss_aware(ir, data.x_train, data.y_train)
+    labels = KnapsackLabelSelector(KEPT_MACS * latency(data.model), latency, verbose=False).select(ir)
+    return fine_tuned(ir.prune(labels=labels).model, data, latency, epochs, seed, started)
+
+
+def in_rounds(data: Digits, latency, epochs: int, seed: int) -> dict:
+    """The one-shot arm's removal in ROUNDS rounds of scoring and Knapsack selection (``prune_in_rounds``)."""
+    started = time.perf_counter()
+    ir = PruningIR(copy.deepcopy(data.model).eval()).infer_labels(data.x_train[:1])
+    pruned = prune_in_rounds(ir, knapsack_factory(latency), KEPT_MACS * latency(data.model),
+                             calibration(data.x_train, data.y_train), rounds=ROUNDS, latency_function=latency,
+                             batchnorm_loader=list(batches(data.x_train, data.x_train, BATCH, seed=None)),
+                             inplace=True, verbose=False)
+    pruned.model.zero_grad(set_to_none=True)
+    return fine_tuned(pruned.model.eval(), data, latency, epochs, seed, started)
 
 
 def gradual(data: Digits, latency, epochs: int, seed: int, end_fraction: float, updates_per_epoch: int) -> dict:
@@ -143,25 +160,27 @@ def main() -> None:
         latency = bind(macs, data.x_train[:1])
         for epochs in args.epochs:
             shot = one_shot(data, latency, epochs, seed)
+            rounds = in_rounds(data, latency, epochs, seed)
             grad = gradual(data, latency, epochs, seed, args.end_fraction, args.updates_per_epoch)
             rows.append({"seed": seed, "epochs": epochs, "base": data.test_accuracy, "one_shot": shot,
-                         "gradual": grad})
-            print(f"seed {seed}, {epochs} epochs: base {data.test_accuracy:.4f} | one-shot pruned "
-                  f"{shot['pruned']:.4f}"
-                  f" bn {shot['bn']:.4f} final {shot['final']:.4f} (MACs {shot['macs']:.3f}, {shot['seconds']:.0f} s)"
-                  f" | gradual masked {grad['masked']:.4f} final {grad['final']:.4f} (MACs {grad['macs']:.3f}, "
+                         "rounds": rounds, "gradual": grad})
+            print(f"seed {seed}, {epochs} epochs: base {data.test_accuracy:.4f}"
+                  + "".join(f" | {arm} bn {row['bn']:.4f} final {row['final']:.4f} (MACs {row['macs']:.3f}, "
+                            f"{row['seconds']:.0f} s)" for arm, row in (("one-shot", shot), ("rounds", rounds)))
+                  + f" | gradual masked {grad['masked']:.4f} final {grad['final']:.4f} (MACs {grad['macs']:.3f}, "
                   f"{grad['updates']} updates, {grad['seconds']:.0f} s)", flush=True)
-    print(f"\n{'epochs':>6} {'seed':>5} {'base':>7} {'one-shot':>9} {'gradual':>8} {'MACs 1-shot':>12} "
-          f"{'MACs grad':>10}")
+    arms = ("one_shot", "rounds", "gradual")
+    print(f"\n{'epochs':>6} {'seed':>5} {'base':>7} " + " ".join(f"{arm:>9}" for arm in arms) + "  MACs kept")
     summary = {}
     for epochs in args.epochs:
         group = [row for row in rows if row["epochs"] == epochs]
         for row in group:
-            print(f"{epochs:>6} {row['seed']:>5} {row['base']:>7.4f} {row['one_shot']['final']:>9.4f} "
-                  f"{row['gradual']['final']:>8.4f} {row['one_shot']['macs']:>12.3f} {row['gradual']['macs']:>10.3f}")
-        summary[epochs] = {arm: statistics.mean(row[arm]["final"] for row in group) for arm in ("one_shot", "gradual")}
+            print(f"{epochs:>6} {row['seed']:>5} {row['base']:>7.4f} "
+                  + " ".join(f"{row[arm]['final']:>9.4f}" for arm in arms) + "  "
+                  + " ".join(f"{row[arm]['macs']:.3f}" for arm in arms))
+        summary[epochs] = {arm: statistics.mean(row[arm]["final"] for row in group) for arm in arms}
         print(f"{epochs:>6} {'mean':>5} {statistics.mean(row['base'] for row in group):>7.4f} "
-              f"{summary[epochs]['one_shot']:>9.4f} {summary[epochs]['gradual']:>8.4f}")
+              + " ".join(f"{summary[epochs][arm]:>9.4f}" for arm in arms))
     report = {"kept_macs": KEPT_MACS, "epochs": args.epochs, "base_epochs": args.base_epochs,
               "end_fraction": args.end_fraction, "updates_per_epoch": args.updates_per_epoch,
               "learning_rate": LEARNING_RATE, "batch": BATCH, "seeds": args.seeds, "rows": rows,

@@ -101,3 +101,17 @@ def test_finetune_length_smoke(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.load(open(merged))["table"] == data["table"]
+
+
+def test_gradual_smoke():
+    """benchmarks/gradual.py --quick: the one-shot, rounds and gradual arms all land on the MACs
+    target (0.3 of the unpruned MACs) with an accuracy each."""
+    script = os.path.join(os.path.dirname(RUNNER), "gradual.py")
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    header = next(line for line in done.stdout.splitlines() if line.split()[:1] == ["epochs"])
+    assert header.split()[3:6] == ["one_shot", "rounds", "gradual"]
+    row = next(line.split() for line in done.stdout.splitlines() if line.split()[:2] == ["2", "0"])
+    accuracies, kept = [float(value) for value in row[3:6]], [float(value) for value in row[6:9]]
+    assert all(0.1 < value <= 1.0 for value in accuracies)
+    assert all(0.2 < value <= 0.3 + 1e-9 for value in kept)
