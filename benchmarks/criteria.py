@@ -191,10 +191,11 @@ def select(ir: PruningIR, selection: str, ratio: float, budget: float, example, 
 def prune_in_rounds(trained, name: str, selection: str, ratio: float, budget: float, x, y, rounds: int = ROUNDS):
     """Remove what one-shot selection removes in ``rounds`` steps with ``pruning_ir.prune_in_rounds``,
     each step scored (``IN_ROUNDS[name]``'s scores) on the partly pruned model after re-estimating
-    its batch norms: uniform, a ``1/rounds`` share of the same per-group counts each round; global,
-    the network-wide lowest labels (``BinarySearchLatencyLabelSelector``, normalized as ``name``
-    says) down to a ``1/rounds`` share of the MACs to remove each round. Re-scoring sees how the
-    remaining channels take over from the removed ones, which no score of the full model can."""
+    its batch norms: uniform, a ``1/rounds`` share of the same per-group counts each round; global
+    and knapsack, the network-wide lowest labels (``BinarySearchLatencyLabelSelector``) or the
+    Knapsack's choice, normalized as ``name`` says, down to a ``1/rounds`` share of the MACs to
+    remove each round. Re-scoring sees how the remaining channels take over from the removed
+    ones, which no score of the full model can."""
     example = x[:1]
     ir = PruningIR(copy.deepcopy(trained).eval()).infer_labels(example)
     criterion = functools.partial(LossAwareCriterion, joint=IN_ROUNDS[name] == "loss_aware_joint")

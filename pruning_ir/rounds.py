@@ -67,7 +67,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         inplace: prune ``ir``'s model itself (less memory; ``ir`` is used up).
         verbose: a progress bar over the rounds.
 
-    Returns the pruned IR, like ``ir.prune``: its model is the smaller model.
+    Returns the pruned IR, like ``ir.prune``: its model is the smaller model, without the
+    gradients the calibration passes left.
     """
     if not isinstance(ir, PruningIR):
         raise TypeError(f"prune_in_rounds expects a PruningIR, got {type(ir).__name__}")
@@ -91,6 +92,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         if batchnorm_loader is not None:
             tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)
     pruner.finalize(inplace=True)
+    pruner.pruned_ir.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
     return pruner.pruned_ir
 
 

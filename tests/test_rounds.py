@@ -45,6 +45,7 @@ def test_rounds_end_at_the_one_shot_widths_scored_on_the_partly_pruned_model():
     assert len(seen) == 3 and seen[0] == 0 and 0 < seen[1] < seen[2] < total // 2  # each round sees the last masks
     assert not torch_prune.is_pruned(model) and not torch_prune.is_pruned(pruned.model)
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert all(parameter.grad is None for parameter in pruned.model.parameters())
     assert pruned.model(x).shape == (len(x), 5)
 
 
