@@ -38,7 +38,11 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
   ``GroupMagnitudeImportance(p=2)`` with their defaults (``normalizer="mean"``) in
   ``MetaPruner`` (``global_pruning`` for the global selection), its ratio bisected to the
   MACs closest to the budget (uniform widths are rounded per layer, so it can land a little
-  above it: see ``macs``).
+  above it: see ``macs``),
+* ``tp_taylor_x5``: ``tp_taylor`` in the same 5 rounds as ``loss_aware_x5``: each round
+  recomputes the calibration gradients on the partly pruned model, prunes it to the next of 5
+  MACs targets falling linearly to the budget, and re-estimates its batch norms (Torch-Pruning's
+  magnitude needs no rounds: without a weight update its scores do not change).
 
 Taylor criteria see the same calibration data: one pass over the training set in eval mode,
 batches of 8 (Torch-Pruning accumulates the gradients of all of them). Reported: test accuracy
@@ -112,7 +116,7 @@ RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
 OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean", "magnitude", "magnitude_bn",
         "random", "loss_aware_x5", "loss_aware_mean_x5")
-THEIRS = ("tp_taylor", "tp_magnitude")
+THEIRS = ("tp_taylor", "tp_magnitude", "tp_taylor_x5")
 SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
 NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_mean_x5": "mean",
              "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
@@ -122,7 +126,8 @@ AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "ran
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
 FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
 ROUNDS = 5  # *_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
-IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_mean_x5": "loss_aware"}  # -> the scores of each round
+IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_mean_x5": "loss_aware",  # -> the scores of each round
+             "tp_taylor_x5": "tp_taylor"}
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
 
 
@@ -131,13 +136,15 @@ def macs(model, example) -> float:
     return count_macs(model, example)
 
 
-def criteria_for(selection: str) -> tuple[str, ...]:
-    """The criteria a selection is run with."""
+def criteria_for(selection: str, only: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The criteria a selection is run with (those in ``only``, when given)."""
     if selection == "knapsack":
-        return KNAPSACK
-    if selection == "tp_widths":
-        return AT_WIDTHS
-    return tuple(name for name in OURS + THEIRS if selection == "global" or name not in SCORED)
+        names = KNAPSACK
+    elif selection == "tp_widths":
+        names = AT_WIDTHS
+    else:
+        names = tuple(name for name in OURS + THEIRS if selection == "global" or name not in SCORED)
+    return tuple(name for name in names if only is None or name in only)
 
 
 def score(name: str, ir: PruningIR, x, y) -> None:
@@ -242,6 +249,24 @@ def tp_calibrated(trained, x, y):
     return model
 
 
+def tp_in_rounds(trained, importance: str, budget: float, global_pruning: bool, x, y, rounds: int = ROUNDS):
+    """Torch-Pruning's ``importance`` in ``rounds`` steps, as ``prune_in_rounds`` does ours: each
+    round recomputes the calibration gradients on the partly pruned model, prunes it to the next
+    of ``rounds`` MACs targets falling linearly to ``budget`` (``tp_at_macs``) and re-estimates
+    its batch norms. Returns the model and each round's ratio."""
+    example = x[:1]
+    model, ratios = copy.deepcopy(trained).eval(), []
+    base = macs(model, example)
+    for k in range(1, rounds + 1):
+        model.zero_grad()
+        calibration(x, y, CALIBRATION_BATCH)(model)
+        model, _, ratio = tp_at_macs(model, importance, base - (base - budget) * k / rounds, global_pruning, example)
+        model = reestimate_batchnorm(model, x).eval()
+        ratios.append(round(ratio, 4))
+    model.zero_grad(set_to_none=True)
+    return model, ratios
+
+
 def tp_at_macs(model, importance: str, target: float, global_pruning: bool, example):
     """Torch-Pruning's ratio whose pruned model has the MACs closest to ``target`` (bisection)."""
     low, high, best = 0.0, 0.95, None
@@ -307,8 +332,10 @@ def uniform_meeting_point(ir: PruningIR, trained, ratio: float, budget: float, e
     return uniform_ratio_for(ir, reached, example), reached
 
 
-def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FINETUNES) -> list[dict]:
-    """Every (selection, ratio, criterion) row of one seed, plus the unpruned model."""
+def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FINETUNES,
+        selections: tuple[str, ...] = SELECTIONS, only: tuple[str, ...] | None = None) -> list[dict]:
+    """Every (selection, ratio, criterion) row of one seed, plus the unpruned model; ``selections``
+    and ``only`` (criterion names) restrict the run to a part of the table."""
     data = digits_data(seed=seed)
     x_train, y_train, x_test, y_test = data
     trained = train(build_model(seed=seed), x_train, y_train, epochs=epochs, seed=seed)
@@ -331,18 +358,21 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
             budget = macs(scored["random"].prune(labels=UniformLabelSelector(ratio).select(scored["random"])).model,
                           example)
         reference = None  # (model, row) of WIDTHS_FROM under global selection
-        for selection in SELECTIONS:
+        for selection in (name for name in SELECTIONS if name in selections):
             selection_ratio, selection_budget = uniform_ratio, budget
             if selection == "uniform":
                 selection_ratio, selection_budget = uniform_meeting_point(scored["random"], trained, uniform_ratio,
                                                                           budget, example)
-            for name in criteria_for(selection):
+            for name in criteria_for(selection, only):
                 extra = {}
                 if selection == "tp_widths" and name == WIDTHS_FROM:  # the reference itself: its global row
                     rows.append({**reference[1], "selection": selection})
                     continue
                 if selection == "tp_widths":
                     pruned = prune_to_widths(copy.deepcopy(scored[name]), widths(reference[0]))
+                elif name in THEIRS and name in IN_ROUNDS:
+                    pruned, extra["tp_ratio"] = tp_in_rounds(trained, IN_ROUNDS[name], selection_budget,
+                                                             selection == "global", x_train, y_train)
                 elif name in THEIRS:
                     pruned, _, tp_ratio = tp_at_macs(calibrated if name == "tp_taylor" else trained, name,
                                                      selection_budget, selection == "global", example)
@@ -396,6 +426,8 @@ def compare(rows: list[dict]) -> list[dict]:
         others = [e for e in table if e["ratio"] == ratio and not e["criterion"].startswith("loss_aware")
                   and e["selection"] != "-" and (e["selection"] == selection
                                                  or selection == "knapsack" and e["selection"] != "tp_widths")]
+        if not others:  # a partial run (--criteria) without the rivals of this selection
+            continue
         for column in ("bn", "ft1"):
             best = max(others, key=lambda e: e[column])
             ours = {r["seed"]: r[column] for r in rows
@@ -446,10 +478,17 @@ def main() -> None:
                         help="a ratio is the share of labels removed (uniform) or of MACs removed")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                        "criteria.json"))
+    parser.add_argument("--selections", nargs="+", choices=SELECTIONS, default=list(SELECTIONS),
+                        help="run only these selections (merge the result with the rest)")
+    parser.add_argument("--criteria", nargs="+", choices=OURS + THEIRS, metavar="CRITERION",
+                        help="run only these criteria (merge the result with the rest)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="no run: combine the rows of these JSON files (runs of other seeds or other "
                              "criteria, same settings)")
     args = parser.parse_args()
+    if "tp_widths" in args.selections and ("global" not in args.selections
+                                           or args.criteria and WIDTHS_FROM not in args.criteria):
+        parser.error(f"tp_widths takes its widths from {WIDTHS_FROM} under global selection: run both")
     torch.set_num_threads(args.threads)
     start = time.time()
     rows = []
@@ -465,7 +504,8 @@ def main() -> None:
             keys.setdefault((row["seed"], row["selection"], row["ratio"], row["criterion"]), row)
         rows = list(keys.values())
     for seed in [] if args.merge else args.seeds:
-        rows.extend(run(seed, args.epochs, args.budget, args.finetunes))
+        rows.extend(run(seed, args.epochs, args.budget, args.finetunes, tuple(args.selections),
+                        tuple(args.criteria) if args.criteria else None))
         print(f"seed {seed} done [{time.time() - start:.0f} s]", flush=True)
     table, comparisons = summarize(rows), compare(rows)
     print(f"digits, DigitsResNet, seeds {args.seeds}: mean test accuracy (%), MACs kept  [{time.time() - start:.0f} s]")

@@ -68,13 +68,15 @@ def test_sections_have_rows_for_both_libraries(quick_run):
 
 def test_quality_prunes_in_rounds_to_the_one_shot_budget(quick_run):
     """The criteria benchmark's rounds (``pruning_ir.prune_in_rounds``) run for every selection and
-    end where one-shot selection does: uniform at its widths, global and knapsack within the MACs."""
+    end where one-shot selection does: uniform at its widths, global and knapsack within the MACs;
+    Torch-Pruning's Taylor criterion runs in rounds too (uniform and global)."""
     rows = _load(quick_run, "quality")["criteria"]["rows"]
     rounds = [row for row in rows if row["criterion"].endswith("_x5")]
     assert {(row["selection"], row["criterion"]) for row in rounds} == {
         (selection, criterion) for selection in ("uniform", "global", "knapsack")
-        for criterion in ("loss_aware_x5", "loss_aware_mean_x5")}
-    for row in rounds:
+        for criterion in ("loss_aware_x5", "loss_aware_mean_x5")} | {("uniform", "tp_taylor_x5"),
+                                                                    ("global", "tp_taylor_x5")}
+    for row in (row for row in rounds if row["criterion"].startswith("loss_aware")):
         one_shot = next(other for other in rows if other["criterion"] == "loss_aware_joint" and
                         (other["seed"], other["selection"], other["ratio"]) == (row["seed"], row["selection"],
                                                                                 row["ratio"]))
@@ -115,3 +117,32 @@ def test_gradual_smoke():
     accuracies, kept = [float(value) for value in row[3:6]], [float(value) for value in row[6:9]]
     assert all(0.1 < value <= 1.0 for value in accuracies)
     assert all(0.2 < value <= 0.3 + 1e-9 for value in kept)
+
+
+def _criteria(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
+    """benchmarks/criteria.py at the 50% ratio only, with ``arguments``."""
+    folder = os.path.dirname(RUNNER)
+    code = f"import sys; sys.path.insert(0, {folder!r}); import criteria; criteria.RATIOS = (0.5,); criteria.main()"
+    return subprocess.run([sys.executable, "-c", code, "--seeds", "0", "--epochs", "1", "--finetunes", "1",
+                           *arguments], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
+    """criteria.py --selections/--criteria runs only those rows; --merge puts two parts together
+    and compares the LossAware one against the rivals of the other; tp_widths needs its reference."""
+    parts = [str(tmp_path / "rivals.json"), str(tmp_path / "ours.json")]
+    for path, criteria in zip(parts, (["random", "magnitude"], ["loss_aware_joint"])):
+        done = _criteria(tmp_path, "--selections", "uniform", "--criteria", *criteria, "--json", path)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        rows = json.load(open(path))["rows"]
+        assert {(row["selection"], row["criterion"]) for row in rows} == {
+            ("-", "unpruned"), *(("uniform", name) for name in criteria)}
+    merged = str(tmp_path / "merged.json")
+    done = _criteria(tmp_path, "--merge", *parts, "--json", merged)
+    assert done.returncode == 0, done.stderr[-3000:]
+    comparisons = json.load(open(merged))["comparisons"]
+    assert {(c["criterion"], c["column"]) for c in comparisons} == {("loss_aware_joint", "bn"),
+                                                                    ("loss_aware_joint", "ft1")}
+    assert all(c["other"] in ("random", "magnitude") for c in comparisons)
+    done = _criteria(tmp_path, "--selections", "tp_widths")
+    assert done.returncode == 2 and "tp_widths takes its widths from tp_magnitude" in done.stderr
