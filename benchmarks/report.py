@@ -105,7 +105,8 @@ def quality_md(data: dict) -> list[str]:
         return ["No quality table."]
     criteria = _ordered(dict.fromkeys(e["criterion"] for e in entries if e["criterion"] != "unpruned"))
     keys = list(dict.fromkeys((e["selection"], e["ratio"]) for e in entries if e["criterion"] != "unpruned"))
-    lines = [f"Test accuracy (%) of the digits CNN (unpruned {100 * base['pruned']:.2f}%), mean of seeds "
+    lines = [f"Test accuracy (%) of the digits CNN (unpruned {100 * base['pruned']:.2f}%, {100 * base['bn']:.2f}% with "
+             f"its batch norms re-estimated), mean of seeds "
              f"{c.get('seeds')}, by `{data['settings']['command']}`: every model of one ratio is pruned to the same "
              + ("MACs budget, (1 - ratio) of the unpruned MACs (uniform selection removes the smallest share of "
                 "every group that meets it; " if c.get("budget") == "macs" else
