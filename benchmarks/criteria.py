@@ -85,6 +85,16 @@ Seeds can run in parallel processes (one thread each) and be combined without re
     python benchmarks/criteria.py --seeds 3 4 5 --json b.json
     (then seeds 6 7 8 -> c.json and 9 10 11 -> d.json the same way)
     python benchmarks/criteria.py --merge a.json b.json c.json d.json --json benchmarks/results/criteria.json
+
+Part of the table (``--selections``, ``--criteria``) runs alone and merges with the rest; the
+held-out check ``results/criteria_heldout.json`` (seeds 12-23; uniform, global and knapsack;
+the criteria of the rounds comparison) was run so::
+
+    python benchmarks/criteria.py --seeds 12 13 14 15 16 17 --selections uniform global --criteria loss_aware_joint \
+        loss_aware_x5 loss_aware_mean_x5 magnitude magnitude_bn random tp_taylor tp_magnitude tp_taylor_x5 --json a.json
+    python benchmarks/criteria.py --seeds 12 13 14 15 16 17 --selections knapsack --criteria loss_aware_joint \
+        loss_aware_x5 --json b.json
+    (the same for seeds 18 19 20 21 22 23 in a second process, then --merge the four files)
 """
 
 from __future__ import annotations
