@@ -119,7 +119,7 @@ def test_gradual_smoke():
     assert all(0.2 < value <= 0.3 + 1e-9 for value in kept)
 
 
-def _criteria(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
+def _run_criteria_script(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
     """benchmarks/criteria.py at the 50% ratio only, with ``arguments``."""
     folder = os.path.dirname(RUNNER)
     code = f"import sys; sys.path.insert(0, {folder!r}); import criteria; criteria.RATIOS = (0.5,); criteria.main()"
@@ -132,17 +132,17 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     and compares the LossAware one against the rivals of the other; tp_widths needs its reference."""
     parts = [str(tmp_path / "rivals.json"), str(tmp_path / "ours.json")]
     for path, criteria in zip(parts, (["random", "magnitude"], ["loss_aware_joint"])):
-        done = _criteria(tmp_path, "--selections", "uniform", "--criteria", *criteria, "--json", path)
+        done = _run_criteria_script(tmp_path, "--selections", "uniform", "--criteria", *criteria, "--json", path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         rows = json.load(open(path))["rows"]
         assert {(row["selection"], row["criterion"]) for row in rows} == {
             ("-", "unpruned"), *(("uniform", name) for name in criteria)}
     merged = str(tmp_path / "merged.json")
-    done = _criteria(tmp_path, "--merge", *parts, "--json", merged)
+    done = _run_criteria_script(tmp_path, "--merge", *parts, "--json", merged)
     assert done.returncode == 0, done.stderr[-3000:]
     comparisons = json.load(open(merged))["comparisons"]
     assert {(c["criterion"], c["column"]) for c in comparisons} == {("loss_aware_joint", "bn"),
                                                                     ("loss_aware_joint", "ft1")}
     assert all(c["other"] in ("random", "magnitude") for c in comparisons)
-    done = _criteria(tmp_path, "--selections", "tp_widths")
+    done = _run_criteria_script(tmp_path, "--selections", "tp_widths")
     assert done.returncode == 2 and "tp_widths takes its widths from tp_magnitude" in done.stderr
