@@ -266,13 +266,11 @@ def tp_in_rounds(trained, importance: str, budget: float, global_pruning: bool, 
     round recomputes the calibration gradients on the partly pruned model, prunes it to the next
     of ``rounds`` MACs targets falling linearly to ``budget`` (``tp_at_macs``) and re-estimates
     its batch norms. Returns the model and each round's ratio."""
-    example = x[:1]
-    model, ratios = copy.deepcopy(trained).eval(), []
+    example, model, ratios = x[:1], trained, []
     base = macs(model, example)
     for k in range(1, rounds + 1):
-        model.zero_grad()
-        calibration(x, y, CALIBRATION_BATCH)(model)
-        model, _, ratio = tp_at_macs(model, importance, base - (base - budget) * k / rounds, global_pruning, example)
+        model, _, ratio = tp_at_macs(tp_calibrated(model, x, y), importance, base - (base - budget) * k / rounds,
+                                     global_pruning, example)
         model = reestimate_batchnorm(model, x).eval()
         ratios.append(round(ratio, 4))
     model.zero_grad(set_to_none=True)
