@@ -105,8 +105,10 @@ def quality_md(data: dict) -> list[str]:
         return ["No quality table."]
     criteria = _ordered(dict.fromkeys(e["criterion"] for e in entries if e["criterion"] != "unpruned"))
     keys = list(dict.fromkeys((e["selection"], e["ratio"]) for e in entries if e["criterion"] != "unpruned"))
+    lr = c.get("finetune_lr")  # files without it fine-tuned at 1e-3 and did not fine-tune the unpruned model
+    tuned = f", {100 * base['ft1']:.2f}% after the same epoch of fine-tuning as the pruned ones" if lr else ""
     lines = [f"Test accuracy (%) of the digits CNN (unpruned {100 * base['pruned']:.2f}%, {100 * base['bn']:.2f}% with "
-             f"its batch norms re-estimated), mean of seeds "
+             f"its batch norms re-estimated{tuned}), mean of seeds "
              f"{c.get('seeds')}, by `{data['settings']['command']}`: every model of one ratio is pruned to the same "
              + ("MACs budget, (1 - ratio) of the unpruned MACs (uniform selection removes the smallest share of "
                 "every group that meets it; " if c.get("budget") == "macs" else
@@ -115,7 +117,7 @@ def quality_md(data: dict) -> list[str]:
              "`tp_*` are Torch-Pruning's GroupTaylorImportance / GroupMagnitudeImportance in MetaPruner "
              "(global selection: `global_pruning=True`); `-`: not run for that selection.", ""]
     titles = {"pruned": "right after pruning", "bn": "after batch-norm re-estimation (no weight update)",
-              "ft1": "after one epoch of fine-tuning"}
+              "ft1": f"after one epoch of fine-tuning (Adam, lr {lr or 1e-3:g})"}
     for column in ("pruned", "bn", "ft1"):
         rows = []
         for selection, ratio in keys:

@@ -137,6 +137,8 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
         rows = json.load(open(path))["rows"]
         assert {(row["selection"], row["criterion"]) for row in rows} == {
             ("-", "unpruned"), *(("uniform", name) for name in criteria)}
+        unpruned = next(row for row in rows if row["criterion"] == "unpruned")
+        assert len(unpruned["ft1_runs"]) == 1  # the unpruned model is fine-tuned like the pruned ones
     merged = str(tmp_path / "merged.json")
     done = _run_criteria_script(tmp_path, "--merge", *parts, "--json", merged)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -144,5 +146,11 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     assert {(c["criterion"], c["column"]) for c in comparisons} == {("loss_aware_joint", "bn"),
                                                                     ("loss_aware_joint", "ft1")}
     assert all(c["other"] in ("random", "magnitude") for c in comparisons)
+    earlier = json.load(open(parts[1]))
+    assert earlier["finetune_lr"] == 3e-4
+    del earlier["finetune_lr"]  # a file of the earlier protocol, fine-tuned at 1e-3
+    json.dump(earlier, open(tmp_path / "earlier.json", "w"))
+    done = _run_criteria_script(tmp_path, "--merge", parts[0], str(tmp_path / "earlier.json"), "--json", merged)
+    assert done.returncode == 2 and "finetune_lr" in done.stderr
     done = _run_criteria_script(tmp_path, "--selections", "tp_widths")
     assert done.returncode == 2 and "tp_widths takes its widths from tp_magnitude" in done.stderr
