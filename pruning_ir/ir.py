@@ -13,7 +13,8 @@ from . import masking
 from .errors import InvalidLabelsError, LabelsNotInferredError, PruningIRError
 from .labels import ChannelIndex, DependencyGroup, Label
 from .propagation import propagate
-from .pruning import prune_model
+from .optimizer_state import move_optimizer, plan_optimizer_move
+from .pruning import prune_model, slice_plans
 from .tracing import LeafModule, LeafPolicy, trace_model
 
 # Modules whose internals are not recorded because a rule describes them whole.
@@ -26,8 +27,9 @@ class PruningIR:
     ``PruningIR(model)`` is cheap; labels are inferred from concrete inputs, on the first
     call inside a criterion or explicitly with :meth:`infer_labels`. ``prune(labels=...)``
     returns a new IR whose ``.model`` is the same class as the original, physically
-    smaller. Pruning replaces parameters: build the optimizer from ``ir.model.parameters()``
-    after pruning (an optimizer made before keeps the old, full-size tensors).
+    smaller. Pruning replaces parameters: pass the optimizer to ``prune(..., optimizer=)`` to
+    move it onto the pruned model, or build a new one from ``ir.model.parameters()`` (an
+    optimizer made before and not passed keeps the old, full-size tensors).
     """
 
     LeafModule = LeafModule
@@ -117,13 +119,15 @@ class PruningIR:
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, name: str = "main", *, labels: Iterable[Label], inplace: bool = False,
-              skip_label_checking: bool = False) -> "PruningIR":
+              skip_label_checking: bool = False, optimizer: torch.optim.Optimizer | None = None) -> "PruningIR":
         """Remove ``labels`` physically; returns the IR of the pruned model.
 
         ``inplace=False`` (default) leaves the original model untouched and works on a copy;
         ``inplace=True`` modifies it (less memory) and this IR can no longer be used. Masks
         (``mask()``) are baked first: the result holds no masks and equals the masked model
-        without the removed channels.
+        without the removed channels. ``optimizer`` (built on this model's parameters) is moved
+        onto the pruned model, its state (momentum, Adam's moments) sliced like the parameters,
+        so training goes on without rebuilding it (``pruning_ir.optimizer_state``).
         """
         self.snapshot(name)
         index = self._require_index()
@@ -132,8 +136,11 @@ class PruningIR:
             self._check_labels(labels)
         classes = np.array([label.class_id for label in labels], dtype=np.int64)
         removed = index.removal_mask(classes)
+        move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, slice_plans(index, removed))
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
         model = prune_model(plain, index, removed, inplace or plain is not self._model)
+        if move is not None:
+            move_optimizer(optimizer, move, model)
         pruned = PruningIR.__new__(PruningIR)
         pruned.__dict__.update(self.__dict__)
         pruned.__dict__.pop(masking.STATE_ATTRIBUTE, None)

@@ -19,7 +19,8 @@ from .errors import PruningIRError
 from .labels import ChannelIndex
 
 
-def _slice_plans(index: ChannelIndex, removed: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
+def slice_plans(index: ChannelIndex, removed: np.ndarray) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Per parameter or buffer name, the (dim, kept positions) slices that removing ``removed`` takes."""
     plans: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for binding in index.parameter_bindings:
         drop = removed[binding.classes]
@@ -47,7 +48,8 @@ def _new_attribute_values(index: ChannelIndex, removed: np.ndarray) -> dict[tupl
     return values
 
 
-def _sliced(tensor: torch.Tensor, plan: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+def sliced_tensor(tensor: torch.Tensor, plan: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """A copy of ``tensor`` keeping the positions of ``plan`` (a parameter stays a parameter)."""
     data = tensor.detach()
     for dim, keep in plan:  # index_select copies: the result never shares the original's storage
         data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
@@ -79,14 +81,14 @@ def _set_attribute(module: nn.Module, attribute: str, value: int, tuple_index: i
 
 def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inplace: bool) -> nn.Module:
     """Return ``model`` (or a copy) with the positions of every removed class sliced away."""
-    plans = _slice_plans(index, removed)
+    plans = slice_plans(index, removed)
     attributes = _new_attribute_values(index, removed)
     modules = dict(model.named_modules(remove_duplicate=False))
     originals = {}
     for name in plans:
         path, _, attribute = name.rpartition(".")
         originals[name] = getattr(modules[path], attribute)
-    replacements = {id(originals[name]): _sliced(originals[name], plan) for name, plan in plans.items()}
+    replacements = {id(originals[name]): sliced_tensor(originals[name], plan) for name, plan in plans.items()}
     if inplace:
         target = model
         holder_map = tensor_holders(model)
