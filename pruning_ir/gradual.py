@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -170,11 +171,12 @@ class GradualPruner:
         self._open_window_if_due()
         self._show_progress()
 
-    def finalize(self, inplace: bool = False) -> nn.Module:
+    def finalize(self, inplace: bool = False, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
         """Prune the masked labels physically; returns the smaller model (``pruned_ir.model``).
 
         Its outputs equal the masked model's. ``inplace=True`` prunes the trained model itself
-        (less memory; ``ir`` is used up). Build a new optimizer for the returned model.
+        (less memory; ``ir`` is used up). ``optimizer`` (the training one) is moved onto the
+        returned model, its state sliced alike (``PruningIR.prune``); else build a new one.
         """
         if self.finalized:
             return self.pruned_ir.model
@@ -188,7 +190,7 @@ class GradualPruner:
         if inexact:
             warnings.warn(f"GradualPruner.finalize(): groups {sorted(inexact)} are inexact (see ir.describe()): "
                           "removing their masked channels changes the outputs", stacklevel=2)
-        self.pruned_ir = self.ir.prune(labels=masked, inplace=inplace)
+        self.pruned_ir = self.ir.prune(labels=masked, inplace=inplace, optimizer=optimizer)
         self.finalized = True
         self._progress = self._progress.close() if self._progress is not None else None
         return self.pruned_ir.model

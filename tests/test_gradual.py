@@ -304,6 +304,25 @@ def test_finalize_equals_the_masked_model_and_is_smaller():
     assert pruner.finalize() is small
 
 
+def test_finalize_carries_the_training_optimizer():
+    """finalize(optimizer=) moves the optimizer off the masked tensors: training the small model on
+    goes exactly as training the masked one would (momentum and weight decay included)."""
+    model = build()
+    ir = PruningIR(model)
+    pruner = GradualPruner(ir, UniformLabelSelector, mode="gradual", start=0.2, threshold=0.5, gamma=0.15,
+                           stepsize=3, verbose=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    train_steps(model, optimizer, pruner, steps=12)
+    x, _ = data()
+    outputs(model, x)  # recompute the masked weights outside autograd, so that the model can be copied
+    masked_model, masked_optimizer = copy.deepcopy((model, optimizer))
+    small = pruner.finalize(optimizer=optimizer)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in small.parameters()}
+    train_steps(small, optimizer, steps=3, seed=1)
+    train_steps(masked_model, masked_optimizer, steps=3, seed=1)
+    torch.testing.assert_close(outputs(small, x), outputs(masked_model, x), atol=1e-5, rtol=1e-4)
+
+
 def test_identity_changes_nothing():
     model = build()
     x, _ = data()
