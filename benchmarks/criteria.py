@@ -106,6 +106,13 @@ the criteria of the rounds comparison) was run so::
     python benchmarks/criteria.py --seeds 12 13 14 15 16 17 --selections knapsack --criteria loss_aware_joint \
         loss_aware_x5 --json b.json
     (the same for seeds 18 19 20 21 22 23 in a second process, then --merge the four files)
+
+Both of those fine-tuned at lr 1e-3. At the rate of now, 3e-4, ``results/criteria_lr3e-4_seeds12-23.json``
+(the same seeds re-run) and ``results/criteria_lr3e-4_seeds24-35.json`` (fresh ones) hold the same
+criteria and selections, plus the one-shot ``loss_aware``, ``loss_aware_mean`` and
+``loss_aware_joint_mean`` (one more part per file: ``--selections uniform global knapsack
+--criteria loss_aware loss_aware_mean loss_aware_joint_mean``); about 25 minutes on 2 cores
+per file. The 24 seeds together: ``--merge`` the two files.
 """
 
 from __future__ import annotations
