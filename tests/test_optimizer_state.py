@@ -124,3 +124,17 @@ def test_a_masked_model_moves_its_optimizer_off_the_masked_tensors():
     for parameter, state in optimizer.state.items():
         assert state["exp_avg"].shape == parameter.shape
     _train(pruned, optimizer, _data(1, seed=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_carried_state_stays_on_the_model_device():
+    model, ir, dead = _dead_model()
+    model.cuda()
+    ir = PruningIR(model).infer_labels(torch.randn(2, 3, 8, 8, device="cuda"))
+    dead = [label for group in ir.label_groups() for label in sorted(group, key=lambda label: label.channel)[:3]]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, optimizer, [(x.cuda(), y.cuda()) for x, y in _data(2, seed=1)])
+    pruned = ir.prune(labels=dead, optimizer=optimizer).model
+    for parameter, state in optimizer.state.items():
+        assert parameter.is_cuda and state["exp_avg"].is_cuda and state["exp_avg"].shape == parameter.shape
+    _train(pruned, optimizer, [(x.cuda(), y.cuda()) for x, y in _data(1, seed=2)])
