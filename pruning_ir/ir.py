@@ -136,9 +136,10 @@ class PruningIR:
             self._check_labels(labels)
         classes = np.array([label.class_id for label in labels], dtype=np.int64)
         removed = index.removal_mask(classes)
-        move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, slice_plans(index, removed))
+        plans = slice_plans(index, removed)
+        move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
-        model = prune_model(plain, index, removed, inplace or plain is not self._model)
+        model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
         if move is not None:
             move_optimizer(optimizer, move, model)
         pruned = PruningIR.__new__(PruningIR)

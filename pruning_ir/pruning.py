@@ -79,9 +79,10 @@ def _set_attribute(module: nn.Module, attribute: str, value: int, tuple_index: i
     setattr(module, attribute, value)
 
 
-def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inplace: bool) -> nn.Module:
-    """Return ``model`` (or a copy) with the positions of every removed class sliced away."""
-    plans = slice_plans(index, removed)
+def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inplace: bool,
+                plans: dict[str, list[tuple[int, np.ndarray]]]) -> nn.Module:
+    """Return ``model`` (or a copy) with the positions of every removed class sliced away;
+    ``plans`` is ``slice_plans(index, removed)``."""
     attributes = _new_attribute_values(index, removed)
     modules = dict(model.named_modules(remove_duplicate=False))
     originals = {}
