@@ -118,6 +118,7 @@ per file. The 24 seeds together: ``--merge`` the two files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -136,7 +137,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from digits import calibration  # noqa: E402
 from digits_model import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train  # noqa: E402
 
-from pruning_ir import PruningIR, prune_in_rounds as rounds_of  # noqa: E402
+from pruning_ir import PruningIR, batch_statistics, prune_in_rounds as rounds_of  # noqa: E402
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion  # noqa: E402
 from pruning_ir.latency import bind, macs as count_macs  # noqa: E402
 from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector,  # noqa: E402
@@ -144,13 +145,13 @@ from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreL
 
 RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
-OURS = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean", "magnitude", "magnitude_bn",
-        "random", "loss_aware_x5", "loss_aware_mean_x5")
+OURS = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
+        "magnitude", "magnitude_bn", "random", "loss_aware_x5", "loss_aware_mean_x5")
 THEIRS = ("tp_taylor", "tp_magnitude", "tp_taylor_x5")
 SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
 NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_mean_x5": "mean",
              "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
-KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_mean", "loss_aware_joint_mean", "loss_aware_x5",
+KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean", "loss_aware_x5",
             "loss_aware_mean_x5")
 AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
@@ -161,6 +162,8 @@ ROUNDS = 5  # *_x5: the same removal in 5 rounds, re-scoring (and re-estimating 
 IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_mean_x5": "loss_aware",  # -> the scores of each round
              "tp_taylor_x5": "tp_taylor"}
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
+BATCH_STATISTICS_BATCH = 16  # loss_aware_joint_batch: batch norms see their batch's statistics, less noisy in 16
+SCORED_FIRST = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "magnitude", "magnitude_bn", "random")
 
 
 def macs(model, example) -> float:
@@ -180,12 +183,15 @@ def criteria_for(selection: str, only: tuple[str, ...] | None = None) -> tuple[s
 
 
 def score(name: str, ir: PruningIR, x, y) -> None:
-    """Write criterion ``name``'s scores into ``ir`` (LossAware: one eval-mode pass over ``x``)."""
+    """Write criterion ``name``'s scores into ``ir`` (LossAware: one eval-mode pass over ``x``;
+    ``loss_aware_joint_batch``: its batch norms on batch statistics, ``batch_statistics``)."""
     model = ir.model
-    if name in ("loss_aware", "loss_aware_joint"):
+    if name in ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch"):
         model.eval()
-        with LossAwareCriterion(ir, joint=name == "loss_aware_joint") as collector:
-            calibration(x, y, CALIBRATION_BATCH)(collector)
+        batch_mode = name == "loss_aware_joint_batch"
+        with batch_statistics(model) if batch_mode else contextlib.nullcontext(), \
+                LossAwareCriterion(ir, joint=name != "loss_aware") as collector:
+            calibration(x, y, BATCH_STATISTICS_BATCH if batch_mode else CALIBRATION_BATCH)(collector)
         model.zero_grad(set_to_none=True)
     elif name == "magnitude":
         MagnitudeCriterion(ir).apply()
@@ -374,7 +380,7 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
     rows = [{"seed": seed, "selection": "-", "ratio": 0.0, "criterion": "unpruned", "macs": macs(trained, example),
              "budget": macs(trained, example), **evaluate(trained, data, seed, finetunes, finetune_lr)}]
     scored = {}
-    for name in ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random"):
+    for name in SCORED_FIRST:
         scored[name] = PruningIR(copy.deepcopy(trained)).infer_labels(example)
         score(name, scored[name], x_train, y_train)
     calibrated = tp_calibrated(trained, x_train, y_train)

@@ -6,7 +6,7 @@ The pipeline, one module each: ``tracing`` (record a forward pass into an fx gra
 to remove) -> ``pruning`` (remove them physically).
 """
 
-from .batchnorm import tune_batchnorm_statistics
+from .batchnorm import batch_statistics, tune_batchnorm_statistics
 from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion
 from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
                      TracingError)
@@ -26,7 +26,7 @@ __all__ = [
     "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "LatencyMeasurementError", "bind",
-    "tune_batchnorm_statistics", "save_pruned", "load_pruned",
+    "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
 ]
 __version__ = "0.1.0"

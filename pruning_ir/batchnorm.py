@@ -3,12 +3,14 @@
 Removing channels changes what every later batch norm sees, so the running means and
 variances recorded during training go stale: a pruned model can sit near chance until they
 are re-estimated. ``tune_batchnorm_statistics`` recomputes them on data, without touching
-any weight.
+any weight; ``batch_statistics`` lets a criterion score removals as the re-estimated model
+will see them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .latency import to_device
 
-__all__ = ["tune_batchnorm_statistics"]
+__all__ = ["tune_batchnorm_statistics", "batch_statistics"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -83,3 +85,33 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
         for module, training in flags.items():
             module.training = training
     return model
+
+
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every batch norm normalizes with the statistics of the batch it sees
+    (as in training); the rest of the model keeps its mode, and on exit the norms' modes and
+    running statistics are exactly what they were.
+
+    Why: a pruned model is judged after ``tune_batchnorm_statistics``, with statistics of its
+    own; a LossAwareCriterion pass run in here estimates the loss of removals under such
+    statistics, where eval mode freezes the unpruned model's. Batches need more than one value
+    per channel (a BatchNorm1d on (N, C) inputs needs N > 1), and the larger they are, the less
+    their statistics vary (``benchmarks/criteria.py`` calibrates in batches of 16)::
+
+        with batch_statistics(model), LossAwareCriterion(ir) as score_collector:
+            ...
+    """
+    norms = [module for module in model.modules() if isinstance(module, _NORM_TYPES)]
+    flags = [norm.training for norm in norms]
+    saved = [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
+    try:
+        for norm in norms:
+            norm.train()
+        yield model
+    finally:
+        with torch.no_grad():
+            for norm, training, buffers in zip(norms, flags, saved):
+                norm.training = training
+                for name, buffer in buffers.items():
+                    getattr(norm, name).copy_(buffer)

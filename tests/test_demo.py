@@ -1,4 +1,4 @@
-"""`make demo` in its quick mode, and batch-norm re-estimation on the digits task."""
+"""`make demo` in its quick mode, and batch-norm re-estimation (and batch statistics) on the digits task."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_ir import MagnitudeCriterion, PruningIR, UniformLabelSelector, load_pruned, tune_batchnorm_statistics
+from pruning_ir import (LossAwareCriterion, MagnitudeCriterion, PruningIR, UniformLabelSelector, batch_statistics,
+                        load_pruned, tune_batchnorm_statistics)
 from pruning_ir.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,3 +101,47 @@ def test_failed_reestimation_keeps_the_old_statistics():
     with pytest.raises(RuntimeError):
         tune_batchnorm_statistics(model, [torch.randn(2, 1, 6, 6), torch.randn(2, 7, 6, 6)], verbose=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _normed_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(64, 3))
+    model[1].running_mean.fill_(0.3)
+    model[1].running_var.fill_(2.0)
+    return model.eval()
+
+
+def test_batch_statistics_normalizes_with_the_batch_and_restores_everything():
+    model = _normed_model()
+    inputs = torch.randn(8, 1, 6, 6) + 2.0
+    before = copy.deepcopy(model.state_dict())
+    features = model[0](inputs)
+    expected = (features - features.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        features.var((0, 2, 3), unbiased=False, keepdim=True) + model[1].eps)
+    expected = expected * model[1].weight[:, None, None] + model[1].bias[:, None, None]
+    with batch_statistics(model) as inside:
+        assert inside is model and model[1].training and not model[3].training and not model.training
+        torch.testing.assert_close(model[1](features), expected, atol=1e-5, rtol=1e-5)
+        first, second = model(inputs), model(inputs)
+        torch.testing.assert_close(first, second, atol=0, rtol=0)  # dropout stays off, statistics are the batch's
+    assert not model[1].training
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert not torch.allclose(model(inputs), first)  # eval mode again: the running statistics
+
+
+def test_batch_statistics_restores_after_an_error_and_under_loss_aware_scoring():
+    model = _normed_model()
+    model[1].train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError), batch_statistics(model):
+        model(torch.randn(2, 7, 6, 6))
+    assert model[1].training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.eval()
+    ir = PruningIR(model).infer_labels(torch.randn(1, 1, 6, 6))
+    with batch_statistics(model), LossAwareCriterion(ir) as collector:
+        for _ in range(3):
+            collector(torch.randn(8, 1, 6, 6)).logsumexp(1).mean().backward()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    scores = [label.score for group in ir.label_groups() for label in group]
+    assert scores and all(score > 0 for score in scores)
