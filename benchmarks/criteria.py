@@ -23,6 +23,10 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
   of the issue; the default before joint scores);
 * ``loss_aware_joint``: ``LossAwareCriterion(ir)``, its default joint scores (the estimate for sets of
   labels in a group, see its docstring);
+* ``loss_aware_joint_batch``: ``loss_aware_joint`` scored inside ``pruning_ir.batch_statistics``
+  (batch norms on the statistics of each calibration batch, as after re-estimation; batches of
+  16, not 8: their statistics vary less); ``loss_aware_batch_x5``: ``loss_aware_x5`` with each
+  round calibrated so;
 * ``loss_aware_mean``, ``loss_aware_joint_mean``: the ``loss_aware`` / ``loss_aware_joint``
   scores, selected with ``normalize="mean"`` (global and knapsack selection only: uniform
   selection never compares groups);
@@ -112,7 +116,10 @@ Both of those fine-tuned at lr 1e-3. At the rate of now, 3e-4, ``results/criteri
 criteria and selections, plus the one-shot ``loss_aware``, ``loss_aware_mean`` and
 ``loss_aware_joint_mean`` (one more part per file: ``--selections uniform global knapsack
 --criteria loss_aware loss_aware_mean loss_aware_joint_mean``); about 25 minutes on 2 cores
-per file. The 24 seeds together: ``--merge`` the two files.
+per file. The 24 seeds together: ``--merge`` the two files. ``loss_aware_joint_batch`` came later:
+``results/criteria_batch_statistics_seeds12-35.json`` holds it for the same 24 seeds (``--selections
+uniform global knapsack --criteria loss_aware_joint_batch``, about 35 s per seed); ``--merge`` it
+with the two files to compare it with the rest.
 """
 
 from __future__ import annotations
@@ -146,23 +153,25 @@ from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreL
 RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
 OURS = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
-        "magnitude", "magnitude_bn", "random", "loss_aware_x5", "loss_aware_mean_x5")
+        "magnitude", "magnitude_bn", "random", "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
 THEIRS = ("tp_taylor", "tp_magnitude", "tp_taylor_x5")
 SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
 NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_mean_x5": "mean",
              "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
-KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean", "loss_aware_x5",
-            "loss_aware_mean_x5")
+KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
+            "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
 AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
 FINETUNES = 3  # ft1: mean over this many fine-tuning runs (data orders) of the same pruned model
 FINETUNE_LR = 3e-4  # the largest rate whose epoch does not hurt the unpruned model (module docstring)
 EARLIER_FINETUNE_LR = 1e-3  # the rate of result files that record none
 ROUNDS = 5  # *_x5: the same removal in 5 rounds, re-scoring (and re-estimating batch norms) between them
-IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_mean_x5": "loss_aware",  # -> the scores of each round
+IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_batch_x5": "loss_aware_joint",
+             "loss_aware_mean_x5": "loss_aware",  # -> the scores of each round
              "tp_taylor_x5": "tp_taylor"}
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
 BATCH_STATISTICS_BATCH = 16  # loss_aware_joint_batch: batch norms see their batch's statistics, less noisy in 16
+BATCH_STATISTICS = ("loss_aware_joint_batch", "loss_aware_batch_x5")  # calibrated inside batch_statistics
 SCORED_FIRST = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "magnitude", "magnitude_bn", "random")
 
 
@@ -188,7 +197,7 @@ def score(name: str, ir: PruningIR, x, y) -> None:
     model = ir.model
     if name in ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch"):
         model.eval()
-        batch_mode = name == "loss_aware_joint_batch"
+        batch_mode = name in BATCH_STATISTICS
         with batch_statistics(model) if batch_mode else contextlib.nullcontext(), \
                 LossAwareCriterion(ir, joint=name != "loss_aware") as collector:
             calibration(x, y, BATCH_STATISTICS_BATCH if batch_mode else CALIBRATION_BATCH)(collector)
@@ -246,7 +255,13 @@ def prune_in_rounds(trained, name: str, selection: str, ratio: float, budget: fl
     criterion = functools.partial(LossAwareCriterion, joint=IN_ROUNDS[name] == "loss_aware_joint")
     options = dict(rounds=rounds, criterion=criterion, batchnorm_loader=list(batches(x, x, 64, seed=None)),
                    inplace=True, verbose=False)
-    calibrate = calibration(x, y, CALIBRATION_BATCH)
+    calibrate = calibration(x, y, BATCH_STATISTICS_BATCH if name in BATCH_STATISTICS else CALIBRATION_BATCH)
+    if name in BATCH_STATISTICS:
+        in_batch_mode = calibrate
+
+        def calibrate(collector) -> None:
+            with batch_statistics(ir.model):  # the model the rounds mask and prune in place
+                in_batch_mode(collector)
     cost, normalize = bind(count_macs, example), NORMALIZE.get(name)
     if selection == "uniform":
         pruned = rounds_of(ir, UniformLabelSelector, ratio, calibrate, **options)

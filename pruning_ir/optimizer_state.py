@@ -70,6 +70,15 @@ def plan_optimizer_move(optimizer: torch.optim.Optimizer, model: nn.Module,
     return move
 
 
+def plan_optimizer_copy(optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimizerMove:
+    """Check that ``optimizer`` can follow ``model`` through any pruning, before the labels are
+    known (pruning in rounds): its parameters are the model's and every state tensor can be sliced
+    like its parameter. Returns the move onto a same-named copy of ``model``, nothing sliced."""
+    whole = {name: [(0, np.arange(parameter.shape[0]))]
+             for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.dim() > 0}
+    return plan_optimizer_move(optimizer, model, whole)
+
+
 def move_optimizer(optimizer: torch.optim.Optimizer, move: OptimizerMove, pruned_model: nn.Module) -> None:
     """Point ``optimizer`` at ``pruned_model``'s parameters, with the state ``plan_optimizer_move`` sliced."""
     pruned = dict(pruned_model.named_parameters(remove_duplicate=False))

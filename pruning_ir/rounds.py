@@ -22,10 +22,12 @@ is ``rounds`` calibration passes instead of one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +37,7 @@ from .errors import LabelsNotInferredError
 from .gradual import CriterionFactory, GradualPruner
 from .ir import PruningIR
 from .masking import plain_parameters
+from .optimizer_state import move_optimizer, plan_optimizer_copy
 from .schedules import LinearSchedule, check_step
 from .selectors import LabelSelector
 
@@ -46,7 +49,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
                     criterion: CriterionFactory = LossAwareCriterion,
                     latency_function: Callable[[nn.Module], float] | None = None,
                     batchnorm_loader: Iterable[Any] | None = None, inplace: bool = False,
-                    verbose: bool = True) -> PruningIR:
+                    optimizer: torch.optim.Optimizer | None = None, verbose: bool = True) -> PruningIR:
     """Prune ``ir`` to ``target`` in ``rounds`` steps, re-scoring the partly pruned model before each.
 
     Args:
@@ -65,6 +68,9 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         batchnorm_loader: batches to re-estimate the batch norms on after each round
             (:func:`tune_batchnorm_statistics`); None keeps the statistics the model has.
         inplace: prune ``ir``'s model itself (less memory; ``ir`` is used up).
+        optimizer: the training optimizer, built on ``ir.model``'s parameters: moved onto the
+            returned model, its state sliced alike (``PruningIR.prune``). Checked before the first
+            round; if a round fails, it is left as it was.
         verbose: a progress bar over the rounds.
 
     Returns the pruned IR, like ``ir.prune``: its model is the smaller model, without the
@@ -81,19 +87,39 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
     if data_free and not ir.labels_inferred:
         raise LabelsNotInferredError("prune_in_rounds with a data-free criterion runs no data: infer the labels "
                                      "first (ir.infer_labels(*example_inputs))")
+    move = None if optimizer is None else plan_optimizer_copy(optimizer, ir.model)
     work = ir if inplace else ir.prune(labels=[]) if ir.labels_inferred else copy.deepcopy(ir)
-    schedule = LinearSchedule(threshold=share, start=share / rounds, gamma=share / rounds, stepsize=1)
-    pruner = GradualPruner(work, selector_factory, criterion=criterion, schedule=schedule,
-                           latency_function=latency_function)
-    for _ in tqdm(range(schedule.updates), desc="pruning in rounds", disable=not verbose):
-        if not data_free:
-            calibrate(pruner)
-        pruner.step()
-        if batchnorm_loader is not None:
-            tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)
-    pruner.finalize(inplace=True)
-    pruner.pruned_ir.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
-    return pruner.pruned_ir
+    with _restored_on_error(optimizer if work is not ir else None):
+        if move is not None and work is not ir:
+            move_optimizer(optimizer, move, work.model)
+        schedule = LinearSchedule(threshold=share, start=share / rounds, gamma=share / rounds, stepsize=1)
+        pruner = GradualPruner(work, selector_factory, criterion=criterion, schedule=schedule,
+                               latency_function=latency_function)
+        for _ in tqdm(range(schedule.updates), desc="pruning in rounds", disable=not verbose):
+            if not data_free:
+                calibrate(pruner)
+            pruner.step()
+            if batchnorm_loader is not None:
+                tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)
+        pruner.finalize(inplace=True, optimizer=optimizer)
+        pruner.pruned_ir.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
+        return pruner.pruned_ir
+
+
+@contextlib.contextmanager
+def _restored_on_error(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Put ``optimizer`` back on its parameters and state if the block raises."""
+    if optimizer is None:
+        yield
+        return
+    parameters, state = [list(group["params"]) for group in optimizer.param_groups], optimizer.state
+    try:
+        yield
+    except BaseException:
+        for group, held in zip(optimizer.param_groups, parameters):
+            group["params"] = held
+        optimizer.state = state
+        raise
 
 
 def _share(ir: PruningIR, target: float, latency_function: Callable[[nn.Module], float] | None) -> float:

@@ -74,7 +74,7 @@ def test_quality_prunes_in_rounds_to_the_one_shot_budget(quick_run):
     rounds = [row for row in rows if row["criterion"].endswith("_x5")]
     assert {(row["selection"], row["criterion"]) for row in rounds} == {
         (selection, criterion) for selection in ("uniform", "global", "knapsack")
-        for criterion in ("loss_aware_x5", "loss_aware_mean_x5")} | {("uniform", "tp_taylor_x5"),
+        for criterion in ("loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")} | {("uniform", "tp_taylor_x5"),
                                                                     ("global", "tp_taylor_x5")}
     for row in (row for row in rounds if row["criterion"].startswith("loss_aware")):
         one_shot = next(other for other in rows if other["criterion"] == "loss_aware_joint" and
@@ -131,7 +131,7 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     """criteria.py --selections/--criteria runs only those rows; --merge puts two parts together
     and compares the LossAware one against the rivals of the other; tp_widths needs its reference."""
     parts = [str(tmp_path / "rivals.json"), str(tmp_path / "ours.json")]
-    for path, criteria in zip(parts, (["random", "magnitude"], ["loss_aware_joint"])):
+    for path, criteria in zip(parts, (["random", "magnitude"], ["loss_aware_joint", "loss_aware_joint_batch"])):
         done = _run_criteria_script(tmp_path, "--selections", "uniform", "--criteria", *criteria, "--json", path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         rows = json.load(open(path))["rows"]
@@ -143,8 +143,8 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     done = _run_criteria_script(tmp_path, "--merge", *parts, "--json", merged)
     assert done.returncode == 0, done.stderr[-3000:]
     comparisons = json.load(open(merged))["comparisons"]
-    assert {(c["criterion"], c["column"]) for c in comparisons} == {("loss_aware_joint", "bn"),
-                                                                    ("loss_aware_joint", "ft1")}
+    assert {(c["criterion"], c["column"]) for c in comparisons} == {
+        (name, column) for name in ("loss_aware_joint", "loss_aware_joint_batch") for column in ("bn", "ft1")}
     assert all(c["other"] in ("random", "magnitude") for c in comparisons)
     earlier = json.load(open(parts[1]))
     assert earlier["finetune_lr"] == 3e-4

@@ -1,5 +1,5 @@
 """Pruning in rounds: the one-shot widths, re-scoring on the partly pruned model, batch norms,
-latency targets, normalization over unmasked labels, and bad arguments."""
+latency targets, normalization over unmasked labels, the carried optimizer, and bad arguments."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 
 from pruning_ir import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector, LabelsNotInferredError,
-                        LossAwareCriterion, MagnitudeCriterion, PruningIR, UniformLabelSelector, bind,
-                        prune_in_rounds, tune_batchnorm_statistics)
+                        LossAwareCriterion, MagnitudeCriterion, PruningIR, PruningIRError, UniformLabelSelector,
+                        bind, prune_in_rounds, tune_batchnorm_statistics)
 from pruning_ir.latency import macs
 from test_gradual import build, data
+from test_optimizer_state import _data, _dead_model, _train
 
 
 def calibration(x: torch.Tensor, y: torch.Tensor, seen: list | None = None, batch: int = 8):
@@ -143,3 +144,53 @@ def test_rounds_stay_on_the_model_device():
                              verbose=False)
     assert {parameter.device.type for parameter in pruned.model.parameters()} == {"cuda"}
     assert pruned.model(x).device.type == "cuda"
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_optimizer_follows_the_rounds_onto_the_pruned_model(inplace):
+    """Dead channels (exactly zero) pruned in rounds with Adam carried: training resumes to 1e-5 as
+    on the unpruned model, like ``ir.prune(optimizer=)``."""
+    model, ir, _ = _dead_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, optimizer, _data(3, seed=1))
+    reference, reference_optimizer = copy.deepcopy((model, optimizer))
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.25, rounds=2, criterion=MagnitudeCriterion,
+                             inplace=inplace, optimizer=optimizer, verbose=False).model
+    assert (pruned is model) == inplace and pruned.conv1.out_channels == 6 and pruned.conv2.out_channels == 9
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in pruned.parameters()}
+    later = _data(3, seed=2)
+    _train(reference, reference_optimizer, later)
+    _train(pruned, optimizer, later)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.eval()(x), reference.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_failed_round_leaves_the_optimizer_as_it_was():
+    model, ir, _ = _dead_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, optimizer, _data(1, seed=1))
+    parameters, state = [p for group in optimizer.param_groups for p in group["params"]], optimizer.state
+    calls = []
+
+    def calibrate(collector):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the data loader broke")
+        for x, y in _data(2, seed=3):
+            F.cross_entropy(collector(x), y).backward()
+
+    with pytest.raises(RuntimeError, match="loader broke"):
+        prune_in_rounds(ir, UniformLabelSelector, 0.5, calibrate, rounds=3, optimizer=optimizer, verbose=False)
+    assert [p for group in optimizer.param_groups for p in group["params"]] == parameters
+    assert optimizer.state is state and model.conv1.out_channels == 8 and not torch_prune.is_pruned(model)
+
+
+def test_an_optimizer_that_cannot_follow_is_refused_before_the_first_round():
+    model, ir, _ = _dead_model()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    _train(model, optimizer, _data(1, seed=1))
+    with pytest.raises(PruningIRError, match="Adafactor's state"):
+        prune_in_rounds(ir, UniformLabelSelector, 0.5, rounds=2, criterion=MagnitudeCriterion, inplace=True,
+                        optimizer=optimizer, verbose=False)
+    assert not torch_prune.is_pruned(model) and model.conv1.out_channels == 8
