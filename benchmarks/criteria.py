@@ -116,10 +116,10 @@ Both of those fine-tuned at lr 1e-3. At the rate of now, 3e-4, ``results/criteri
 criteria and selections, plus the one-shot ``loss_aware``, ``loss_aware_mean`` and
 ``loss_aware_joint_mean`` (one more part per file: ``--selections uniform global knapsack
 --criteria loss_aware loss_aware_mean loss_aware_joint_mean``); about 25 minutes on 2 cores
-per file. The 24 seeds together: ``--merge`` the two files. ``loss_aware_joint_batch`` came later:
-``results/criteria_batch_statistics_seeds12-35.json`` holds it for the same 24 seeds (``--selections
-uniform global knapsack --criteria loss_aware_joint_batch``, about 35 s per seed); ``--merge`` it
-with the two files to compare it with the rest.
+per file. The 24 seeds together: ``--merge`` the two files. ``loss_aware_joint_batch`` and
+``loss_aware_batch_x5`` came later: ``results/criteria_batch_statistics_seeds12-35.json`` holds
+them for the same 24 seeds (``--selections uniform global knapsack --criteria`` one of them; about
+35 s and 85 s per seed); ``--merge`` it with the two files to compare them with the rest.
 """
 
 from __future__ import annotations
@@ -129,7 +129,6 @@ import contextlib
 import copy
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -141,6 +140,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from criteria_table import compare, merge_parts, report, summarize  # noqa: E402
 from digits import calibration  # noqa: E402
 from digits_model import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train  # noqa: E402
 
@@ -254,14 +254,8 @@ def prune_in_rounds(trained, name: str, selection: str, ratio: float, budget: fl
     ir = PruningIR(copy.deepcopy(trained).eval()).infer_labels(example)
     criterion = functools.partial(LossAwareCriterion, joint=IN_ROUNDS[name] == "loss_aware_joint")
     options = dict(rounds=rounds, criterion=criterion, batchnorm_loader=list(batches(x, x, 64, seed=None)),
-                   inplace=True, verbose=False)
+                   inplace=True, score_in_batch_statistics=name in BATCH_STATISTICS, verbose=False)
     calibrate = calibration(x, y, BATCH_STATISTICS_BATCH if name in BATCH_STATISTICS else CALIBRATION_BATCH)
-    if name in BATCH_STATISTICS:
-        in_batch_mode = calibrate
-
-        def calibrate(collector) -> None:
-            with batch_statistics(ir.model):  # the model the rounds mask and prune in place
-                in_batch_mode(collector)
     cost, normalize = bind(count_macs, example), NORMALIZE.get(name)
     if selection == "uniform":
         pruned = rounds_of(ir, UniformLabelSelector, ratio, calibrate, **options)
@@ -442,81 +436,6 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
     return rows
 
 
-def _order(criterion: str) -> int:
-    names = ("unpruned",) + OURS + THEIRS
-    return names.index(criterion) if criterion in names else len(names)
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Means over seeds per (selection, ratio, criterion)."""
-    keys = sorted({(r["selection"], r["ratio"], r["criterion"]) for r in rows},
-                  key=lambda k: (k[0] != "-", SELECTIONS.index(k[0]) if k[0] in SELECTIONS else -1, k[1], _order(k[2])))
-    table = []
-    for selection, ratio, criterion in keys:
-        group = [r for r in rows if (r["selection"], r["ratio"], r["criterion"]) == (selection, ratio, criterion)]
-        entry = {"selection": selection, "ratio": ratio, "criterion": criterion,
-                 "macs": statistics.mean(r["macs"] for r in group)}
-        for column in ("pruned", "bn", "ft1"):
-            entry[column] = statistics.mean(r[column] for r in group)
-        if all("widths" in r for r in group):
-            entry["widths"] = [round(statistics.mean(w), 1) for w in zip(*(r["widths"] for r in group))]
-        table.append(entry)
-    return table
-
-
-def compare(rows: list[dict]) -> list[dict]:
-    """Every LossAware entry against the best other criterion (the target), per column.
-
-    The other criteria are those of the same selection and ratio (knapsack: of any selection
-    at that ratio); ``difference_se`` is the standard error of the per-seed difference."""
-    table = summarize(rows)
-    found = []
-    for entry in (e for e in table if e["criterion"].startswith("loss_aware")):
-        selection, ratio = entry["selection"], entry["ratio"]
-        others = [e for e in table if e["ratio"] == ratio and not e["criterion"].startswith("loss_aware")
-                  and e["selection"] != "-" and (e["selection"] == selection
-                                                 or selection == "knapsack" and e["selection"] != "tp_widths")]
-        if not others:  # a partial run (--criteria) without the rivals of this selection
-            continue
-        for column in ("bn", "ft1"):
-            best = max(others, key=lambda e: e[column])
-            ours = {r["seed"]: r[column] for r in rows
-                    if (r["selection"], r["ratio"], r["criterion"]) == (selection, ratio, entry["criterion"])}
-            theirs = {r["seed"]: r[column] for r in rows
-                      if (r["selection"], r["ratio"], r["criterion"]) == (best["selection"], ratio, best["criterion"])}
-            differences = [ours[s] - theirs[s] for s in ours if s in theirs]
-            se = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else None
-            found.append({"criterion": entry["criterion"], "selection": selection, "ratio": ratio, "column": column,
-                          "ours": entry[column], "best_other": best[column],
-                          "other": best["criterion"] if best["selection"] == selection
-                          else f"{best['criterion']} ({best['selection']})",
-                          "difference": entry[column] - best[column], "difference_se": se,
-                          "other_macs_ratio": best["macs"] / entry["macs"],
-                          "win": entry[column] >= best[column]})
-    return found
-
-
-def report(table: list[dict], comparisons: list[dict]) -> None:
-    """Print the table and, per LossAware criterion, the comparisons it wins and loses."""
-    base = next(e["macs"] for e in table if e["criterion"] == "unpruned")
-    print(f"{'selection':9} {'ratio':>5} {'criterion':16} {'MACs':>6} {'pruned':>7} {'bn':>7} {'ft1':>7}  widths")
-    for e in table:
-        print(f"{e['selection']:9} {e['ratio']:5.1f} {e['criterion']:16} {e['macs'] / base:6.1%} "
-              f"{100 * e['pruned']:7.2f} {100 * e['bn']:7.2f} {100 * e['ft1']:7.2f}  "
-              + " ".join(f"{w:g}" for w in e.get("widths", ())))
-    for name in dict.fromkeys(c["criterion"] for c in comparisons):
-        mine = [c for c in comparisons if c["criterion"] == name]
-        print(f"{name} >= every other criterion: {sum(c['win'] for c in mine)}/{len(mine)} (selection x ratio x "
-              "{bn, ft1})")
-        for c in mine:
-            if not c["win"]:
-                se = "" if c["difference_se"] is None else f" (paired SE {100 * c['difference_se']:.2f})"
-                more = c.get("other_macs_ratio", 1.0) - 1
-                macs_note = f"; it keeps {more:+.0%} MACs" if abs(more) >= 0.02 else ""
-                print(f"    loses {c['selection']} {c['ratio']:.1f} {c['column']}: {100 * c['ours']:.2f} vs "
-                      f"{c['other']} {100 * c['best_other']:.2f}, {100 * c['difference']:+.2f}{se}{macs_note}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -546,23 +465,17 @@ def main() -> None:
     start = time.time()
     rows = []
     if args.merge:
-        parts = [json.load(open(path)) for path in args.merge]
-        settings = {(part["epochs"], part.get("budget"), part.get("finetunes"),
-                     part.get("finetune_lr", EARLIER_FINETUNE_LR)) for part in parts}
-        if len(settings) > 1:
-            parser.error("--merge: the files were run with different settings (epochs, budget, finetunes, "
-                         f"finetune_lr): {settings}")
-        (args.epochs, args.budget, args.finetunes, args.finetune_lr), = settings
-        args.seeds = sorted({seed for part in parts for seed in part["seeds"]})
-        keys = {}  # a run of other criteria on the same seeds adds rows; a repeated row is kept once
-        for row in (row for part in parts for row in part["rows"]):
-            keys.setdefault((row["seed"], row["selection"], row["ratio"], row["criterion"]), row)
-        rows = list(keys.values())
+        try:
+            (args.epochs, args.budget, args.finetunes, args.finetune_lr), args.seeds, rows = merge_parts(
+                [json.load(open(path)) for path in args.merge], EARLIER_FINETUNE_LR)
+        except ValueError as error:
+            parser.error(f"--merge: {error}")
     for seed in [] if args.merge else args.seeds:
         rows.extend(run(seed, args.epochs, args.budget, args.finetunes, tuple(args.selections),
                         tuple(args.criteria) if args.criteria else None, args.finetune_lr))
         print(f"seed {seed} done [{time.time() - start:.0f} s]", flush=True)
-    table, comparisons = summarize(rows), compare(rows)
+    order = ("unpruned",) + OURS + THEIRS
+    table, comparisons = summarize(rows, order, SELECTIONS), compare(rows, order, SELECTIONS)
     print(f"digits, DigitsResNet, seeds {args.seeds}: mean test accuracy (%), MACs kept; ft1 at lr "
           f"{args.finetune_lr:g}  [{time.time() - start:.0f} s]")
     report(table, comparisons)

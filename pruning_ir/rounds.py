@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batchnorm import tune_batchnorm_statistics
+from .batchnorm import batch_statistics, tune_batchnorm_statistics
 from .criteria import DataFreeCriterion, LossAwareCriterion
 from .errors import LabelsNotInferredError
 from .gradual import CriterionFactory, GradualPruner
@@ -49,7 +49,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
                     criterion: CriterionFactory = LossAwareCriterion,
                     latency_function: Callable[[nn.Module], float] | None = None,
                     batchnorm_loader: Iterable[Any] | None = None, inplace: bool = False,
-                    optimizer: torch.optim.Optimizer | None = None, verbose: bool = True) -> PruningIR:
+                    optimizer: torch.optim.Optimizer | None = None, score_in_batch_statistics: bool = False,
+                    verbose: bool = True) -> PruningIR:
     """Prune ``ir`` to ``target`` in ``rounds`` steps, re-scoring the partly pruned model before each.
 
     Args:
@@ -71,6 +72,9 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         optimizer: the training optimizer, built on ``ir.model``'s parameters: moved onto the
             returned model, its state sliced alike (``PruningIR.prune``). Checked before the first
             round; if a round fails, it is left as it was.
+        score_in_batch_statistics: calibrate each round inside :func:`batch_statistics` (batch
+            norms on each calibration batch's statistics, running ones untouched), so that a round
+            scores removals as the re-estimated model will see them; wants batches of 16 or more.
         verbose: a progress bar over the rounds.
 
     Returns the pruned IR, like ``ir.prune``: its model is the smaller model, without the
@@ -97,7 +101,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
                                latency_function=latency_function)
         for _ in tqdm(range(schedule.updates), desc="pruning in rounds", disable=not verbose):
             if not data_free:
-                calibrate(pruner)
+                with batch_statistics(work.model) if score_in_batch_statistics else contextlib.nullcontext():
+                    calibrate(pruner)
             pruner.step()
             if batchnorm_loader is not None:
                 tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)

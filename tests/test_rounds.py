@@ -3,6 +3,7 @@ latency targets, normalization over unmasked labels, the carried optimizer, and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch.nn.utils.prune as torch_prune
 
 from pruning_ir import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector, LabelsNotInferredError,
                         LossAwareCriterion, MagnitudeCriterion, PruningIR, PruningIRError, UniformLabelSelector,
-                        bind, prune_in_rounds, tune_batchnorm_statistics)
+                        batch_statistics, bind, prune_in_rounds, tune_batchnorm_statistics)
 from pruning_ir.latency import macs
 from test_gradual import build, data
 from test_optimizer_state import _data, _dead_model, _train
@@ -57,13 +58,26 @@ def test_labels_are_inferred_on_the_first_calibration_call_of_a_copy():
     assert group_widths(pruned) == [4, 4, 8] and not ir.labels_inferred
 
 
-def test_one_round_is_one_shot_selection():
+def _one_shot_labels(ir: PruningIR, x: torch.Tensor, y: torch.Tensor, in_batch_statistics: bool) -> list:
+    with batch_statistics(ir.model) if in_batch_statistics else contextlib.nullcontext(), \
+            LossAwareCriterion(ir, reset=True) as collector:
+        calibration(x, y, batch=16)(collector)
+    return UniformLabelSelector(0.5).select(ir)
+
+
+@pytest.mark.parametrize("in_batch_statistics", [False, True])
+def test_one_round_is_one_shot_selection(in_batch_statistics):
+    """One round selects what one-shot scoring does, in eval mode or inside batch_statistics
+    (the two pick other labels here, so the option is seen to act)."""
     x, y = data()
     ir = PruningIR(build().eval()).infer_labels(x[:1])
-    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y), rounds=1, verbose=False)
-    with LossAwareCriterion(ir) as collector:
-        calibration(x, y)(collector)
-    one_shot = ir.prune(labels=UniformLabelSelector(0.5).select(ir))
+    pruned = prune_in_rounds(ir, UniformLabelSelector, 0.5, calibration(x, y, batch=16), rounds=1,
+                             score_in_batch_statistics=in_batch_statistics, verbose=False)
+    assert not any(module.training for module in pruned.model.modules())
+    other = _one_shot_labels(ir, x, y, not in_batch_statistics)
+    labels = _one_shot_labels(ir, x, y, in_batch_statistics)
+    assert set(labels) != set(other)
+    one_shot = ir.prune(labels=labels)
     for (name, theirs), mine in zip(one_shot.model.state_dict().items(), pruned.model.state_dict().values()):
         assert torch.equal(mine, theirs), name
 
