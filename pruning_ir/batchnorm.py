@@ -61,7 +61,7 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
     for norm in norms:
         if not norm.track_running_stats:
             raise ValueError(f"{type(norm).__name__} has track_running_stats=False: it keeps no statistics to tune")
-    saved = [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
+    saved = _buffer_copies(norms)
     seen = 0
     try:
         for norm in norms:
@@ -75,9 +75,7 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
         if seen == 0:
             raise ValueError("the loader gave no batch: batch-norm statistics cannot be re-estimated")
     except BaseException:
-        for norm, buffers in zip(norms, saved):  # a failed run leaves the old statistics, not half-new ones
-            for name, buffer in buffers.items():
-                getattr(norm, name).copy_(buffer)
+        _put_back(norms, saved)  # a failed run leaves the old statistics, not half-new ones
         raise
     finally:
         for norm, momentum in zip(norms, momenta):
@@ -104,14 +102,24 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """
     norms = [module for module in model.modules() if isinstance(module, _NORM_TYPES)]
     flags = [norm.training for norm in norms]
-    saved = [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
+    saved = _buffer_copies(norms)
     try:
         for norm in norms:
             norm.train()
         yield model
     finally:
-        with torch.no_grad():
-            for norm, training, buffers in zip(norms, flags, saved):
-                norm.training = training
-                for name, buffer in buffers.items():
-                    getattr(norm, name).copy_(buffer)
+        for norm, training in zip(norms, flags):
+            norm.training = training
+        _put_back(norms, saved)
+
+
+def _buffer_copies(norms: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
+    return [{name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False)} for norm in norms]
+
+
+@torch.no_grad()
+def _put_back(norms: list[nn.Module], copies: list[dict[str, torch.Tensor]]) -> None:
+    """Copy ``_buffer_copies``' tensors back into the norms' running statistics, in place."""
+    for norm, buffers in zip(norms, copies):
+        for name, buffer in buffers.items():
+            getattr(norm, name).copy_(buffer)
