@@ -7,7 +7,7 @@ to remove) -> ``pruning`` (remove them physically).
 """
 
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
-from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion
+from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion, measure_removal_costs
 from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
                      TracingError)
 from .gradual import GradualPruner
@@ -23,7 +23,7 @@ from .tracing import LeafModule
 __all__ = [
     "GradualPruner", "prune_in_rounds",
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
-    "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion",
+    "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion", "measure_removal_costs",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "LatencyMeasurementError", "bind",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .latency import to_device
 
-__all__ = ["tune_batchnorm_statistics", "batch_statistics"]
+__all__ = ["tune_batchnorm_statistics", "batch_statistics", "kept_statistics"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -110,6 +110,21 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for norm, training in zip(norms, flags):
             norm.training = training
+        _put_back(norms, saved)
+
+
+@contextmanager
+def kept_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """On exit, every batch norm's running statistics and every module's train/eval flag are
+    what they were on entry, whatever the block did (re-estimated them, switched modes, raised)."""
+    norms = [module for module in model.modules() if isinstance(module, _NORM_TYPES)]
+    flags = {module: module.training for module in model.modules()}
+    saved = _buffer_copies(norms)
+    try:
+        yield model
+    finally:
+        for module, training in flags.items():
+            module.training = training
         _put_back(norms, saved)
 
 
