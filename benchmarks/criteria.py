@@ -27,9 +27,15 @@ MACs are ``pruning_ir.latency.macs`` of one 8x8 image. Criteria:
   (batch norms on the statistics of each calibration batch, as after re-estimation; batches of
   16, not 8: their statistics vary less); ``loss_aware_batch_x5``: ``loss_aware_x5`` with each
   round calibrated so;
-* ``loss_aware_mean``, ``loss_aware_joint_mean``: the ``loss_aware`` / ``loss_aware_joint``
-  scores, selected with ``normalize="mean"`` (global and knapsack selection only: uniform
-  selection never compares groups);
+* ``loss_aware_mean``, ``loss_aware_joint_mean``, ``loss_aware_joint_batch_mean``: the
+  ``loss_aware`` / ``loss_aware_joint`` / ``loss_aware_joint_batch`` scores, selected with
+  ``normalize="mean"`` (global and knapsack selection only: uniform selection never compares groups);
+* ``loss_aware_measured``, ``loss_aware_batch_measured``: the ``loss_aware_joint`` /
+  ``loss_aware_joint_batch`` scores, then ``pruning_ir.measure_removal_costs`` (8 points per
+  group, the training-set cross-entropy after re-estimating the batch norms on the training
+  images): each group keeps its order and its labels are priced by the measured loss, so
+  uniform selection picks what the unmeasured scores pick, and global and knapsack selection
+  compare measured losses;
 * ``magnitude``, ``magnitude_bn`` (batch-norm folded): ``MagnitudeCriterion``; norms are not
   comparable across layers, so global selection normalizes them (``normalize="mean"``, as
   Torch-Pruning does for its own criteria); ``random``: ``RandomCriterion(seed=0)``;
@@ -119,7 +125,17 @@ criteria and selections, plus the one-shot ``loss_aware``, ``loss_aware_mean`` a
 per file. The 24 seeds together: ``--merge`` the two files. ``loss_aware_joint_batch`` and
 ``loss_aware_batch_x5`` came later: ``results/criteria_batch_statistics_seeds12-35.json`` holds
 them for the same 24 seeds (``--selections uniform global knapsack --criteria`` one of them; about
-35 s and 85 s per seed); ``--merge`` it with the two files to compare them with the rest.
+35 s and 85 s per seed); ``--merge`` it with the two files to compare them with the rest. That file
+was re-run on 2026-12-04 with the code of now: the rows stored before came from an earlier state of
+the code and do not reproduce (seed 12, uniform 50%, ``loss_aware_joint_batch``: 74.6% stored,
+81.4% from the code of now and from 982812d, the commit that first stored them). The measured arms are in
+``results/criteria_measured_seeds12-35.json`` (``--selections uniform global knapsack --criteria
+loss_aware_joint_batch_mean loss_aware_measured loss_aware_batch_measured``, seeds 12-23 and 24-35
+in two processes, about 25 s per seed). All 24 seeds together::
+
+    R=benchmarks/results
+    python benchmarks/criteria.py --merge $R/criteria_lr3e-4_seeds12-23.json $R/criteria_lr3e-4_seeds24-35.json \
+        $R/criteria_batch_statistics_seeds12-35.json $R/criteria_measured_seeds12-35.json --json /tmp/all.json
 """
 
 from __future__ import annotations
@@ -136,6 +152,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -145,7 +162,8 @@ from digits import calibration  # noqa: E402
 from digits_model import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train  # noqa: E402
 
 from pruning_ir import PruningIR, batch_statistics, prune_in_rounds as rounds_of  # noqa: E402
-from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion  # noqa: E402
+from pruning_ir.criteria import (LossAwareCriterion, MagnitudeCriterion, RandomCriterion,  # noqa: E402
+                                 measure_removal_costs)
 from pruning_ir.latency import bind, macs as count_macs  # noqa: E402
 from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector,  # noqa: E402
                                   KnapsackLabelSelector, UniformLabelSelector)
@@ -153,12 +171,14 @@ from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreL
 RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
 OURS = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
-        "magnitude", "magnitude_bn", "random", "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
+        "loss_aware_joint_batch_mean", "loss_aware_measured", "loss_aware_batch_measured", "magnitude", "magnitude_bn", "random", "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
 THEIRS = ("tp_taylor", "tp_magnitude", "tp_taylor_x5")
-SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint"}  # reuse another one's scores
-NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_mean_x5": "mean",
+SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint",
+          "loss_aware_joint_batch_mean": "loss_aware_joint_batch"}  # reuse another one's scores
+NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_joint_batch_mean": "mean", "loss_aware_mean_x5": "mean",
              "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
 KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
+            "loss_aware_joint_batch_mean", "loss_aware_measured", "loss_aware_batch_measured",
             "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
 AT_WIDTHS = ("loss_aware", "loss_aware_joint", "magnitude", "magnitude_bn", "random", "tp_magnitude")
 WIDTHS_FROM = "tp_magnitude"  # tp_widths: every criterion pruned to the widths this one picked under global selection
@@ -172,7 +192,9 @@ IN_ROUNDS = {"loss_aware_x5": "loss_aware_joint", "loss_aware_batch_x5": "loss_a
 CALIBRATION_BATCH = 8  # small batches: Molchanov's per-batch square tends to the per-sample (Fisher) one
 BATCH_STATISTICS_BATCH = 16  # loss_aware_joint_batch: batch norms see their batch's statistics, less noisy in 16
 BATCH_STATISTICS = ("loss_aware_joint_batch", "loss_aware_batch_x5")  # calibrated inside batch_statistics
-SCORED_FIRST = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "magnitude", "magnitude_bn", "random")
+MEASURED = {"loss_aware_measured": "loss_aware_joint", "loss_aware_batch_measured": "loss_aware_joint_batch"}
+SCORED_FIRST = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "magnitude", "magnitude_bn", "random",
+                *MEASURED)
 
 
 def macs(model, example) -> float:
@@ -202,6 +224,10 @@ def score(name: str, ir: PruningIR, x, y) -> None:
                 LossAwareCriterion(ir, joint=name != "loss_aware") as collector:
             calibration(x, y, BATCH_STATISTICS_BATCH if batch_mode else CALIBRATION_BATCH)(collector)
         model.zero_grad(set_to_none=True)
+    elif name in MEASURED:
+        score(MEASURED[name], ir, x, y)
+        measure_removal_costs(ir, lambda model: F.cross_entropy(model(x), y),
+                              batchnorm_loader=batches(x, x, 64, seed=None), verbose=False)
     elif name == "magnitude":
         MagnitudeCriterion(ir).apply()
     elif name == "magnitude_bn":

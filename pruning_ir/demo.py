@@ -1,7 +1,9 @@
 """The demo (``make demo`` / ``pruning-ir demo``): the whole job on real data, in a few minutes on a CPU.
 
 Trains a small residual CNN on scikit-learn's digits, scores its channels with
-LossAwareCriterion, prunes to half the MACs with KnapsackLabelSelector, re-estimates
+LossAwareCriterion (calibrated with batch statistics), prices each group's removals by
+measuring the loss (``measure_removal_costs``), prunes to half the MACs with
+KnapsackLabelSelector, re-estimates
 batch-norm statistics, fine-tunes briefly, re-estimates them again, and reports parameters,
 MACs, measured CPU latency and test accuracy before and after. Writes to the output folder:
 ``report.md``, ``channels.png``, ``pruned-model/`` (safe format: JSON + weights), ``ir.pt``
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .criteria import LossAwareCriterion
+from .batchnorm import batch_statistics
+from .criteria import LossAwareCriterion, measure_removal_costs
 from .digits import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train
 from .ir import PruningIR
 from .latency import bind, macs, measure_latency, one_thread, parameter_count
@@ -43,13 +46,17 @@ def _cpu_latency(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> 
 
 
 def _calibrate(ir: PruningIR, x: torch.Tensor, y: torch.Tensor, verbose: bool) -> None:
-    """LossAwareCriterion: accumulate Taylor scores over one pass of the training set."""
-    ir.model.eval()  # fixed batch-norm statistics: the scores describe the trained model as it is used
-    with LossAwareCriterion(ir) as score_collector:
+    """LossAwareCriterion over one pass of the training set, the batch norms on each batch's
+    statistics (removals scored as the re-estimated model will normalize); then each group's
+    removals priced by the training loss measured after them (``measure_removal_costs``)."""
+    ir.model.eval()
+    with batch_statistics(ir.model), LossAwareCriterion(ir) as score_collector:
         for images, targets in tqdm(list(batches(x, y, CALIBRATION_BATCH, seed=123)), desc="calibrating",
                                     disable=not verbose, leave=False):
             F.cross_entropy(score_collector(images), targets).backward()
     ir.model.zero_grad(set_to_none=True)
+    measure_removal_costs(ir, lambda model: F.cross_entropy(model(x), y),
+                          batchnorm_loader=batches(x, x, 64, seed=None), verbose=verbose)
 
 
 def run_demo(output: str = "demo-output", *, quick: bool | None = None, seed: int = 0,
@@ -121,7 +128,8 @@ def _write_outputs(output: str, ir: PruningIR, pruned_ir: PruningIR, labels: lis
     path = summary["accuracy_path"]
     report = [
         "# pruning_ir demo: a residual CNN on scikit-learn's digits, pruned to half the MACs", "",
-        "LossAwareCriterion scores, KnapsackLabelSelector with MACs as the latency function and widths kept "
+        "LossAwareCriterion scores (batch statistics) priced by measured removal costs, KnapsackLabelSelector "
+        "with MACs as the latency function and widths kept "
         f"at multiples of {CHANNEL_STEP} (CPU kernels run odd widths far slower), batch-norm statistics "
         "re-estimated, a short fine-tune." + (" Quick mode: less training." if summary["quick"] else ""),
         "", table, "",

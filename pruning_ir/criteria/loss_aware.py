@@ -124,7 +124,10 @@ class LossAwareCriterion(Criterion):
     :math:`n_g` labels (62 MiB for ResNet-50), so by default (``joint="auto"``) groups of more than
     ``JOINT_AUTO_MAX_LABELS`` (2048) labels, such as a large language model's MLP, keep
     single-label scores; the scores are written when the context exits. Pruning in a few rounds
-    (score, prune a share, score again) also sees how the remaining channels take over.
+    (score, prune a share, score again) also sees how the remaining channels take over. For
+    global and knapsack selection, ``measure_removal_costs`` keeps each group's order and
+    replaces these estimates by the loss measured when the labels are removed, which spreads
+    the removal as the pruned model really responds (``pruning_ir/criteria/measured_costs.py``).
 
     Args:
         ir: the PruningIR to score.
