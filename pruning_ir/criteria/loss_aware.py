@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..errors import PruningIRError
 from ..ir import PruningIR
 from ._analysis import GraphFacts, ParameterGate, SiteGate, label_mask
+from ._distributed import all_reduce_sum, world_size
 from ._joint import joint_scores
 from ._replay import ReplayPlan, run_recorded
 from .base import Criterion
@@ -207,8 +207,7 @@ class LossAwareCriterion(Criterion):
         self._handles = []
         self._release_pending()
         if not self._ready:
-            if self.ir.labels_inferred and not failed and dist.is_available() and dist.is_initialized() \
-                    and dist.get_world_size() > 1:
+            if self.ir.labels_inferred and not failed and world_size() > 1:
                 self._setup_state()
                 self._reduce_and_store(failed)
             return
@@ -410,15 +409,10 @@ class LossAwareCriterion(Criterion):
         local = np.zeros(self.index.class_count) if self._sum is None else self._sum.cpu().numpy().copy()
         grams = self._local_grams()
         count = self._count
-        if not failed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = torch.device("cpu")
-            if dist.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
+        if not failed and world_size() > 1:
             present = [gram for gram in grams or [] if gram is not None]
             parts = [local] + [gram.ravel() for gram in present] + [np.array([float(count)])]
-            packed = torch.from_numpy(np.concatenate(parts)).to(device)
-            dist.all_reduce(packed)
-            packed = packed.cpu().numpy()
+            packed = all_reduce_sum(np.concatenate(parts))
             local, count, offset = packed[:len(local)].copy(), int(round(packed[-1])), len(local)
             for i, gram in enumerate(grams or []):
                 if gram is not None:

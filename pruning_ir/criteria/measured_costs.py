@@ -21,7 +21,9 @@ by measurements, as layer-wise sensitivity analysis does (Li et al., ICLR 2017):
 Scores are then losses of the same kind in every group, and selectors that add them up
 (global, knapsack) compare measured costs. Interactions between groups are not measured: each
 curve is taken with the rest of the network whole. Cost: one evaluation of the loss (and one
-batch-norm pass) per point per group, plus one for the unpruned model.
+batch-norm pass) per point per group, plus one for the unpruned model. Under
+``torch.distributed`` every rank measures its own data and the curves are averaged across
+ranks (one all-reduce), so every rank selects the same labels.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..batchnorm import kept_statistics, tune_batchnorm_statistics
 from ..errors import PruningIRError
 from ..ir import PruningIR
 from ..labels import DependencyGroup, Label
+from ._distributed import all_reduce_sum, world_size
 
 __all__ = ["measure_removal_costs", "RemovalCurve"]
 
@@ -96,6 +99,7 @@ def measure_removal_costs(ir: PruningIR, loss_calculation_function: Callable[[nn
     with progress:
         base = measure(ir.model)
         curves = [_measure_group(ir, labels, sizes, base, measure) for labels, sizes in plans]
+    _average_across_ranks(curves)
     scores = {}
     for labels, curve in zip(groups, curves):
         scores.update(zip(labels, _envelope_scores(curve, len(labels))))
@@ -154,6 +158,17 @@ def _measure_group(ir: PruningIR, labels: list[Label], sizes: np.ndarray, base: 
     else:  # a normalization over the channels sees zeros: measure the pruned copy
         increases.extend(measure(ir.prune(labels=labels[:size]).model) - base for size in sizes[1:])
     return RemovalCurve(group, sizes, np.asarray(increases))
+
+
+def _average_across_ranks(curves: list[RemovalCurve]) -> None:
+    """Under ``torch.distributed`` each rank measured its own data: average the curves (one
+    all-reduce), so that every rank gets the same scores and selects the same labels."""
+    ranks = world_size()
+    if ranks == 1 or not curves:
+        return
+    averaged = all_reduce_sum(np.concatenate([curve.loss_increase for curve in curves])) / ranks
+    for curve, part in zip(curves, np.split(averaged, np.cumsum([len(c.loss_increase) for c in curves])[:-1])):
+        curve.loss_increase = part
 
 
 def _bound_parameters(ir: PruningIR, group: DependencyGroup) -> list[nn.Parameter]:
