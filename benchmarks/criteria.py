@@ -415,7 +415,8 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
     rows = [{"seed": seed, "selection": "-", "ratio": 0.0, "criterion": "unpruned", "macs": macs(trained, example),
              "budget": macs(trained, example), **evaluate(trained, data, seed, finetunes, finetune_lr)}]
     scored = {}
-    for name in SCORED_FIRST:
+    needed = {"random"} | {SCORED.get(name, name) for selection in selections for name in criteria_for(selection, only)}
+    for name in (name for name in SCORED_FIRST if name in needed):  # "random" sets the budgets
         scored[name] = PruningIR(copy.deepcopy(trained)).infer_labels(example)
         score(name, scored[name], x_train, y_train)
     calibrated = tp_calibrated(trained, x_train, y_train)

@@ -131,7 +131,8 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     """criteria.py --selections/--criteria runs only those rows; --merge puts two parts together
     and compares the LossAware one against the rivals of the other; tp_widths needs its reference."""
     parts = [str(tmp_path / "rivals.json"), str(tmp_path / "ours.json")]
-    for path, criteria in zip(parts, (["random", "magnitude"], ["loss_aware_joint", "loss_aware_joint_batch"])):
+    ours = ["loss_aware_joint", "loss_aware_joint_batch", "loss_aware_batch_measured"]
+    for path, criteria in zip(parts, (["random", "magnitude"], ours)):
         done = _run_criteria_script(tmp_path, "--selections", "uniform", "--criteria", *criteria, "--json", path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         rows = json.load(open(path))["rows"]
@@ -139,12 +140,15 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
             ("-", "unpruned"), *(("uniform", name) for name in criteria)}
         unpruned = next(row for row in rows if row["criterion"] == "unpruned")
         assert len(unpruned["ft1_runs"]) == 1  # the unpruned model is fine-tuned like the pruned ones
+    rows = {row["criterion"]: row for row in json.load(open(parts[1]))["rows"] if row["ratio"] == 0.5}
+    measured, unmeasured = rows["loss_aware_batch_measured"], rows["loss_aware_joint_batch"]
+    assert (measured["bn"], measured["ft1"]) == (unmeasured["bn"], unmeasured["ft1"])  # the same order in each group
     merged = str(tmp_path / "merged.json")
     done = _run_criteria_script(tmp_path, "--merge", *parts, "--json", merged)
     assert done.returncode == 0, done.stderr[-3000:]
     comparisons = json.load(open(merged))["comparisons"]
     assert {(c["criterion"], c["column"]) for c in comparisons} == {
-        (name, column) for name in ("loss_aware_joint", "loss_aware_joint_batch") for column in ("bn", "ft1")}
+        (name, column) for name in ours for column in ("bn", "ft1")}
     assert all(c["other"] in ("random", "magnitude") for c in comparisons)
     earlier = json.load(open(parts[1]))
     assert earlier["finetune_lr"] == 3e-4
