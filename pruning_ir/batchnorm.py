@@ -68,7 +68,7 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
             norm.reset_running_stats()
             norm.momentum = None
         model.train()
-        batches = loader if max_batches is None else islice(loader, max_batches)
+        batches = iter(loader) if max_batches is None else islice(loader, max_batches)  # tqdm.auto would iter() twice
         for batch in tqdm(batches, desc="batch-norm statistics", disable=not verbose, leave=False):
             forward(model, to_device(batch, device))
             seen += 1

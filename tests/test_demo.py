@@ -92,6 +92,20 @@ def test_batchnorm_reestimation_accepts_dict_batches_and_max_batches():
     assert model[1].num_batches_tracked.item() == 2
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_batchnorm_reestimation_iterates_the_loader_once(verbose):
+    """A DataLoader is iterated once per re-estimation (tqdm.auto alone would call iter() twice)."""
+    model, passes = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), []
+
+    class Loader:
+        def __iter__(self):
+            passes.append(1)
+            return iter([torch.randn(8, 1, 6, 6) for _ in range(3)])
+
+    tune_batchnorm_statistics(model, Loader(), verbose=verbose)
+    assert len(passes) == 1 and model[1].num_batches_tracked.item() == 3
+
+
 def test_failed_reestimation_keeps_the_old_statistics():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     model[1].running_mean.fill_(0.5)

@@ -142,6 +142,24 @@ def test_the_model_is_left_exactly_as_it_was_also_when_the_loss_fails():
     assert scores == [label.score for label in ir.labels()]  # no half-written scores
 
 
+def test_a_generator_loader_is_read_once_and_a_loader_is_iterated_each_time():
+    model, x, y = _cnn_task(seed=3)
+    loss = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    results, passes = [], []
+
+    class Loader:
+        def __iter__(self):
+            passes.append(1)
+            return iter([x[:16], x[16:]])
+
+    for loader in (Loader(), (batch for batch in [x[:16], x[16:]])):
+        ir = _scored_ir(model, x[:1], seed=3)
+        curves = measure_removal_costs(ir, loss, batchnorm_loader=loader, points=2, verbose=False)
+        results.append(np.concatenate([curve.loss_increase for curve in curves]))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-9)
+    assert len(passes) == 1 + sum(len(curve.removed_counts) - 1 for curve in curves)
+
+
 def test_one_evaluation_per_point_and_group_plus_the_unpruned_model():
     model, x, y = _cnn_task()
     ir = _scored_ir(model, x[:1])

@@ -29,7 +29,7 @@ ranks (one all-reduce), so every rank selects the same labels.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,9 @@ def measure_removal_costs(ir: PruningIR, loss_calculation_function: Callable[[nn
             the model in eval mode. Lower is better.
         batchnorm_loader: batches to re-estimate the batch-norm statistics on before every
             evaluation (``tune_batchnorm_statistics``), as one does after pruning; without it
-            the removals are measured with the unpruned model's statistics.
+            the removals are measured with the unpruned model's statistics. A re-iterable
+            loader (a ``DataLoader``, a list) is iterated again each time; a one-pass iterator
+            (a generator) is read into a list first.
         points: prefix sizes measured per group (more: a finer curve, one evaluation each).
         verbose: show progress.
 
@@ -114,7 +116,9 @@ class _Measurement:
     def __init__(self, loss_function: Callable[[nn.Module], Any], batchnorm_loader: Iterable[Any] | None,
                  progress: tqdm):
         self.loss_function = loss_function
-        self.batchnorm_batches = None if batchnorm_loader is None else list(batchnorm_loader)
+        # a loader (DataLoader, list) is iterated again for each evaluation; a one-pass iterator is kept
+        self.batchnorm_batches = list(batchnorm_loader) if isinstance(batchnorm_loader, Iterator) \
+            else batchnorm_loader
         self.progress = progress
 
     def __call__(self, model: nn.Module) -> float:
