@@ -194,9 +194,10 @@ def test_bad_input_is_refused_with_the_reason():
     with pytest.raises(LabelsNotInferredError):
         measure_removal_costs(PruningIR(model), loss, verbose=False)
     ir = _scored_ir(model, x[:1])
-    for points in (0, -1, 2.5, True):
+    for points in (0, -1, 2.5, True, "8"):
         with pytest.raises(ValueError, match="points"):
             measure_removal_costs(ir, loss, points=points, verbose=False)
+    assert len(measure_removal_costs(ir, loss, points=np.int64(2), verbose=False)) == 2  # numpy integers too
     with pytest.raises(TypeError, match="callable"):
         measure_removal_costs(ir, 1.0, verbose=False)
     with pytest.raises(ValueError, match="finite"):

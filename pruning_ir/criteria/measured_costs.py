@@ -31,6 +31,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -76,13 +77,14 @@ def measure_removal_costs(ir: PruningIR, loss_calculation_function: Callable[[nn
             the removals are measured with the unpruned model's statistics. A re-iterable
             loader (a ``DataLoader``, a list) is iterated again each time; a one-pass iterator
             (a generator) is read into a list first.
-        points: prefix sizes measured per group (more: a finer curve, one evaluation each).
+        points: prefix sizes measured per group (more: a finer curve, one evaluation each); a
+            group of at most ``points + 1`` labels is measured at every size.
         verbose: show progress.
 
     Returns:
         one :class:`RemovalCurve` per prunable group, the measurements behind the scores.
     """
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+    if isinstance(points, bool) or not isinstance(points, Integral) or points < 1:
         raise ValueError(f"points must be a whole number >= 1, got {points!r}")
     if not callable(loss_calculation_function):
         raise TypeError(f"loss_calculation_function must be callable (model -> loss), "
@@ -116,7 +118,7 @@ class _Measurement:
     def __init__(self, loss_function: Callable[[nn.Module], Any], batchnorm_loader: Iterable[Any] | None,
                  progress: tqdm):
         self.loss_function = loss_function
-        # a loader (DataLoader, list) is iterated again for each evaluation; a one-pass iterator is kept
+        # a loader (DataLoader, list) is iterated again for each evaluation; a one-pass iterator is read once
         self.batchnorm_batches = list(batchnorm_loader) if isinstance(batchnorm_loader, Iterator) \
             else batchnorm_loader
         self.progress = progress
