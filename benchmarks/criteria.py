@@ -108,16 +108,8 @@ Seeds can run in parallel processes (one thread each) and be combined without re
     python benchmarks/criteria.py --merge a.json b.json c.json d.json --json benchmarks/results/criteria.json
 
 Part of the table (``--selections``, ``--criteria``) runs alone and merges with the rest; the
-held-out check ``results/criteria_heldout.json`` (seeds 12-23; uniform, global and knapsack;
-the criteria of the rounds comparison) was run so::
-
-    python benchmarks/criteria.py --seeds 12 13 14 15 16 17 --selections uniform global --criteria loss_aware_joint \
-        loss_aware_x5 loss_aware_mean_x5 magnitude magnitude_bn random tp_taylor tp_magnitude tp_taylor_x5 --json a.json
-    python benchmarks/criteria.py --seeds 12 13 14 15 16 17 --selections knapsack --criteria loss_aware_joint \
-        loss_aware_x5 --json b.json
-    (the same for seeds 18 19 20 21 22 23 in a second process, then --merge the four files)
-
-Both of those fine-tuned at lr 1e-3. At the rate of now, 3e-4, ``results/criteria_lr3e-4_seeds12-23.json``
+held-out check ``results/criteria_heldout.json`` (seeds 12-23) was run in such parts, fine-tuned
+at lr 1e-3 like ``criteria.json``. At the rate of now, 3e-4, ``results/criteria_lr3e-4_seeds12-23.json``
 (the same seeds re-run) and ``results/criteria_lr3e-4_seeds24-35.json`` (fresh ones) hold the same
 criteria and selections, plus the one-shot ``loss_aware``, ``loss_aware_mean`` and
 ``loss_aware_joint_mean`` (one more part per file: ``--selections uniform global knapsack
@@ -126,9 +118,8 @@ per file. The 24 seeds together: ``--merge`` the two files. ``loss_aware_joint_b
 ``loss_aware_batch_x5`` came later: ``results/criteria_batch_statistics_seeds12-35.json`` holds
 them for the same 24 seeds (``--selections uniform global knapsack --criteria`` one of them; about
 35 s and 85 s per seed); ``--merge`` it with the two files to compare them with the rest. That file
-was re-run on 2026-12-04 with the code of now: the rows stored before came from an earlier state of
-the code and do not reproduce (seed 12, uniform 50%, ``loss_aware_joint_batch``: 74.6% stored,
-81.4% from the code of now and from 982812d, the commit that first stored them). The measured arms are in
+was re-run on 2026-12-04: its earlier rows did not reproduce (seed 12, uniform 50%,
+``loss_aware_joint_batch``: 74.6% stored, 81.4% now and at 982812d, which stored them). The measured arms are in
 ``results/criteria_measured_seeds12-35.json`` (``--selections uniform global knapsack --criteria
 loss_aware_joint_batch_mean loss_aware_measured loss_aware_batch_measured``, seeds 12-23 and 24-35
 in two processes, about 25 s per seed). All 24 seeds together::
@@ -171,11 +162,13 @@ from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, GlobalScoreL
 RATIOS = (0.3, 0.5, 0.7)
 SELECTIONS = ("uniform", "global", "knapsack", "tp_widths")
 OURS = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
-        "loss_aware_joint_batch_mean", "loss_aware_measured", "loss_aware_batch_measured", "magnitude", "magnitude_bn", "random", "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
+        "loss_aware_joint_batch_mean", "loss_aware_measured", "loss_aware_batch_measured", "magnitude", "magnitude_bn",
+        "random", "loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")
 THEIRS = ("tp_taylor", "tp_magnitude", "tp_taylor_x5")
 SCORED = {"loss_aware_mean": "loss_aware", "loss_aware_joint_mean": "loss_aware_joint",
           "loss_aware_joint_batch_mean": "loss_aware_joint_batch"}  # reuse another one's scores
-NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_joint_batch_mean": "mean", "loss_aware_mean_x5": "mean",
+NORMALIZE = {"loss_aware_mean": "mean", "loss_aware_joint_mean": "mean", "loss_aware_joint_batch_mean": "mean",
+             "loss_aware_mean_x5": "mean",
              "magnitude": "mean", "magnitude_bn": "mean"}  # else raw scores
 KNAPSACK = ("loss_aware", "loss_aware_joint", "loss_aware_joint_batch", "loss_aware_mean", "loss_aware_joint_mean",
             "loss_aware_joint_batch_mean", "loss_aware_measured", "loss_aware_batch_measured",
