@@ -217,10 +217,6 @@ def score(name: str, ir: PruningIR, x, y) -> None:
                 LossAwareCriterion(ir, joint=name != "loss_aware") as collector:
             calibration(x, y, BATCH_STATISTICS_BATCH if batch_mode else CALIBRATION_BATCH)(collector)
         model.zero_grad(set_to_none=True)
-    elif name in MEASURED:
-        score(MEASURED[name], ir, x, y)
-        measure_removal_costs(ir, lambda model: F.cross_entropy(model(x), y),
-                              batchnorm_loader=batches(x, x, 64, seed=None), verbose=False)
     elif name == "magnitude":
         MagnitudeCriterion(ir).apply()
     elif name == "magnitude_bn":
@@ -409,7 +405,13 @@ def run(seed: int, epochs: int, budget_kind: str = "labels", finetunes: int = FI
              "budget": macs(trained, example), **evaluate(trained, data, seed, finetunes, finetune_lr)}]
     scored = {}
     needed = {"random"} | {SCORED.get(name, name) for selection in selections for name in criteria_for(selection, only)}
+    needed |= {MEASURED[name] for name in needed if name in MEASURED}
     for name in (name for name in SCORED_FIRST if name in needed):  # "random" sets the budgets
+        if name in MEASURED:  # the scores of its criterion (scored before it), priced by measurement
+            scored[name] = copy.deepcopy(scored[MEASURED[name]])
+            measure_removal_costs(scored[name], lambda model: F.cross_entropy(model(x_train), y_train),
+                                  batchnorm_loader=batches(x_train, x_train, 64, seed=None), verbose=False)
+            continue
         scored[name] = PruningIR(copy.deepcopy(trained)).infer_labels(example)
         score(name, scored[name], x_train, y_train)
     calibrated = tp_calibrated(trained, x_train, y_train)
