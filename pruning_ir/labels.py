@@ -215,6 +215,15 @@ class ChannelIndex:
             groups.append(DependencyGroup(self, gid, free, int(len(members) - len(free))))
         return groups
 
+    def label_mask(self) -> np.ndarray:
+        """Boolean mask over class ids: True for the classes that are labels of prunable
+        groups (the pinned class never is), so callers select labels without walking groups."""
+        mask = np.zeros(self.class_count, dtype=bool)
+        for group in self.groups:
+            mask[group.classes] = True
+        mask[PINNED] = False
+        return mask
+
     def _groups_touching(self, classes: np.ndarray) -> np.ndarray:
         groups = self.group_of_class[classes[classes != PINNED]]
         return np.unique(groups[groups >= 0])

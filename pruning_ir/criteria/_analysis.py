@@ -19,6 +19,11 @@ pre-norm transformer the residual stream is gated at every LayerNorm output (eac
 of the stream), in a DenseNet a channel is gated at the batch norm of every later layer
 that reads the concatenation, and an attention head at its q/k/v projection output. All
 gates of a label are driven by the same ``z``.
+
+:class:`GraphFacts` computes these facts with a chain of passes, one fact each, every pass
+reading the results of the ones before it: ``tuple_nodes``, ``node_classes``,
+``derived_nodes``, ``parameters_used``, ``producer_nodes``, then ``gate_classes`` (a
+backward pass).
 """
 
 from __future__ import annotations
@@ -33,19 +38,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..channels import PINNED
-from ..labels import ChannelIndex
+from ..labels import ChannelIndex, ChannelSite
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def label_mask(index: ChannelIndex) -> np.ndarray:
     """Boolean mask over class ids: True for the classes that are labels (prunable)."""
-    mask = np.zeros(index.class_count, dtype=bool)
-    for group in index.groups:
-        mask[group.classes] = True
-    mask[PINNED] = False
-    return mask
+    return index.label_mask()
 
 
 @dataclass
@@ -104,123 +104,180 @@ def _is_tuple_node(node: fx.Node) -> bool:
                                          for u in node.users))
 
 
-class GraphFacts:
-    """Per graph node: the label classes it carries, the parameters it uses, which of its
-    classes it produces and which it gates (see the module docstring)."""
+def _op_inputs(node: fx.Node, tuples: set[fx.Node]) -> list[fx.Node]:
+    """A node's inputs; a getitem of a tuple-valued op stands for that op: it has the op's inputs."""
+    found = node.all_input_nodes
+    if node.target is operator.getitem and found and found[0] in tuples:
+        return found[0].all_input_nodes
+    return found
 
-    def __init__(self, graph: fx.Graph, index: ChannelIndex, model: nn.Module):
-        self.index = index
-        self.labels = label_mask(index)
-        self.nodes = {node.name: node for node in graph.nodes}
-        self.sites = defaultdict(list)
-        for site in index.sites:
-            self.sites[site.node].append(site)
-        self._param_classes = self._parameter_classes()
-        self._analyse(graph, model)
 
-    # -- facts ------------------------------------------------------------------------------
-    def _parameter_classes(self) -> dict[str, np.ndarray]:
-        collected: dict[str, list[np.ndarray]] = defaultdict(list)
-        for binding in self.index.parameter_bindings:
-            collected[binding.target.name].append(binding.classes)
-        result = {}
-        for name, arrays in collected.items():
-            classes = np.unique(np.concatenate(arrays))
-            result[name] = classes[self.labels[classes]]
-        return result
+def _op_users(node: fx.Node, tuples: set[fx.Node]) -> list[fx.Node]:
+    """A node's users, with a tuple-valued user replaced by its getitems."""
+    result = []
+    for user in node.users:
+        if user in tuples:
+            result.extend(user.users)
+        else:
+            result.append(user)
+    return result
 
-    def _analyse(self, graph: fx.Graph, model: nn.Module) -> None:
-        nodes = list(graph.nodes)
-        tuples = {n for n in nodes if _is_tuple_node(n)}
-        classes: dict[fx.Node, np.ndarray] = {}
-        for node in nodes:
-            sites = self.sites.get(node.name)
-            if sites:
-                found = np.unique(np.concatenate([s.classes for s in sites]))
-                classes[node] = found[self.labels[found]]
-        for node in tuples:
+
+# -- passes ----------------------------------------------------------------------------------
+# One pass, one fact, as torch.fx's ShapeProp: each reads the graph, the index and the results
+# of the passes before it, and returns its own; GraphFacts runs them in this order.
+
+def sites_by_node(index: ChannelIndex) -> defaultdict[str, list[ChannelSite]]:
+    """The activation sites of the index, per graph node name."""
+    sites: defaultdict[str, list[ChannelSite]] = defaultdict(list)
+    for site in index.sites:
+        sites[site.node].append(site)
+    return sites
+
+
+def parameter_label_classes(index: ChannelIndex, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per parameter name: the label classes bound to any of its dimensions."""
+    collected: dict[str, list[np.ndarray]] = defaultdict(list)
+    for binding in index.parameter_bindings:
+        collected[binding.target.name].append(binding.classes)
+    result = {}
+    for name, arrays in collected.items():
+        classes = np.unique(np.concatenate(arrays))
+        result[name] = classes[labels[classes]]
+    return result
+
+
+def tuple_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Ops whose value is a tuple read only through ``getitem``: their getitems stand for them."""
+    return {node for node in nodes if _is_tuple_node(node)}
+
+
+def node_classes(nodes: list[fx.Node], sites: dict[str, list[ChannelSite]], labels: np.ndarray,
+                 tuples: set[fx.Node]) -> dict[fx.Node, np.ndarray]:
+    """The label classes each node's output carries; a tuple node carries its getitems'."""
+    classes: dict[fx.Node, np.ndarray] = {}
+    for node in nodes:
+        found_sites = sites.get(node.name)
+        if found_sites:
+            found = np.unique(np.concatenate([s.classes for s in found_sites]))
+            classes[node] = found[labels[found]]
+    for node in nodes:
+        if node in tuples:
             parts = [classes[u] for u in node.users if u in classes]
             classes[node] = np.unique(np.concatenate(parts)) if parts else _EMPTY
+    return classes
 
-        def inputs(node: fx.Node) -> list[fx.Node]:
-            # a getitem of a tuple-valued op stands for that op: it has the op's inputs
-            found = node.all_input_nodes
-            if node.target is operator.getitem and found and found[0] in tuples:
-                return found[0].all_input_nodes
-            return found
 
-        derived: set[fx.Node] = set()
-        params: dict[fx.Node, set[str]] = {}
-        for node in nodes:
-            if node.op == "get_attr":
-                derived.add(node)
-                params[node] = {node.target}
-                continue
-            if node.op in ("placeholder", "output"):
-                params[node] = set()
-                continue
-            found = inputs(node)
-            if node.meta.get("external") or (node.op != "call_module" and node not in tuples
-                                             and all(i in derived for i in node.all_input_nodes)):
-                derived.add(node)
-            used = set()
-            for i in found:
-                if i in derived:
-                    used |= params.get(i, set())
-            if node.op == "call_module":
-                used |= {f"{node.target}.{name}" for name, _ in model.get_submodule(node.target).named_parameters()}
-            if node.target is operator.getitem and node.all_input_nodes and node.all_input_nodes[0] in tuples:
-                used |= params.get(node.all_input_nodes[0], set())
-            params[node] = used
-        self.params = params
-        self.derived = derived
+def derived_nodes(nodes: list[fx.Node], tuples: set[fx.Node]) -> set[fx.Node]:
+    """Nodes computed from parameters only (a parameter read, a view or product of parameters,
+    an external value): they carry no activation, so they neither produce nor gate."""
+    derived: set[fx.Node] = set()
+    for node in nodes:
+        if node.op == "get_attr":
+            derived.add(node)
+        elif node.op in ("placeholder", "output"):
+            continue
+        elif node.meta.get("external") or (node.op != "call_module" and node not in tuples
+                                           and all(i in derived for i in node.all_input_nodes)):
+            derived.add(node)
+    return derived
 
-        producers: dict[fx.Node, np.ndarray] = {}
-        for node, carried in classes.items():
-            if node in tuples or node in derived:
-                continue
-            inherited = [classes[i] for i in inputs(node) if i in classes and i not in derived]
-            fresh = np.setdiff1d(carried, np.concatenate(inherited), assume_unique=True) if inherited else carried
-            bound = [self._param_classes[p] for p in params[node] if p in self._param_classes]
-            own = np.intersect1d(carried, np.concatenate(bound)) if bound else _EMPTY
-            producers[node] = np.union1d(fresh, own)
 
-        def users(node: fx.Node) -> list[fx.Node]:
-            result = []
-            for user in node.users:
-                if user in tuples:
-                    result.extend(user.users)
-                else:
-                    result.append(user)
-            return result
+def parameters_used(nodes: list[fx.Node], tuples: set[fx.Node], derived: set[fx.Node],
+                    model: nn.Module) -> dict[fx.Node, set[str]]:
+    """Per node: the parameters its op uses, directly (a module's own, a parameter read) or
+    through an input derived from parameters only."""
+    params: dict[fx.Node, set[str]] = {}
+    for node in nodes:
+        if node.op == "get_attr":
+            params[node] = {node.target}
+            continue
+        if node.op in ("placeholder", "output"):
+            params[node] = set()
+            continue
+        used = set()
+        for i in _op_inputs(node, tuples):
+            if i in derived:
+                used |= params.get(i, set())
+        if node.op == "call_module":
+            used |= {f"{node.target}.{name}" for name, _ in model.get_submodule(node.target).named_parameters()}
+        if node.target is operator.getitem and node.all_input_nodes and node.all_input_nodes[0] in tuples:
+            used |= params.get(node.all_input_nodes[0], set())
+        params[node] = used
+    return params
 
-        # a leaf module is opaque: it may read a channel (an input projection) as well as
-        # produce it, so a channel entering one is consumed there
-        opaque = {n for n in nodes if n.op == "call_module"}
-        opaque |= {u for n in opaque & tuples for u in n.users}
-        leaks: dict[fx.Node, np.ndarray] = {}
-        gates: dict[str, np.ndarray] = {}
-        for node in reversed(nodes):
-            if node not in producers:
-                continue
-            carried = classes[node]
-            leak = _EMPTY
-            for user in users(node):
-                user_classes = classes.get(user)
-                if user_classes is None or user not in producers or user in opaque:
-                    leak = carried  # consumed (a model output, or an op that carries no label)
-                    break
-                passed = np.intersect1d(carried, user_classes, assume_unique=True)
-                leak = np.union1d(leak, np.setdiff1d(carried, user_classes, assume_unique=True))
-                through = np.setdiff1d(passed, producers[user], assume_unique=True)
-                leak = np.union1d(leak, np.intersect1d(through, leaks[user], assume_unique=True))
-            leaks[node] = leak
-            gated = np.intersect1d(producers[node], leak, assume_unique=True)
-            if gated.size:
-                gates[node.name] = gated
+
+def producer_nodes(classes: dict[fx.Node, np.ndarray], tuples: set[fx.Node], derived: set[fx.Node],
+                   params: dict[fx.Node, set[str]],
+                   parameter_classes: dict[str, np.ndarray]) -> dict[fx.Node, np.ndarray]:
+    """Per activation node: the classes it produces, fresh (no input carries them) or bound
+    to one of its parameters."""
+    producers: dict[fx.Node, np.ndarray] = {}
+    for node, carried in classes.items():
+        if node in tuples or node in derived:
+            continue
+        inherited = [classes[i] for i in _op_inputs(node, tuples) if i in classes and i not in derived]
+        fresh = np.setdiff1d(carried, np.concatenate(inherited), assume_unique=True) if inherited else carried
+        bound = [parameter_classes[p] for p in params[node] if p in parameter_classes]
+        own = np.intersect1d(carried, np.concatenate(bound)) if bound else _EMPTY
+        producers[node] = np.union1d(fresh, own)
+    return producers
+
+
+def gate_classes(nodes: list[fx.Node], classes: dict[fx.Node, np.ndarray], tuples: set[fx.Node],
+                 producers: dict[fx.Node, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per node name: the classes it gates, found by a backward pass that tracks, per
+    producer, the classes that *leak* from it (reach a consumer or an output with no further
+    producer on the way)."""
+    # a leaf module is opaque: it may read a channel (an input projection) as well as
+    # produce it, so a channel entering one is consumed there
+    opaque = {n for n in nodes if n.op == "call_module"}
+    opaque |= {u for n in opaque & tuples for u in n.users}
+    leaks: dict[fx.Node, np.ndarray] = {}
+    gates: dict[str, np.ndarray] = {}
+    for node in reversed(nodes):
+        if node not in producers:
+            continue
+        carried = classes[node]
+        leak = _EMPTY
+        for user in _op_users(node, tuples):
+            user_classes = classes.get(user)
+            if user_classes is None or user not in producers or user in opaque:
+                leak = carried  # consumed (a model output, or an op that carries no label)
+                break
+            passed = np.intersect1d(carried, user_classes, assume_unique=True)
+            leak = np.union1d(leak, np.setdiff1d(carried, user_classes, assume_unique=True))
+            through = np.setdiff1d(passed, producers[user], assume_unique=True)
+            leak = np.union1d(leak, np.intersect1d(through, leaks[user], assume_unique=True))
+        leaks[node] = leak
+        gated = np.intersect1d(producers[node], leak, assume_unique=True)
+        if gated.size:
+            gates[node.name] = gated
+    return gates
+
+
+class GraphFacts:
+    """Per graph node: the label classes it carries, the parameters it uses, which of its
+    classes it produces and which it gates (see the module docstring), from the passes above.
+
+    ``classes``, ``producers`` and ``gates`` are keyed by node name; ``params`` by node and
+    ``derived`` is a set of nodes (the criteria look them up from nodes)."""
+
+    def __init__(self, graph: fx.Graph, index: ChannelIndex, model: nn.Module):
+        nodes = list(graph.nodes)
+        self.index = index
+        self.labels = label_mask(index)
+        self.nodes = {node.name: node for node in nodes}
+        self.sites = sites_by_node(index)
+        self.parameter_classes = parameter_label_classes(index, self.labels)
+        self.tuples = tuple_nodes(nodes)
+        classes = node_classes(nodes, self.sites, self.labels, self.tuples)
+        self.derived = derived_nodes(nodes, self.tuples)
+        self.params = parameters_used(nodes, self.tuples, self.derived, model)
+        producers = producer_nodes(classes, self.tuples, self.derived, self.params, self.parameter_classes)
+        self.gates = gate_classes(nodes, classes, self.tuples, producers)
         self.classes = {node.name: c for node, c in classes.items()}
         self.producers = {node.name: c for node, c in producers.items()}
-        self.gates = gates
 
     # -- gates ------------------------------------------------------------------------------
     def site_gates(self) -> dict[str, list[SiteGate]]:
