@@ -1,10 +1,14 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# Entry points: `make demo`, `make test`, `make bench`. Each creates .venv on first use and
+# installs only what it needs (its own stamp file), so `make demo` on a fresh clone installs
+# no test-only package.
 # torch is pinned first: the CPU build 2.13.0 is on this machine's package index,
 # while an unpinned torch would pull several GB of CUDA packages.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test bench clean
 
@@ -12,18 +16,23 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
-	touch $(STAMP)
+$(DEMO_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
 
-demo: $(STAMP)
+$(TEST_STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/pruning-ir demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) benchmarks/run.py
 

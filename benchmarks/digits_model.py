@@ -4,5 +4,5 @@ scikit-learn's digits (real 8x8 handwritten digits shipped with the package), a 
 residual CNN for them, and train / evaluate / batch-norm re-estimation helpers.
 """
 
-from pruning_ir.digits import (BasicBlock, DigitsResNet, accuracy, batches, build_model, digits_data,  # noqa: F401
-                               reestimate_batchnorm, train)
+from pruning_ir.demo.digits import (BasicBlock, DigitsResNet, accuracy, batches, build_model, digits_data,  # noqa: F401
+                                    reestimate_batchnorm, train)

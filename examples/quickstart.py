@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pruning_ir import (LossAwareCriterion, PruningIR, UniformLabelSelector, load_pruned, save_pruned,
                         tune_batchnorm_statistics)
-from pruning_ir.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
+from pruning_ir.demo.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
 from pruning_ir.latency import macs, parameter_count
 
 

@@ -28,9 +28,9 @@ from .criteria import MagnitudeCriterion, RandomCriterion
 from .errors import PruningIRError
 from .ir import PruningIR
 from .latency import bind, macs, parameter_count
-from .report import format_count, group_channels, markdown_table
 from .saving import save_pruned
 from .selectors import ChannelConstraint, GlobalScoreLabelSelector, KnapsackLabelSelector, UniformLabelSelector
+from .text_tables import format_count, group_channels, markdown_table
 
 __all__ = ["main", "CommandLineError", "load_factory", "parse_input_shape"]
 
@@ -201,7 +201,7 @@ def _same_structure(a: Any, b: Any) -> bool:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import run_demo  # here, not at the top: the demo needs scikit-learn and matplotlib
     run_demo(args.out, quick=args.quick or None, verbose=not args.quiet)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from pruning_ir import (LossAwareCriterion, MagnitudeCriterion, PruningIR, UniformLabelSelector, batch_statistics,
                         load_pruned, tune_batchnorm_statistics)
-from pruning_ir.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
+from pruning_ir.demo.digits import DigitsResNet, accuracy, batches, build_model, digits_data, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batchnorm import tune_batchnorm_statistics
+from ..batchnorm import tune_batchnorm_statistics
 
 __all__ = ["digits_data", "batches", "BasicBlock", "DigitsResNet", "build_model", "train", "accuracy",
            "reestimate_batchnorm"]

@@ -1,4 +1,4 @@
-"""The demo (``make demo`` / ``pruning-ir demo``): the whole job on real data, in a few minutes on a CPU.
+"""The demo run (``make demo`` / ``pruning-ir demo``): the whole job on real data, in a few minutes on a CPU.
 
 Trains a small residual CNN on scikit-learn's digits, scores its channels with
 LossAwareCriterion (calibrated with batch statistics), prices each group's removals by
@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batchnorm import batch_statistics
-from .criteria import LossAwareCriterion, measure_removal_costs
+from ..batchnorm import batch_statistics
+from ..criteria import LossAwareCriterion, measure_removal_costs
+from ..ir import PruningIR
+from ..latency import bind, macs, measure_latency, one_thread, parameter_count
+from ..saving import save_pruned
+from ..selectors import ChannelConstraint, KnapsackLabelSelector
+from ..text_tables import format_count, group_channels, markdown_table
 from .digits import accuracy, batches, build_model, digits_data, reestimate_batchnorm, train
-from .ir import PruningIR
-from .latency import bind, macs, measure_latency, one_thread, parameter_count
-from .report import KNAPSACK_HEADERS, format_count, group_channels, knapsack_rows, markdown_table, plot_channels
-from .saving import save_pruned
-from .selectors import ChannelConstraint, KnapsackLabelSelector
+from .report import KNAPSACK_HEADERS, knapsack_rows, plot_channels
 
 __all__ = ["run_demo"]
 

@@ -1,46 +1,21 @@
-"""Reports of a pruning run: before/after tables, channels per group and per layer, a bar chart.
+"""The demo's report pieces that go beyond text: a bar chart of channels per layer, and the
+Knapsack selector's iterations as table rows.
 
-Shared by the demo and the ``pruning-ir prune`` command, so both write the same report.md.
+Plotting needs matplotlib (``pip install 'pruning-ir[demo]'``), imported only when a chart is
+drawn. The plain-text tables shared with ``pruning-ir prune`` live in :mod:`pruning_ir.text_tables`.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from .ir import PruningIR
-from .labels import Label
+__all__ = ["layer_widths", "plot_channels", "knapsack_rows", "KNAPSACK_HEADERS"]
 
-__all__ = ["markdown_table", "group_channels", "layer_widths", "plot_channels", "knapsack_rows", "format_count"]
-
-
-def format_count(value: float) -> str:
-    """1234567 -> '1.23M': readable parameter and MAC counts."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return f"{value:.3g}"
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def group_channels(ir: PruningIR, labels: Iterable[Label]) -> list[tuple[int, str, int, int]]:
-    """Per prunable group: (id, its first modules, channels before, channels after removing ``labels``)."""
-    removed = Counter(label.group.id for label in labels)
-    rows = []
-    for group in ir.groups:
-        if group.prunable:
-            modules = ", ".join(group.modules[:3]) + (" ..." if len(group.modules) > 3 else "")
-            rows.append((group.id, modules or "-", group.channel_count, group.channel_count - removed[group.id]))
-    return rows
+KNAPSACK_HEADERS = ("iteration", "aim", "estimated", "measured", "kept score", "labels removed", "latency calls")
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -55,7 +30,10 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 def plot_channels(original: nn.Module, pruned: nn.Module, path: str | os.PathLike, title: str = "") -> str:
     """A bar chart of the channels each conv/linear layer keeps (matplotlib, written to ``path``)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the demo's chart needs matplotlib: pip install 'pruning-ir[demo]'") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -76,10 +54,7 @@ def plot_channels(original: nn.Module, pruned: nn.Module, path: str | os.PathLik
 
 
 def knapsack_rows(history: Sequence[Any]) -> list[tuple]:
-    """The Knapsack selector's iterations (``selector.history``) as table rows."""
+    """The Knapsack selector's iterations (``selector.history``) as table rows, under ``KNAPSACK_HEADERS``."""
     return [(record.iteration, f"{record.aim:.4g}", f"{record.estimated:.4g}",
              "-" if record.measured is None else f"{record.measured:.4g}", f"{record.kept_score:.4g}",
              record.removed_labels, record.latency_calls) for record in history]
-
-
-KNAPSACK_HEADERS = ("iteration", "aim", "estimated", "measured", "kept score", "labels removed", "latency calls")
