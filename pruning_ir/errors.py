@@ -21,3 +21,19 @@ class LabelsNotInferredError(PruningIRError):
 
 class InvalidLabelsError(PruningIRError, ValueError):
     """Labels passed to prune() are foreign, duplicated, or would empty a group."""
+
+
+class LatencyMeasurementError(PruningIRError, RuntimeError):
+    """A latency function could not measure this model (it raised, or returned no usable number)."""
+
+
+class LatencyFunctionError(PruningIRError, RuntimeError):
+    """The latency function raised an unexpected error, or returned something that is not a number."""
+
+
+class PrunedModelFormatError(PruningIRError, ValueError):
+    """The saved configuration does not fit the model it is loaded into, or the folder is not a saved model."""
+
+
+__all__ = ["PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
+           "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError"]

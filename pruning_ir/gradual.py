@@ -47,9 +47,8 @@ from .criteria import Criterion, DataFreeCriterion, LossAwareCriterion
 from .errors import PruningIRError
 from .ir import PruningIR
 from .labels import Label
-from .masking import STATE_ATTRIBUTE, plain_forward, plain_parameters
+from .masking import plain_forward, plain_parameters
 from .selectors import LabelSelector, UniformLabelSelector
-from .selectors.plan import SelectionPlan
 from .schedules import (SCHEDULES, CubicSchedule, IdentitySchedule, LinearSchedule, Schedule, StaticSchedule,
                         check_step, make_schedule)
 
@@ -124,9 +123,11 @@ class GradualPruner:
         if latency_function is not None and not isinstance(self.schedule, IdentitySchedule):
             with plain_parameters(ir.model):
                 self._base_latency = float(latency_function(ir.model))
-        self._scorer: Criterion | None = None
+        self._scorer: Criterion | None = None   # one criterion, opened (start) and closed (stop) per window
+        self._saved_scores: dict | None = None   # its state, restored when it is created (after unpickling)
         self._progress = None
         self._resume_scores = False
+        self._window_resumed = False
         self._graph_ready = False
         self._open_window_if_due()
 
@@ -153,11 +154,11 @@ class GradualPruner:
         """Run the model on these inputs (through the criterion while a scoring window is open)."""
         self._check_active()
         ir = self.ir
-        if self._scorer is None and not ir.labels_inferred:
+        if not self._window_open and not ir.labels_inferred:
             ir.infer_labels(*args, **kwargs)
         self._ensure_graph(args, kwargs)
         self._open_window_if_due()
-        if self._scorer is None:
+        if not self._window_open:
             return ir.model(*args, **kwargs)
         with plain_forward(ir.model):  # the criterion's recorder maps tensors to plain parameter names
             return self._scorer(*args, **kwargs)
@@ -207,37 +208,51 @@ class GradualPruner:
             return False
         return self.score_batches is None or self.steps >= upcoming - self.score_batches
 
+    @property
+    def _window_open(self) -> bool:
+        return self._scorer is not None and self._scorer.active
+
+    def _criterion_object(self) -> Criterion:
+        if self._scorer is None:
+            self._scorer = self.criterion(self.ir)
+            if self._saved_scores:
+                self._scorer.load_state_dict(self._saved_scores)
+            self._saved_scores = None
+        return self._scorer
+
     def _open_window_if_due(self) -> None:
-        if self._scorer is None and self._window_due():
-            scorer = self.criterion(self.ir)
-            if isinstance(scorer, LossAwareCriterion):  # resumed: continue the saved sums
-                scorer.reset = not self._resume_scores
-            self._resume_scores = False
-            with plain_parameters(self.ir.model):  # criteria read plain parameter names
-                scorer.__enter__()
-            self._scorer = scorer
+        if self._window_open or not self._window_due():
+            return
+        scorer = self._criterion_object()
+        resume = self._resume_scores
+        with plain_parameters(self.ir.model):  # criteria read plain parameter names
+            if isinstance(scorer, LossAwareCriterion):
+                scorer.start(reset=not resume)  # resumed: continue the saved sums
+            else:
+                scorer.start()
+        self._resume_scores = False
+        self._window_resumed = resume
 
     def _close_window(self) -> int:
-        """Leave the open criterion context (its scores are written); returns its batch count."""
-        scorer, self._scorer = self._scorer, None
-        if scorer is None:
+        """Close the open criterion (its scores are written); returns its batch count."""
+        if not self._window_open:
             return 0
+        scorer = self._scorer
         batches = getattr(scorer, "batches", None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LossAwareCriterion: no backward pass ran")
-            scorer.__exit__(None, None, None)
+            scorer.stop()
         return 1 if batches is None else batches
 
     def _ensure_graph(self, args: tuple, kwargs: dict) -> None:
-        """An IR loaded from disk has no recorded graph: trace one, on the plain model."""
+        """An IR loaded from disk has no recorded graph: record one, on the plain model."""
         if self._graph_ready or not self.ir.labels_inferred or self.criterion is None:
             return
-        probe = self._scorer or self.criterion(self.ir)
-        if probe._graph() is None:
+        if not self.ir.has_graph:
             with plain_parameters(self.ir.model):
-                probe._graph(args, kwargs)
-            if self._scorer is not None:  # set the open context up again, now that there is a graph
-                self._resume_scores = not getattr(self._scorer, "reset", True)
+                self.ir.graph_for(*args, **kwargs)
+            if self._window_open:  # set the open window up again, now that there is a graph
+                self._resume_scores = self._window_resumed
                 self._close_window()
                 self._open_window_if_due()
         self._graph_ready = True
@@ -249,9 +264,8 @@ class GradualPruner:
             with plain_parameters(self.ir.model):
                 self.criterion(self.ir).apply()
             return
-        resumed = LossAwareCriterion.accumulated_state(self.ir) if self._scorer is not None and \
-            not getattr(self._scorer, "reset", True) else None
-        if self._close_window() == 0 and resumed is None:
+        resumed = self._window_open and self._window_resumed and bool(self._scorer.state_dict())
+        if self._close_window() == 0 and not resumed:
             raise PruningIRError(
                 f"GradualPruner: no batch was scored before the update at step {self.steps}: run the model through "
                 "the pruner (output = pruner(inputs)) and call loss.backward() between steps")
@@ -275,43 +289,23 @@ class GradualPruner:
 
     def _select(self, target: float, previous: list[Label]) -> list[Label]:
         """The selector's labels; with ``previous`` (monotone), each group keeps at least its
-        masked labels (they rank first, so a group's removal count is floored at their number)."""
+        masked labels (they rank first, and each group's removal count is floored at their number)."""
         selector = self.selector_factory(target)
         if not isinstance(selector, LabelSelector):
             raise TypeError(f"selector_factory({target!r}) returned {type(selector).__name__}, not a LabelSelector")
-        if not previous:
-            return selector.select(self.ir)
         floors = Counter(label.group.id for label in previous)
-        own = vars(selector).get("_select_counts")
-        select_counts = selector._select_counts
-
-        def floored(plan: SelectionPlan) -> np.ndarray:
-            for group in plan.groups:
-                allowed = group.counts[group.counts >= floors.get(group.group.id, 0)]
-                group.counts = allowed if allowed.size else group.counts[-1:]
-            return select_counts(plan)
-
-        selector._select_counts = floored  # on this object, for this call: select() stays the selector's own
-        try:
-            return selector.select(self.ir)
-        finally:
-            if own is None:
-                del selector._select_counts
-            else:
-                selector._select_counts = own
+        return selector.select(self.ir, floors=floors or None)
 
     def _rank_first(self, masked: list[Label]) -> None:
         """Give masked labels scores just below every other label's (selectors take them first)."""
         if not masked:
             return
-        index = self.ir._require_index()
-        taken = np.array([label.class_id for label in masked], dtype=np.int64)
-        everyone = np.array([label.class_id for label in self.ir.labels()], dtype=np.int64)
-        others = np.setdiff1d(everyone, taken)
-        scores = index.class_scores
-        low = float(scores[others].min()) if len(others) else 0.0
-        spread = float(scores[others].max()) - low if len(others) else 0.0
-        scores[taken] = low - max(spread * 1e-3, abs(low) * 1e-6, 1e-12)
+        taken = {label.class_id for label in masked}
+        others = np.array([label.score for label in self.ir.labels() if label.class_id not in taken])
+        low = float(others.min()) if len(others) else 0.0
+        spread = float(others.max()) - low if len(others) else 0.0
+        below = low - max(spread * 1e-3, abs(low) * 1e-6, 1e-12)
+        self.ir.set_scores({label: below for label in masked})
 
     def _show_progress(self) -> None:
         last = self.schedule.last_update
@@ -325,16 +319,18 @@ class GradualPruner:
 
     # -- state ------------------------------------------------------------------------------
     def _flush_scores(self) -> dict | None:
-        """The open window's accumulated Taylor sums, or None (the context is left and entered
-        again, continuing its average, so that the sums are on the IR's index)."""
+        """The open window's accumulated Taylor sums, or None (the window is closed and opened
+        again, continuing its average, so that the criterion's state holds them)."""
         scorer = self._scorer
-        if not isinstance(scorer, LossAwareCriterion) or (scorer.batches == 0 and scorer.reset):
+        if not isinstance(scorer, LossAwareCriterion) or not self._window_open:
+            return None
+        if scorer.batches == 0 and not self._window_resumed:
             return None
         if scorer.batches:
             self._close_window()
             self._resume_scores = True
             self._open_window_if_due()
-        return LossAwareCriterion.accumulated_state(self.ir)
+        return scorer.state_dict() or None
 
     def state_dict(self) -> dict[str, Any]:
         """Schedule, step count, masked labels, update history and the open window's scores
@@ -367,7 +363,7 @@ class GradualPruner:
         self._close_window()
         if state["history"]:
             ir.mask(labels)
-        elif getattr(ir, STATE_ATTRIBUTE, None) is not None:
+        elif ir.masked:
             ir.unmask()
         self.steps = int(state["steps"])
         self.history = [GradualUpdate(**update) for update in state["history"]]
@@ -376,7 +372,7 @@ class GradualPruner:
         scores = state.get("scores")
         self._resume_scores = scores is not None
         if scores is not None:
-            LossAwareCriterion.load_accumulated_state(ir, scores)
+            self._criterion_object().load_state_dict(scores)
         if state["finalized"]:
             self.finalize()  # a copy pruned like the saved one (pruned_ir)
         else:
@@ -386,6 +382,7 @@ class GradualPruner:
         scores = self._flush_scores()
         state = dict(self.__dict__)
         state["_scorer"] = None
+        state["_saved_scores"] = scores
         state["_progress"] = None
         state["_resume_scores"] = scores is not None
         state["_graph_ready"] = False  # the IR's recorded graph is not saved with it

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from . import masking
@@ -16,6 +17,9 @@ from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
 from .pruning import prune_model, slice_plans
 from .tracing import LeafModule, LeafPolicy, trace_model
+
+if TYPE_CHECKING:
+    import networkx
 
 # Modules whose internals are not recorded because a rule describes them whole.
 BUILTIN_LEAF_TYPES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
@@ -45,6 +49,18 @@ class PruningIR:
         self._example_inputs: tuple[tuple, dict] | None = None
         self._graph = None
         self._consumed = False
+        self._masked_classes: np.ndarray | None = None
+
+    @classmethod
+    def _derived(cls, source: "PruningIR", model: nn.Module, index: ChannelIndex) -> "PruningIR":
+        """An IR of ``model`` (pruned from ``source``'s): same leaf policy and graph, no masks."""
+        derived = cls.__new__(cls)
+        derived.__dict__.update(source.__dict__)
+        derived._model = model
+        derived._index = index
+        derived._consumed = False
+        derived._masked_classes = None
+        return derived
 
     # -- labels ---------------------------------------------------------------------------
     @property
@@ -71,13 +87,45 @@ class PruningIR:
         return self
 
     @property
-    def graph(self):
+    def graph(self) -> fx.Graph:
         """The torch.fx graph recorded from the original model (for inspection; not saved with the IR)."""
         graph = self.__dict__.get("_graph")
         if graph is None:
             raise LabelsNotInferredError("no recorded graph: labels were not inferred in this process "
                                          "(graphs are not saved with the IR); call infer_labels()")
         return graph
+
+    @property
+    def has_graph(self) -> bool:
+        """Whether this IR holds a recorded graph (an IR loaded from disk has none until graph_for())."""
+        return self.__dict__.get("_graph") is not None
+
+    def graph_for(self, *args: Any, **kwargs: Any) -> fx.Graph:
+        """The recorded graph; an IR without one (loaded from disk) records it from these inputs
+        and keeps it. Node names match the labels' sites: the call sequence is the model's."""
+        self.check_usable()
+        if not self.has_graph:
+            if not args and not kwargs:
+                raise LabelsNotInferredError("this IR has no recorded graph (graphs are not saved with the IR): "
+                                             "pass example inputs to graph_for(*inputs)")
+            traced, _ = trace_model(self._model, tuple(args), dict(kwargs), self._leaf_policy)
+            self._graph = traced.graph
+        return self._graph
+
+    @property
+    def leaf_policy(self) -> LeafPolicy:
+        """Which modules are recorded as leaves (atomic units); recorders of this IR's model use it."""
+        return self._leaf_policy
+
+    @property
+    def index(self) -> ChannelIndex:
+        """The channel index (classes, bindings, groups, scores); raises until labels are inferred."""
+        return self._require_index()
+
+    def to_networkx(self) -> "networkx.DiGraph":
+        """The recorded graph as a networkx DiGraph: ops and modules with their groups and pin reasons."""
+        from .graph_view import to_networkx
+        return to_networkx(self.graph, self.index, self._model)
 
     @property
     def groups(self) -> list[DependencyGroup]:
@@ -111,11 +159,14 @@ class PruningIR:
         else:
             items = list(scores.items())
             self._check_labels([label for label, _ in items], allow_empty_group=True)
+        values = []
         for label, score in items:
             value = float(score)
             if not np.isfinite(value):
                 raise ValueError(f"score for {label!r} is not finite: {score!r}")
-            index.class_scores[label.class_id] = value
+            values.append((label.class_id, value))
+        for class_id, value in values:  # written only once every value is valid
+            index.class_scores[class_id] = value
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, name: str = "main", *, labels: Iterable[Label], inplace: bool = False,
@@ -142,11 +193,7 @@ class PruningIR:
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
         if move is not None:
             move_optimizer(optimizer, move, model)
-        pruned = PruningIR.__new__(PruningIR)
-        pruned.__dict__.update(self.__dict__)
-        pruned.__dict__.pop(masking.STATE_ATTRIBUTE, None)
-        pruned._model = model
-        pruned._index = index.without(removed)
+        pruned = PruningIR._derived(self, model, index.without(removed))
         if inplace:
             self._consumed = True
         return pruned
@@ -158,15 +205,31 @@ class PruningIR:
         Replaces the current masks; masked positions stay exactly 0 through training, and
         ``prune(labels=ir.masked_labels())`` removes them (see ``pruning_ir.masking``).
         """
-        masking.apply_masks(self, labels)
+        index = self._require_index()
+        labels = list(labels)
+        self._check_labels(labels)
+        masked = np.unique(np.array([label.class_id for label in labels], dtype=np.int64))
+        masking.apply_masks(self._model, index, masked)
+        self._masked_classes = masked
 
     def unmask(self) -> None:
         """Remove the masks and restore the original (unmasked) parameter values."""
-        masking.remove_masks(self)
+        self.check_usable()
+        masking.remove_masks(self._model)
+        self._masked_classes = None
+
+    @property
+    def masked(self) -> bool:
+        """Whether masks (``mask()``) are on the model now."""
+        return self.__dict__.get("_masked_classes") is not None
 
     def masked_labels(self) -> list[Label]:
-        """The labels masked now (empty when none)."""
-        return masking.masked_labels(self)
+        """The labels masked now (in label_groups() order; empty when none)."""
+        masked = self.__dict__.get("_masked_classes")
+        if masked is None or not len(masked):
+            return []
+        wanted = set(masked.tolist())
+        return [label for label in self.labels() if label.class_id in wanted]
 
     def zero_labels(self, labels: Iterable[Label]) -> None:
         """Zero every parameter slice of these labels in place, so their channels carry exactly 0.
@@ -190,6 +253,10 @@ class PruningIR:
                     tensor.index_fill_(binding.target.dim, torch.as_tensor(drop, device=tensor.device), 0.0)
 
     # -- checks ---------------------------------------------------------------------------
+    def check_usable(self) -> None:
+        """Raise PruningIRError if this IR was used up by ``prune(inplace=True)``."""
+        self._check_usable()
+
     def _check_usable(self) -> None:
         if self._consumed:
             raise PruningIRError("this PruningIR was pruned with inplace=True; use the IR that prune() returned")
@@ -202,9 +269,10 @@ class PruningIR:
                 "once inside a criterion (with LossAwareCriterion(ir) as collector: collector(inputs))")
         return self._index
 
-    def check_labels(self, labels: Iterable[Label]) -> None:
-        """Raise InvalidLabelsError if prune() would refuse these labels (foreign, or emptying a tensor)."""
-        self._check_labels(list(labels))
+    def check_labels(self, labels: Iterable[Label], *, allow_empty_group: bool = False) -> None:
+        """Raise InvalidLabelsError if prune() would refuse these labels (foreign, or emptying a tensor;
+        ``allow_empty_group``: check only that they are this IR's labels)."""
+        self._check_labels(list(labels), allow_empty_group=allow_empty_group)
 
     def _check_labels(self, labels: list, allow_empty_group: bool = False) -> None:
         index = self._require_index()

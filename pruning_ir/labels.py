@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .channels import PINNED, AttributeBinding, ParameterBinding
-from .propagation import PropagationState
+from .propagation_state import PropagationState
 
 _MAX_REASONS = 6
 

@@ -23,13 +23,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import PruningIRError
+from .errors import LatencyMeasurementError
 
 __all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "bind", "BoundLatency"]
-
-
-class LatencyMeasurementError(PruningIRError, RuntimeError):
-    """A latency function could not measure this model (it raised, or returned no usable number)."""
 
 
 @contextlib.contextmanager

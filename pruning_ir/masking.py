@@ -40,22 +40,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
-
+from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.prune import BasePruningMethod
 
-if TYPE_CHECKING:
-    from .ir import PruningIR
-    from .labels import ChannelIndex, Label
+from .labels import ChannelIndex
+from .pruning import tensor_holders
 
-__all__ = ["ChannelMask", "RefreshMasks", "apply_masks", "remove_masks", "masked_labels", "plain_parameters",
-           "plain_forward", "refresh", "without_masks", "STATE_ATTRIBUTE"]
-
-STATE_ATTRIBUTE = "_masked_classes"   # on the IR: sorted class ids of the masked labels, or None
+__all__ = ["ChannelMask", "RefreshMasks", "apply_masks", "remove_masks", "plain_parameters",
+           "plain_forward", "refresh", "without_masks"]
 
 
 class ChannelMask(BasePruningMethod):
@@ -114,14 +109,15 @@ def _original(module: nn.Module, attribute: str) -> nn.Parameter | None:
     return module._parameters.get(attribute)
 
 
-def _holders(model: nn.Module, parameter: nn.Parameter) -> list[tuple[nn.Module, str]]:
-    """Every (module, attribute) holding ``parameter``, plain or as ``<attribute>_orig`` (tied weights)."""
+def _holders(held: list[tuple[nn.Module, str, bool]]) -> list[tuple[nn.Module, str]]:
+    """The (module, attribute) of each holder of one parameter (``tensor_holders``), plain or as
+    ``<attribute>_orig`` (tied weights are masked in every module that holds them)."""
     found = []
-    for module in model.modules():
-        for name, tensor in module._parameters.items():
-            if tensor is parameter:
-                key, _ = _hook_of(module, name[:-5]) if name.endswith("_orig") else (None, None)
-                found.append((module, name[:-5] if key is not None else name))
+    for module, name, is_parameter in held:
+        if not is_parameter:
+            continue
+        key, _ = _hook_of(module, name[:-5]) if name.endswith("_orig") else (None, None)
+        found.append((module, name[:-5] if key is not None else name))
     return found
 
 
@@ -139,11 +135,9 @@ def _set_computed(module: nn.Module, attribute: str, hook: BasePruningMethod) ->
 
 
 # -- masks of an IR -----------------------------------------------------------------------------
-def _channel_masks(model: nn.Module, index: "ChannelIndex", masked: np.ndarray) -> dict[int, tuple]:
+def _channel_masks(model: nn.Module, index: ChannelIndex, masked: np.ndarray) -> dict[int, tuple]:
     """Per bound parameter holding some label: (parameter, 0/1 mask of its masked positions)."""
-    is_label = np.zeros(index.class_count, dtype=bool)
-    for group in index.groups:
-        is_label[group.classes] = True
+    is_label = index.label_mask()
     removed = index.removal_mask(masked)
     masks: dict[int, tuple] = {}
     for binding in index.parameter_bindings:
@@ -181,19 +175,15 @@ def _mask_tensor(module: nn.Module, attribute: str, mask: torch.Tensor) -> None:
     _set_computed(module, attribute, hook)
 
 
-def apply_masks(ir: "PruningIR", labels: Iterable["Label"]) -> None:
-    """Mask exactly ``labels`` (replacing the current masks); see the module docstring."""
-    index = ir._require_index()
-    labels = list(labels)
-    ir._check_labels(labels)
-    masked = np.unique(np.array([label.class_id for label in labels], dtype=np.int64))
-    model = ir.model
+def apply_masks(model: nn.Module, index: ChannelIndex, masked: np.ndarray) -> None:
+    """Mask exactly the classes ``masked`` (replacing the current masks); see the module docstring.
+    ``PruningIR.mask`` checks the labels and keeps the masked set."""
+    holders = tensor_holders(model)
     for parameter, mask in _channel_masks(model, index, masked).values():
-        for module, attribute in _holders(model, parameter):
+        for module, attribute in _holders(holders[id(parameter)]):
             _mask_tensor(module, attribute, mask)
     if not any(isinstance(hook, RefreshMasks) for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(RefreshMasks(), prepend=True)
-    setattr(ir, STATE_ATTRIBUTE, masked)
 
 
 def _unmask_tensor(module: nn.Module, key: int, hook: ChannelMask, bake: bool) -> None:
@@ -221,24 +211,12 @@ def _remove_refresh(model: nn.Module) -> None:
             del model._forward_pre_hooks[key]
 
 
-def remove_masks(ir: "PruningIR") -> None:
-    """Remove every channel mask of the IR's model, restoring the original (unmasked) values."""
-    ir._check_usable()
-    model = ir.model
+def remove_masks(model: nn.Module) -> None:
+    """Remove every channel mask of ``model``, restoring the original (unmasked) values."""
     for module, key, hook in _pruning_hooks(model):
         if isinstance(hook, ChannelMask):
             _unmask_tensor(module, key, hook, bake=False)
     _remove_refresh(model)
-    setattr(ir, STATE_ATTRIBUTE, None)
-
-
-def masked_labels(ir: "PruningIR") -> list["Label"]:
-    """The labels masked now (in label_groups() order)."""
-    masked = getattr(ir, STATE_ATTRIBUTE, None)
-    if masked is None or not len(masked):
-        return []
-    wanted = set(masked.tolist())
-    return [label for label in ir.labels() if label.class_id in wanted]
 
 
 # -- views for code that reads plain names --------------------------------------------------------
@@ -317,7 +295,7 @@ def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
         model._forward_pre_hooks.update(root_hooks)
 
 
-def _bound_names(index: "ChannelIndex") -> dict[str, set[str]]:
+def _bound_names(index: ChannelIndex) -> dict[str, set[str]]:
     names: dict[str, set[str]] = defaultdict(set)
     for binding in index.parameter_bindings:
         path, _, attribute = binding.target.name.rpartition(".")
@@ -325,7 +303,7 @@ def _bound_names(index: "ChannelIndex") -> dict[str, set[str]]:
     return names
 
 
-def without_masks(model: nn.Module, index: "ChannelIndex", inplace: bool) -> nn.Module:
+def without_masks(model: nn.Module, index: ChannelIndex, inplace: bool) -> nn.Module:
     """``model`` (or, unless ``inplace``, a deep copy) with the masks baked in: every channel mask,
     and every torch pruning of a tensor the index binds, becomes a plain parameter holding the
     masked values. The model itself when nothing is masked (pruning then proceeds as usual)."""

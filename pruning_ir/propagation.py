@@ -10,63 +10,17 @@ from typing import Any
 
 import warnings
 
-import numpy as np
 import torch.fx as fx
 from torch import nn
 
 from .channel_rules import RuleContext, find_rule
 from .channel_rules.registry import op_name
-from .channels import AtomTable, AttributeBinding, ParameterBinding, TensorLayout
+from .channels import AttributeBinding, TensorLayout
 from .errors import PruningIRError
+from .propagation_state import PropagationState, named_tensor
 from .tracing import TracedGraph
 
-
-class PropagationState:
-    """Layouts of the nodes visited so far, and the facts rules stated about them."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.modules: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
-        self._int_attributes: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
-        self.atoms = AtomTable()
-        self.layouts: dict[fx.Node, Any] = {}
-        self.parameter_bindings: dict[tuple[str, int], ParameterBinding] = {}
-        self.attribute_bindings: list[AttributeBinding] = []
-        self.parameter_derived: set[fx.Node] = set()
-
-    def parameter_atoms(self, name: str, dim: int) -> np.ndarray | None:
-        """Atoms of one dimension of a parameter or buffer, made once (size-1 dims have none)."""
-        key = (name, dim)
-        if key not in self.parameter_bindings:
-            tensor = _named_tensor(self.modules, name)
-            if tensor is None or tensor.shape[dim] == 1:
-                return None
-            self.parameter_bindings[key] = ParameterBinding(name, dim, self.atoms.fresh(tensor.shape[dim]))
-        return self.parameter_bindings[key].atoms
-
-    def int_attributes(self, path: str, names: tuple[str, ...]) -> dict[str, int]:
-        """The int-valued attributes among ``names`` of one module (read once per module)."""
-        key = (path, names)
-        if key not in self._int_attributes:
-            values = {name: getattr(self.modules[path], name, None) for name in names}
-            self._int_attributes[key] = {k: v for k, v in values.items() if type(v) is int}
-        return self._int_attributes[key]
-
-    def layout_of(self, node: fx.Node, allow_tuple: bool = False) -> Any:
-        layout = self.layouts.get(node)
-        if layout is None and node.op == "get_attr":
-            ndim = len(node.meta["shape"])
-            layout = TensorLayout(tuple(self.parameter_atoms(node.target, d) for d in range(ndim)))
-            self.layouts[node] = layout
-        if isinstance(layout, tuple) and not allow_tuple:
-            return None
-        return layout
-
-
-def _named_tensor(modules: dict[str, nn.Module], name: str):
-    module_path, _, attribute = name.rpartition(".")
-    tensor = getattr(modules[module_path], attribute, None)
-    return tensor if hasattr(tensor, "shape") else None
+__all__ = ["PropagationState", "propagate", "pin_unseen_paths"]
 
 
 def _barrier(ctx: RuleContext, reason: str) -> None:
@@ -135,7 +89,7 @@ def _unseen_parameters(state: PropagationState, traced: TracedGraph) -> list[str
     seen = set()
     for node in traced.graph.nodes:
         if node.op == "get_attr":
-            seen.add(id(_named_tensor(state.modules, node.target)))
+            seen.add(id(named_tensor(state.modules, node.target)))
         elif node.op == "call_module":
             seen.update(id(parameter) for parameter in state.modules[node.target].parameters())
     return [name for name, parameter in state.model.named_parameters() if id(parameter) not in seen]

@@ -12,12 +12,12 @@ re-calibrating in between, can (Molchanov et al. 2019 prune iteratively too)::
 
 Round ``k`` removes, cumulatively, ``k / rounds`` of the target: the selector factory gets
 the share of the original labels removed after that round (or, with ``latency_function``,
-a latency falling linearly to ``target``), so the last round ends exactly where one-shot
-selection with the same selector would. The rounds run on masks (:class:`GradualPruner`, no
-training step): labels masked in a round stay masked, and each group loses at least them.
-With ``batchnorm_loader`` the batch-norm statistics are re-estimated after every round, as
-pruning leaves them stale; calibrating with stale statistics scores a broken model. The cost
-is ``rounds`` calibration passes instead of one.
+a latency falling linearly to ``target``), and ``select(removed_before=...)`` tells it how
+many labels each group lost in earlier rounds, so the last round ends exactly where one-shot
+selection with the same selector would. Each round is a plain score -> select -> ``prune``
+on the model pruned so far. With ``batchnorm_loader`` the batch-norm statistics are
+re-estimated after every round, as pruning leaves them stale; calibrating with stale
+statistics scores a broken model. The cost is ``rounds`` calibration passes instead of one.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
-from .criteria import DataFreeCriterion, LossAwareCriterion
+from .criteria import Criterion, DataFreeCriterion, LossAwareCriterion
 from .errors import LabelsNotInferredError
-from .gradual import CriterionFactory, GradualPruner
 from .ir import PruningIR
-from .masking import plain_parameters
 from .optimizer_state import move_optimizer, plan_optimizer_copy
 from .schedules import LinearSchedule, check_step
 from .selectors import LabelSelector
+
+CriterionFactory = Callable[[PruningIR], Criterion]
 
 __all__ = ["prune_in_rounds"]
 
@@ -83,7 +83,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
     if not isinstance(ir, PruningIR):
         raise TypeError(f"prune_in_rounds expects a PruningIR, got {type(ir).__name__}")
     check_step("rounds", rounds)
-    share = _share(ir, target, latency_function)
+    base_latency = None if latency_function is None else float(latency_function(ir.model))
+    share = _share(target, base_latency)
     data_free = isinstance(criterion(ir), DataFreeCriterion)
     if calibrate is None and not data_free:
         raise TypeError("prune_in_rounds needs calibrate(score_collector) for a data-driven criterion "
@@ -97,18 +98,35 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         if move is not None and work is not ir:
             move_optimizer(optimizer, move, work.model)
         schedule = LinearSchedule(threshold=share, start=share / rounds, gamma=share / rounds, stepsize=1)
-        pruner = GradualPruner(work, selector_factory, criterion=criterion, schedule=schedule,
-                               latency_function=latency_function)
-        for _ in tqdm(range(schedule.updates), desc="pruning in rounds", disable=not verbose):
-            if not data_free:
-                with batch_statistics(work.model) if score_in_batch_statistics else contextlib.nullcontext():
-                    calibrate(pruner)
-            pruner.step()
+        original_sizes: dict[int, int] = {}  # class id of a label -> labels of its group before round 1
+        for step in tqdm(range(1, schedule.updates + 1), desc="pruning in rounds", disable=not verbose):
+            _score(work, criterion, calibrate, data_free, score_in_batch_statistics)
+            if not original_sizes:
+                original_sizes = {int(c): len(g.classes) for g in work.groups if g.prunable for c in g.classes}
+            ratio = schedule.ratio_at(step)
+            selector = selector_factory(ratio if base_latency is None else (1.0 - ratio) * base_latency)
+            if not isinstance(selector, LabelSelector):
+                raise TypeError(f"selector_factory returned {type(selector).__name__}, not a LabelSelector")
+            removed_before = {g.id: original_sizes[int(g.classes[0])] - len(g.classes)
+                              for g in work.groups if g.prunable and len(g.classes)}
+            labels = selector.select(work, removed_before=removed_before)
+            work = work.prune(labels=labels, inplace=True, optimizer=optimizer)
             if batchnorm_loader is not None:
                 tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)
-        pruner.finalize(inplace=True, optimizer=optimizer)
-        pruner.pruned_ir.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
-        return pruner.pruned_ir
+        work.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
+        return work
+
+
+def _score(ir: PruningIR, criterion: CriterionFactory, calibrate: Callable[[Callable[..., Any]], None] | None,
+           data_free: bool, in_batch_statistics: bool) -> None:
+    """Score ``ir``'s labels for one round: a data-free criterion applied, or ``calibrate`` run
+    through a fresh data-driven one (inside ``batch_statistics`` when asked)."""
+    if data_free:
+        criterion(ir).apply()
+        return
+    with batch_statistics(ir.model) if in_batch_statistics else contextlib.nullcontext():
+        with criterion(ir) as score_collector:
+            calibrate(score_collector)
 
 
 @contextlib.contextmanager
@@ -127,17 +145,16 @@ def _restored_on_error(optimizer: torch.optim.Optimizer | None) -> Iterator[None
         raise
 
 
-def _share(ir: PruningIR, target: float, latency_function: Callable[[nn.Module], float] | None) -> float:
-    """The share of the schedule: ``target`` itself, or the latency reduction it asks for."""
+def _share(target: float, base_latency: float | None) -> float:
+    """The share of labels the rounds remove in all: ``target`` itself, or the latency reduction it asks for."""
     if isinstance(target, bool) or not isinstance(target, (int, float)):
         raise TypeError(f"target must be a number, got {target!r}")
-    if latency_function is None:
+    if base_latency is None:
         if not 0.0 < target < 1.0:
             raise ValueError(f"target must be a share of labels in (0, 1), got {target} "
                              "(a latency target needs latency_function=)")
         return float(target)
-    with plain_parameters(ir.model):
-        base = float(latency_function(ir.model))
-    if not 0.0 < target < base:
-        raise ValueError(f"target latency {target:.6g} must lie between 0 and the model's own latency {base:.6g}")
-    return 1.0 - target / base
+    if not 0.0 < target < base_latency:
+        raise ValueError(f"target latency {target:.6g} must lie between 0 and the model's own latency "
+                         f"{base_latency:.6g}")
+    return 1.0 - target / base_latency

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .errors import PruningIRError
+from .errors import PrunedModelFormatError, PruningIRError
 from .pruning import tensor_holders
 
 __all__ = ["save_pruned", "load_pruned", "PrunedModelFormatError", "CONFIG_FILE", "TORCH_WEIGHTS_FILE",
@@ -34,10 +34,6 @@ TORCH_WEIGHTS_FILE = "weights.pt"
 SAFETENSORS_WEIGHTS_FILE = "model.safetensors"
 FORMAT = "pruning_ir.pruned_model"
 FORMAT_VERSION = 1
-
-
-class PrunedModelFormatError(PruningIRError, ValueError):
-    """The saved configuration does not fit the model it is loaded into, or the folder is not a saved model."""
 
 
 def _is_size(value: Any) -> bool:

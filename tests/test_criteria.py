@@ -161,6 +161,17 @@ def collect(ir, model, batches, **options):
     return collector
 
 
+def collect_again(collector, batches, reset):
+    """Open ``collector`` once more (start/stop, as a workflow does) and run ``batches`` through it."""
+    collector.start(reset=reset)
+    try:
+        for x, y in batches:
+            F.cross_entropy(collector(x), y).backward()
+    finally:
+        collector.stop()
+    return collector
+
+
 # --------------------------------------------------------------------------------------
 # The formula
 # --------------------------------------------------------------------------------------
@@ -315,12 +326,16 @@ def test_reset_and_continue():
     expected = np.array([label.score for label in whole.labels()])
 
     ir = PruningIR(model)
-    collect(ir, model, data[:2])
-    collect(ir, model, data[2:], reset=False)
+    collector = collect(ir, model, data[:2])
+    collect_again(collector, data[2:], reset=False)   # the same criterion continues its sums
     continued = np.array([label.score for label in ir.labels()])
     np.testing.assert_allclose(continued, expected, rtol=1e-10)
+    # a new criterion has nothing to continue: reset=False starts from zero
+    collect(ir, model, data[2:], reset=False)
+    fresh = np.array([label.score for label in ir.labels()])
+    assert not np.allclose(fresh, expected)
 
-    collect(ir, model, data[2:])  # reset=True (default): only the last two batches
+    collect_again(collector, data[2:], reset=True)  # only the last two batches
     restarted = np.array([label.score for label in ir.labels()])
     only_last = PruningIR(copy.deepcopy(model))
     collect(only_last, only_last.model, data[2:])
@@ -460,13 +475,15 @@ def test_joint_reset_and_continue():
     whole = PruningIR(copy.deepcopy(model))
     collect(whole, whole.model, data, joint=True)
     ir = PruningIR(model)
-    collect(ir, model, data[:2], joint=True)
-    collect(ir, model, data[2:], joint=True, reset=False)
+    collector = collect(ir, model, data[:2], joint=True)
+    collect_again(collector, data[2:], reset=False)
     np.testing.assert_allclose([label.score for label in ir.labels()],
                                [label.score for label in whole.labels()], rtol=1e-10)
-    collect(ir, model, data[:2], joint=False)   # nothing for a joint context to continue
+    single = collect(ir, model, data[:2], joint=False)   # nothing for a joint context to continue
+    joint = LossAwareCriterion(ir, joint=True)
+    joint.load_state_dict(single.state_dict())
     with pytest.warns(UserWarning, match="starts afresh"):
-        collect(ir, model, data[2:], joint=True, reset=False)
+        collect_again(joint, data[2:], reset=False)
     only_last = PruningIR(copy.deepcopy(model))
     collect(only_last, only_last.model, data[2:], joint=True)
     np.testing.assert_allclose([label.score for label in ir.labels()],
@@ -475,25 +492,26 @@ def test_joint_reset_and_continue():
 
 @pytest.mark.parametrize("joint", [False, True])
 def test_accumulated_state_moves_to_another_ir(joint, tmp_path):
-    """accumulated_state / load_accumulated_state: saved sums continue on a fresh IR of the same
-    model as if the first context had run there; sums of another model are refused."""
+    """state_dict / load_state_dict: saved sums continue on a fresh IR of the same model as if
+    the first context had run there; sums of another model are refused."""
     data = cnn_batches((4, 4, 4, 4))
     model = build(GatedCNN).eval()
     whole = PruningIR(copy.deepcopy(model))
     collect(whole, whole.model, data, joint=joint)
     first = PruningIR(copy.deepcopy(model))
-    assert LossAwareCriterion.accumulated_state(first.infer_labels(data[0][0])) is None
-    collect(first, first.model, data[:2], joint=joint)
+    assert LossAwareCriterion(first.infer_labels(data[0][0])).state_dict() == {}
+    first_collector = collect(first, first.model, data[:2], joint=joint)
     path = tmp_path / "state.pt"
-    torch.save(LossAwareCriterion.accumulated_state(first), path)
+    torch.save(first_collector.state_dict(), path)
     state = torch.load(path, weights_only=True)
     assert (state["grams"] is not None) == joint and state["batches"] == 2
 
     second = PruningIR(copy.deepcopy(model)).infer_labels(data[0][0])
-    LossAwareCriterion.load_accumulated_state(second, state)
+    second_collector = LossAwareCriterion(second, joint=joint)
+    second_collector.load_state_dict(state)
     np.testing.assert_allclose([label.score for label in second.labels()],
                                [label.score for label in first.labels()], rtol=1e-12)
-    collect(second, second.model, data[2:], joint=joint, reset=False)
+    collect_again(second_collector, data[2:], reset=False)
     np.testing.assert_allclose([label.score for label in second.labels()],
                                [label.score for label in whole.labels()], rtol=1e-10)
 
@@ -502,7 +520,7 @@ def test_accumulated_state_moves_to_another_ir(joint, tmp_path):
         broken.append({**state, "grams": state["grams"][1:]})
     for wrong in broken:
         with pytest.raises(ValueError, match="do not fit"):
-            LossAwareCriterion.load_accumulated_state(second, wrong)
+            second_collector.load_state_dict(wrong)
 
 
 def test_joint_auto_is_the_default_and_caps_the_group_width(monkeypatch):

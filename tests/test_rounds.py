@@ -21,10 +21,10 @@ from test_optimizer_state import _data, _dead_model, _train
 
 
 def calibration(x: torch.Tensor, y: torch.Tensor, seen: list | None = None, batch: int = 8):
-    """``calibrate(score_collector)`` over (x, y); records the masked-label count it saw in ``seen``."""
+    """``calibrate(score_collector)`` over (x, y); records the label count of the model it saw in ``seen``."""
     def calibrate(collector):
         if seen is not None:
-            seen.append(len(collector.ir.masked_labels()))
+            seen.append(len(collector.ir.labels()))
         for start in range(0, len(x), batch):
             F.cross_entropy(collector(x[start:start + batch]), y[start:start + batch]).backward()
     return calibrate
@@ -44,7 +44,8 @@ def test_rounds_end_at_the_one_shot_widths_scored_on_the_partly_pruned_model():
     one_shot = ir.prune(labels=UniformLabelSelector(0.5).select(ir))
     assert group_widths(pruned) == group_widths(one_shot) == [4, 4, 8]
     total = sum(group_widths(ir))
-    assert len(seen) == 3 and seen[0] == 0 and 0 < seen[1] < seen[2] < total // 2  # each round sees the last masks
+    # each round scores the model the previous rounds pruned
+    assert len(seen) == 3 and seen[0] == total and total > seen[1] > seen[2] > total // 2
     assert not torch_prune.is_pruned(model) and not torch_prune.is_pruned(pruned.model)
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     assert all(parameter.grad is None for parameter in pruned.model.parameters())

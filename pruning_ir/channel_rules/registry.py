@@ -22,7 +22,7 @@ from ..channels import AttributeBinding, TensorLayout
 from ..tracing import ShapeInt
 
 if TYPE_CHECKING:
-    from ..labels import PropagationState
+    from ..propagation_state import PropagationState
 
 Rule = Callable[["RuleContext"], Any]
 _OP_RULES: dict[str, Rule] = {}

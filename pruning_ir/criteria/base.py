@@ -9,7 +9,6 @@ criterion produced them.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import numpy as np
@@ -18,17 +17,16 @@ import torch.fx as fx
 from ..errors import LabelsNotInferredError, PruningIRError
 from ..ir import PruningIR
 from ..labels import ChannelIndex
-from ..tracing import trace_model
-from ._analysis import GraphFacts, label_mask
-
-# Graphs traced for IRs that came without one (an IR loaded from disk does not pickle its graph).
-_TRACED_GRAPHS: "weakref.WeakKeyDictionary[ChannelIndex, fx.Graph]" = weakref.WeakKeyDictionary()
+from ._analysis import GraphFacts
 
 
 class Criterion:
     """Base class: a context manager; calling it runs the model.
 
     Subclasses implement ``_enter`` / ``_labels_ready`` / ``_exit`` and may override ``_run``.
+    ``start()`` / ``stop()`` are the with-block's two halves, for workflows that keep a
+    criterion open across calls (``GradualPruner``); ``state_dict()`` / ``load_state_dict()``
+    save and restore what a criterion accumulates (nothing, for data-free ones).
     """
 
     def __init__(self, ir: PruningIR, snapshot_name: str = "main"):
@@ -40,9 +38,17 @@ class Criterion:
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> "Criterion":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        self.stop(failed=exc_type is not None)
+        return False
+
+    def start(self) -> "Criterion":
+        """Open the criterion (what entering its with-block does); returns it."""
         if self._active:
             raise PruningIRError(f"this {type(self).__name__} is already active (nested with-blocks)")
-        self.ir._check_usable()
+        self.ir.check_usable()
         self._active = True
         try:
             self._enter()
@@ -51,10 +57,27 @@ class Criterion:
             raise
         return self
 
-    def __exit__(self, exc_type, exc, traceback) -> bool:
+    def stop(self, failed: bool = False) -> None:
+        """Close the criterion and write its scores (what leaving the with-block does);
+        ``failed``: the block raised, so nothing is written."""
+        if not self._active:
+            return
         self._active = False
-        self._exit(failed=exc_type is not None)
-        return False
+        self._exit(failed=failed)
+
+    @property
+    def active(self) -> bool:
+        """Whether the criterion is open (inside its with-block, or between start() and stop())."""
+        return self._active
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this criterion accumulated, as plain values and tensors (empty when stateless)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state; got keys {sorted(state)}")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model on these inputs and return its output unchanged."""
@@ -83,21 +106,14 @@ class Criterion:
     # -- helpers --------------------------------------------------------------------------
     @property
     def index(self) -> ChannelIndex:
-        return self.ir._require_index()
+        return self.ir.index
 
     def _graph(self, args: tuple | None = None, kwargs: dict | None = None) -> fx.Graph | None:
-        """The IR's recorded graph; for an IR without one (loaded from disk), a graph traced
-        from ``args`` (node names are the same: the call sequence is the model's)."""
-        try:
-            return self.ir.graph
-        except (AttributeError, PruningIRError):
-            pass
-        index = self.index
-        graph = _TRACED_GRAPHS.get(index)
-        if graph is None and args is not None:
-            traced, _ = trace_model(self.ir.model, tuple(args), dict(kwargs or {}), self.ir._leaf_policy)
-            graph = _TRACED_GRAPHS[index] = traced.graph
-        return graph
+        """The IR's recorded graph; for an IR without one (loaded from disk), recorded by the IR
+        from ``args``; None when it has none and no inputs are given."""
+        if self.ir.has_graph or args is not None:
+            return self.ir.graph_for(*args or (), **(kwargs or {}))
+        return None
 
     def _facts(self, graph: fx.Graph) -> GraphFacts:
         return GraphFacts(graph, self.index, self.ir.model)
@@ -105,7 +121,7 @@ class Criterion:
     def _write_scores(self, scores: np.ndarray) -> None:
         """Write per-class ``scores`` (an array over class ids) for every label of the IR."""
         index = self.index
-        labels = np.flatnonzero(label_mask(index))
+        labels = np.flatnonzero(index.label_mask())
         values = np.asarray(scores, dtype=np.float64)[labels]
         if not np.all(np.isfinite(values)):
             raise PruningIRError(f"{type(self).__name__} produced non-finite scores "

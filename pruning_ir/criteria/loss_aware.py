@@ -21,8 +21,6 @@ from ._joint import joint_scores
 from ._replay import ReplayPlan, run_recorded
 from .base import Criterion
 
-# accumulated (sum of squares, batch count, per-group sums of outer products or None), kept on the IR's index
-_STATE_ATTRIBUTE = "_loss_aware_state"
 # joint="auto": groups up to this many labels get joint scores (an n x n float64 sum: 32 MiB at 2048)
 JOINT_AUTO_MAX_LABELS = 2048
 
@@ -58,82 +56,49 @@ class LossAwareCriterion(Criterion):
                 loss = loss_fn(score_collector(inputs), targets)
                 loss.backward()
 
-    **Formula.** Put one gate :math:`z_\ell = 1` on label :math:`\ell` at each of its gate
-    sites :math:`s \in G(\ell)` (where it is produced for the last time before being
-    consumed: a batch norm output, every residual branch feeding a stream, every LayerNorm
-    reading a pre-norm stream, every batch norm reading a DenseNet concatenation, the q/k/v
-    projection of an attention head; see ``pruning_ir/criteria/_analysis.py``). Setting
-    :math:`z_\ell = 0` removes the label; the first-order estimate of the loss change is
-    :math:`\partial L / \partial z_\ell`, and following Molchanov et al. (CVPR 2019) its
-    square is averaged over the batches :math:`b = 1..B`:
+    **Formula** (Molchanov et al., CVPR 2019). A gate :math:`z_\ell = 1` sits on label
+    :math:`\ell` at each of its gate sites :math:`s \in G(\ell)`: where the channel is produced
+    for the last time before being consumed (a batch norm output, every residual branch feeding
+    a stream, every LayerNorm reading a pre-norm stream, the q/k/v projection of a head; see
+    ``criteria/_analysis.py``). Removing the label sets :math:`z_\ell = 0`; the score is the
+    square of :math:`\partial L / \partial z_\ell` averaged over the batches:
 
     .. math::
 
         \mathrm{score}(\ell) = \frac{1}{B} \sum_{b=1}^{B}
-            \Big( \sum_{s \in G(\ell)} \; \sum_{p \,:\, \mathrm{class}_s(p) = \ell}
-            \; \sum_{n, \mathrm{positions}} a_s[n, p, \ldots] \;
+            \Big( \sum_{s \in G(\ell)} \sum_{p \,:\, \mathrm{class}_s(p) = \ell}
+            \sum_{n, \mathrm{positions}} a_s[n, p, \ldots]
             \frac{\partial L_b}{\partial a_s[n, p, \ldots]} \Big)^2
 
-    where :math:`a_s` is the activation at site :math:`s`, :math:`p` runs over its
-    channels (several per label for attention heads and channel groups). Every term is a
-    derivative of the same loss with respect to a removal, so scores of different groups are
-    comparable, as global and knapsack selection need. A channel that is exactly zero scores
-    exactly 0.
+    Every term is a derivative of the same loss, so scores of different groups are comparable
+    (global and knapsack selection need it); an exactly-zero channel scores exactly 0.
 
-    **How it is computed.** When the op at a gate site is linear in its own parameters
-    (conv, linear, batch/group/instance/layer norm: :math:`a[:, i] = w_i f(x) + b_i`), the
-    inner sum equals :math:`w_i \cdot \partial L / \partial w_i + b_i \, \partial L / \partial b_i`,
-    read from gradient hooks on those parameters: exact, no activation is kept and the forward
-    runs untouched (no overhead beyond one multiply-add per weight). Other gate sites (a
-    leaf module's output, a transposed conv, a shared parameter) are reached by recording the
-    forward with the tracer's recorder and hooking the activation tensor itself
-    (``implementation="activations"`` does this for every site; the two agree to rounding).
+    **How.** Where the op at a gate site is linear in its own parameters (conv, linear, the
+    norms), the inner sum is :math:`w_i \cdot \partial L/\partial w_i + b_i \, \partial L/\partial b_i`,
+    read from gradient hooks: no activation is kept. Other sites are reached by replaying the
+    forward with the recorder and hooking the activation (``implementation="activations"``
+    does so everywhere; the two agree to rounding). Small batches estimate the per-sample
+    (Fisher) score better; inside ``pruning_ir.batch_statistics(model)`` removals are scored
+    with each batch's normalization, as the model will see them once its batch norms are
+    re-estimated.
 
-    **Calibration.** On a converged model the mean gradient is close to zero and the per-batch
-    square mostly measures the spread of the per-sample terms; the smaller the batches, the
-    closer the estimate comes to the per-sample (Fisher) one, which gave the better pruned models
-    on the digits CNN of ``benchmarks/criteria.py`` (uniform 50%, batch norms re-estimated, 3
-    seeds: 75.7% accuracy with batches of 1, 74.8% with 8, 65.0% with 64). Eval mode scores removals
-    with the full model's batch-norm statistics; inside ``pruning_ir.batch_statistics(model)`` they
-    are scored with each batch's, as after re-estimation (uniform 50%, 24 seeds: 72.6% vs 65.7%).
-
-    **Joint scores** (the default). The selectors add label scores, but the estimate for a
-    *set* :math:`S` of one group's labels is the square of the sum, not the sum of the squares:
-
-    .. math::
-
-        C(S) = \frac{1}{B} \sum_b \Big( \sum_{\ell \in S} t_b(\ell) \Big)^2
-             = 1_S^\top M \, 1_S, \qquad M = \frac{1}{B} \sum_b t_b t_b^\top
-
-    with :math:`t_b(\ell)` the inner sum above (the single-label score is :math:`M_{\ell\ell}`). The
-    off-diagonal terms are large for channels that move the loss together, as many channels of
-    a wide layer do: there single scores are small, their sum badly underestimates removing most
-    of the layer, and global or knapsack selection on default scores empties it. On the digits
-    CNN of ``benchmarks/criteria.py``, global selection down to a quarter of the MACs, batch
-    norms re-estimated, 5 seeds: 32% accuracy with single-label scores, 78% with joint ones
-    (uniform selection: 74%; Torch-Pruning's best: 66%). With joint scores each group's labels are
-    ordered greedily by the marginal cost :math:`C(S \cup \{\ell\}) - C(S)` and score it (kept
-    non-decreasing), so the lowest :math:`k` scores of a group add up to :math:`C(S_k)` and every
-    selector ranks set costs (see ``pruning_ir/criteria/_joint.py``). Interactions between groups
-    are still ignored, and the estimate is of the loss right after pruning, not after
-    fine-tuning: on the digits CNN (6 seeds) the widths it picks under global or knapsack
-    selection recover less in one epoch than Torch-Pruning's evener ones (0.6-2.2 points at
-    30-50% of the labels; after 3 epochs all are within 0.2 points), while at Torch-Pruning's own
-    widths the channels it keeps fine-tune as well (within 0.4 points, inside the noise). Costs:
-    one outer product per group per backward pass and :math:`8 \sum_g n_g^2` bytes for groups of
-    :math:`n_g` labels (62 MiB for ResNet-50), so by default (``joint="auto"``) groups of more than
-    ``JOINT_AUTO_MAX_LABELS`` (2048) labels, such as a large language model's MLP, keep
-    single-label scores; the scores are written when the context exits. Pruning in a few rounds
-    (score, prune a share, score again) also sees how the remaining channels take over. For
-    global and knapsack selection, ``measure_removal_costs`` keeps each group's order and
-    replaces these estimates by the loss measured when the labels are removed, which spreads
-    the removal as the pruned model really responds (``pruning_ir/criteria/measured_costs.py``).
+    **Joint scores** (default). Selectors add label scores, but the estimate for a set
+    :math:`S` of one group's labels is :math:`C(S) = 1_S^\top M 1_S` with
+    :math:`M = \frac{1}{B}\sum_b t_b t_b^\top` (:math:`t_b` the inner sums above), not the sum
+    of the diagonal. Channels that move the loss together make the two differ widely, and
+    selection on single scores then empties wide layers. Each group's labels are ordered
+    greedily by the marginal cost :math:`C(S \cup \{\ell\}) - C(S)`, which becomes their score,
+    so the lowest :math:`k` scores add up to :math:`C(S_k)` (``criteria/_joint.py``). It costs
+    one outer product per group and backward pass and :math:`8 n_g^2` bytes per group of
+    :math:`n_g` labels; ``joint="auto"`` keeps single scores for groups wider than
+    ``JOINT_AUTO_MAX_LABELS``. For global and knapsack selection, ``measure_removal_costs``
+    then replaces the estimates by measured losses (``criteria/measured_costs.py``).
 
     Args:
         ir: the PruningIR to score.
         snapshot_name: only ``"main"``.
-        reset: True (default): this context starts the average afresh. False: it continues the
-            average of the previous LossAwareCriterion context on this IR (same labels).
+        reset: True (default): each context starts the average afresh. False: a context continues
+            what this criterion accumulated before (an earlier context, or ``load_state_dict``).
         implementation: ``"auto"`` (parameter gradients where exact, activations elsewhere) or
             ``"activations"``.
         joint: ``"auto"`` (default): joint scores (above) for every group of at most
@@ -168,8 +133,17 @@ class LossAwareCriterion(Criterion):
         self._storages: dict[int, list[int]] = {}
         self._keys = itertools.count()
         self._warned: set[str] = set()
+        # accumulated (per-class sums of squares, batch count, per-group outer-product sums or None)
+        self._accumulated: tuple | None = None
+        self._reset_now = reset
 
     # -- context ----------------------------------------------------------------------------
+    def start(self, *, reset: bool | None = None) -> "LossAwareCriterion":
+        """Open the criterion; ``reset`` overrides the constructor's for this context only
+        (False: continue what this criterion accumulated before, or was loaded with)."""
+        self._reset_now = self.reset if reset is None else bool(reset)
+        return super().start()
+
     def _enter(self) -> None:
         self._batch: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
@@ -192,7 +166,7 @@ class LossAwareCriterion(Criterion):
                 self._end_batch()
         if not self._activation_gates:
             return self.ir.model(*args, **kwargs)
-        output, seen = run_recorded(self.ir.model, args, kwargs, self.ir._leaf_policy, self._plan,
+        output, seen = run_recorded(self.ir.model, args, kwargs, self.ir.leaf_policy, self._plan,
                                     self._on_site, self._before_write)
         missing = len(self._activation_gates) - len(seen)
         if missing:
@@ -226,7 +200,7 @@ class LossAwareCriterion(Criterion):
                               for c in self._group_classes]
         self._is_joint = any(self._joint_groups)
         self._group_positions: list[torch.Tensor] | None = None
-        prior = None if self.reset else getattr(index, _STATE_ATTRIBUTE, None)
+        prior = None if self._reset_now else self._accumulated
         if prior is not None and len(prior[0]) != index.class_count:
             prior = None
         if prior is not None and self._is_joint and (len(prior) < 3 or prior[2] is None or [
@@ -438,30 +412,29 @@ class LossAwareCriterion(Criterion):
             return
         _write_scores(self.index, self._label_classes, self._group_classes, total, total_count, grams)
         if write_state:
-            setattr(self.index, _STATE_ATTRIBUTE, (total, total_count, grams))
+            self._accumulated = (total, total_count, grams)
 
-    @staticmethod
-    def accumulated_state(ir: PruningIR) -> dict[str, Any] | None:
-        """The sums the last context left on ``ir`` (what ``reset=False`` continues), or None:
+    def state_dict(self) -> dict[str, Any]:
+        """The sums the last context accumulated (what ``reset=False`` continues), or ``{}``:
         ``{"sum": per-class sums of squares, "batches": int, "grams": per-group outer-product sums
         or None}`` as float64 CPU tensors, so that ``torch.save`` / ``weights_only`` loading work."""
-        state = getattr(ir._require_index(), _STATE_ATTRIBUTE, None)
-        if state is None:
-            return None
-        total, count, *rest = state
-        grams = rest[0] if rest and rest[0] is not None else None
+        if self._accumulated is None:
+            return {}
+        total, count, grams = self._accumulated
 
         def tensor(values):
             return None if values is None else torch.from_numpy(np.array(values, dtype=np.float64))
         return {"sum": tensor(total), "batches": int(count),
                 "grams": None if grams is None else [tensor(gram) for gram in grams]}
 
-    @staticmethod
-    def load_accumulated_state(ir: PruningIR, state: dict[str, Any]) -> None:
-        """Put sums from ``accumulated_state`` back on ``ir`` and write the scores they give; a
-        following context with ``reset=False`` continues them. Raises ValueError when they do
-        not fit ``ir``'s labels."""
-        index = ir._require_index()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take sums from :meth:`state_dict` (of this or another criterion on the same model) and
+        write the scores they give; a following context with ``reset=False`` continues them.
+        Raises ValueError when they do not fit the IR's labels."""
+        if not state:
+            self._accumulated = None
+            return
+        index = self.index
         total = state["sum"].numpy().astype(np.float64)
         grams = state.get("grams")
         grams = None if grams is None else [None if g is None else g.numpy().astype(np.float64) for g in grams]
@@ -471,7 +444,7 @@ class LossAwareCriterion(Criterion):
                 len(grams) != len(groups) or any(g is not None and g.shape != (len(c), len(c))
                                                  for g, c in zip(grams, groups))):
             raise ValueError("the saved LossAwareCriterion sums do not fit this IR (another model?)")
-        setattr(index, _STATE_ATTRIBUTE, (total, count, grams))
+        self._accumulated = (total, count, grams)
         _write_scores(index, labels, groups, total, count, grams)
 
     @property

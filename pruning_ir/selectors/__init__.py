@@ -11,7 +11,7 @@ from .binary_search import BinarySearchLatencyLabelSelector
 from .constraint import ChannelConstraint
 from .global_score import GlobalScoreLabelSelector
 from .knapsack import KnapsackIteration, KnapsackLabelSelector
-from .oracle import LatencyFunctionError
+from ..errors import LatencyFunctionError
 from .uniform import UniformLabelSelector
 
 __all__ = [

@@ -9,6 +9,7 @@ done here, once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -60,12 +61,19 @@ class LabelSelector(ABC):
         self.constraint = constraint if constraint is not None else ChannelConstraint()
         self.normalize = normalize
 
-    def select(self, ir: PruningIR) -> list[Label]:
-        """The labels to prune from ``ir`` (or from ``ir.snapshot()``, which is the same thing)."""
+    def select(self, ir: PruningIR, *, floors: Mapping[int, int] | None = None,
+               removed_before: Mapping[int, int] | None = None) -> list[Label]:
+        """The labels to prune from ``ir`` (or from ``ir.snapshot()``, which is the same thing).
+
+        ``floors``: group id -> the fewest labels that group must lose (gradual pruning keeps
+        masked labels masked). ``removed_before``: group id -> labels that group lost in earlier
+        prunes, so that a share (uniform, global) counts the labels of the model before them
+        (pruning in rounds); latency selectors ignore it.
+        """
         if not isinstance(ir, PruningIR):
             raise TypeError(f"{type(self).__name__}.select expects a PruningIR or ir.snapshot(), "
                             f"got {type(ir).__name__}")
-        plan = SelectionPlan(ir, self.constraint)
+        plan = SelectionPlan(ir, self.constraint, floors=floors, removed_before=removed_before)
         if self.normalize is not None:
             self._normalize(plan)
         counts = self._select_counts(plan)

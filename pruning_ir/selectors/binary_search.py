@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..latency import LatencyMeasurementError
+from ..errors import LatencyMeasurementError
 from .base import LabelSelector
 from .constraint import ChannelConstraint
 from .oracle import LatencyOracle, check_function, check_target
@@ -79,10 +79,11 @@ class BinarySearchLatencyLabelSelector(LabelSelector):
         self.latency_calculation_function = check_function(latency_calculation_function)
         self.verbose = verbose
         self.latency_calls = 0
+        self._latency_cache: dict = {}  # IR token -> counts -> latency (LatencyOracle)
         self.latency: float | None = None
 
     def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
-        oracle = LatencyOracle(plan, self.latency_calculation_function)
+        oracle = LatencyOracle(plan, self.latency_calculation_function, self._latency_cache)
         base = plan.base_counts()
         try:
             self.latency = oracle(base)

@@ -39,13 +39,14 @@ class GlobalScoreLabelSelector(LabelSelector):
         self.n_or_ratio = n_or_ratio
 
     def _label_budget(self, plan: SelectionPlan) -> int:
-        total = plan.label_count
+        before = plan.removed_before
+        total = plan.label_count + before
         if self.n_or_ratio < 1:
-            return int(np.floor(self.n_or_ratio * total + 0.5))
+            return max(int(np.floor(self.n_or_ratio * total + 0.5)) - before, 0)
         count = int(self.n_or_ratio)
         if count > total:
             raise ValueError(f"cannot remove {count} labels: the IR has only {total} prunable labels")
-        return count
+        return max(count - before, 0)
 
     def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
         budget = self._label_budget(plan)

@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..latency import LatencyMeasurementError
+from ..errors import LatencyMeasurementError
 from .base import LabelSelector
 from .binary_search import check_reachable, shortest_feasible_prefix
 from .constraint import ChannelConstraint
@@ -92,6 +92,7 @@ class KnapsackLabelSelector(LabelSelector):
         self.chunk_fraction = float(chunk_fraction)
         self.history: list[KnapsackIteration] = []
         self.latency_calls = 0
+        self._latency_cache: dict = {}  # IR token -> counts -> latency (LatencyOracle)
         self.latency: float | None = None
 
     @property
@@ -100,7 +101,7 @@ class KnapsackLabelSelector(LabelSelector):
 
     # -- the iteration ------------------------------------------------------------------------
     def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
-        oracle = LatencyOracle(plan, self.latency_calculation_function)
+        oracle = LatencyOracle(plan, self.latency_calculation_function, self._latency_cache)
         self.history = []
         try:
             counts, self.latency = self._iterate(plan, oracle)

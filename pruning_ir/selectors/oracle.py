@@ -1,34 +1,26 @@
 """The latency oracle: the user's latency function, called on pruned copies, checked and cached.
 
 Latency depends only on how many labels leave each group (labels of one group touch the
-same tensors), not on which, so measurements are cached by counts vector, per IR and
-latency function: selecting several targets on one IR re-measures nothing it has seen.
-Every real call is counted: it is the cost of a latency-aware selector.
+same tensors), not on which, so measurements are cached by counts vector and IR, in a cache
+the selector owns: one selector selecting on the same IR again re-measures nothing it has
+seen. Every real call is counted: it is the cost of a latency-aware selector.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from numbers import Real
 
 import numpy as np
 from torch import nn
 
-from ..errors import PruningIRError
-from ..latency import LatencyMeasurementError
+from ..errors import LatencyFunctionError, LatencyMeasurementError
 from .plan import SelectionPlan
 
 _Result = float | LatencyMeasurementError
-# IR -> latency function -> counts bytes -> measured latency; dies with the IR
-_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 __all__ = ["LatencyFunctionError", "LatencyOracle", "check_target", "check_function"]
-
-
-class LatencyFunctionError(PruningIRError, RuntimeError):
-    """The latency function raised an unexpected error, or returned something that is not a number."""
 
 
 def check_target(target_latency: float) -> float:
@@ -47,13 +39,15 @@ def check_function(function: Callable[[nn.Module], float]) -> Callable[[nn.Modul
 
 
 class LatencyOracle:
-    """``oracle(counts)`` -> latency of the model with those labels removed (cached)."""
+    """``oracle(counts)`` -> latency of the model with those labels removed, cached in ``cache``
+    (the selector's: IR token -> counts bytes -> result)."""
 
-    def __init__(self, plan: SelectionPlan, function: Callable[[nn.Module], float]):
+    def __init__(self, plan: SelectionPlan, function: Callable[[nn.Module], float],
+                 cache: dict[str, dict[bytes, _Result]] | None = None):
         self.plan = plan
         self.function = function
         self.calls = 0
-        self._cache: dict[bytes, _Result] = _CACHES.setdefault(plan.ir, {}).setdefault(function, {})
+        self._cache: dict[bytes, _Result] = ({} if cache is None else cache).setdefault(plan.ir.index.token, {})
 
     def __call__(self, counts: np.ndarray) -> float:
         """Latency of the selection; raises LatencyMeasurementError if the function cannot measure it."""

@@ -10,6 +10,7 @@ compare, hash and cache.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class GroupPlan:
     labels: list[Label]          # ascending score, ties by channel
     scores: np.ndarray           # scores in the same order
     counts: np.ndarray           # allowed removal counts, ascending
+    removed_before: int = 0      # labels the group lost in earlier prunes (shares count them)
 
     def kept_score(self, count: int) -> float:
         return float(self.scores[count:].sum())
@@ -47,20 +49,36 @@ class Step:
 class SelectionPlan:
     """The prunable groups of an IR under a channel constraint."""
 
-    def __init__(self, ir: PruningIR, constraint: ChannelConstraint):
+    def __init__(self, ir: PruningIR, constraint: ChannelConstraint, *, floors: Mapping[int, int] | None = None,
+                 removed_before: Mapping[int, int] | None = None):
         self.ir = ir
         ordered = ir.label_groups()
         prunable = [group for group in ir.groups if group.prunable]
+        floors, removed_before = dict(floors or {}), dict(removed_before or {})
+        for name, given in (("floors", floors), ("removed_before", removed_before)):
+            unknown = set(given) - {group.id for group in prunable}
+            if unknown or any(int(v) < 0 for v in given.values()):
+                raise ValueError(f"{name} maps prunable group ids to counts >= 0; got {given!r}")
         self.groups = [GroupPlan(group, labels, np.array([label.score for label in labels], dtype=np.float64),
-                                 constraint.removal_counts(group))
+                                 constraint.removal_counts(group), int(removed_before.get(group.id, 0)))
                        for group, labels in zip(prunable, ordered)]
         self._cover_sets = self._find_cover_sets()
         self._limit_single_group_covers()
+        for g in self.groups:  # each group loses at least its floor (or as many labels as it may)
+            floor = int(floors.get(g.group.id, 0))
+            if floor:
+                at_least = g.counts[g.counts >= floor]
+                g.counts = at_least if at_least.size else g.counts[-1:]
 
     # -- counts -----------------------------------------------------------------------------
     @property
     def label_count(self) -> int:
         return sum(len(g.labels) for g in self.groups)
+
+    @property
+    def removed_before(self) -> int:
+        """Labels the groups lost in earlier prunes (``select(removed_before=)``)."""
+        return sum(g.removed_before for g in self.groups)
 
     def base_counts(self) -> np.ndarray:
         """The least pruning the constraint allows (zero everywhere unless ``high`` forces some)."""
@@ -115,7 +133,7 @@ class SelectionPlan:
         A tensor holding every label of a group is safe already (a group always keeps a
         label unless it has unprunable channels), so only the others are kept.
         """
-        index = self.ir._index
+        index = self.ir.index
         where: dict[int, tuple[int, int]] = {}
         for gi, g in enumerate(self.groups):
             for rank, label in enumerate(g.labels):

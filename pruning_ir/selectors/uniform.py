@@ -29,6 +29,7 @@ class UniformLabelSelector(LabelSelector):
         self.pruning_ratio = float(pruning_ratio)
 
     def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
-        counts = np.array([plan.nearest_allowed(i, np.floor(self.pruning_ratio * len(g.labels) + 0.5))
-                           for i, g in enumerate(plan.groups)], dtype=np.int64)
+        wanted = [np.floor(self.pruning_ratio * (len(g.labels) + g.removed_before) + 0.5) - g.removed_before
+                  for g in plan.groups]
+        counts = np.array([plan.nearest_allowed(i, max(w, 0.0)) for i, w in enumerate(wanted)], dtype=np.int64)
         return plan.repair(counts)
