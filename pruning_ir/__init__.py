@@ -7,13 +7,13 @@ to remove) -> ``pruning`` (remove them physically).
 """
 
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
-from .criteria import LossAwareCriterion, MagnitudeCriterion, RandomCriterion, measure_removal_costs
-from .errors import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIRError,
-                     TracingError)
+from .criteria import Criterion, LossAwareCriterion, MagnitudeCriterion, RandomCriterion, measure_removal_costs
+from .errors import (InvalidLabelsError, LabelsNotInferredError, LatencyFunctionError, LatencyMeasurementError,
+                     ModelExecutionError, PrunedModelFormatError, PruningIRError, TracingError)
 from .gradual import GradualPruner
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
-from .latency import LatencyMeasurementError, bind
+from .latency import bind, macs, measure_latency, parameter_count
 from .rounds import prune_in_rounds
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
@@ -23,10 +23,11 @@ from .tracing import LeafModule
 __all__ = [
     "GradualPruner", "prune_in_rounds",
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
-    "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion", "measure_removal_costs",
+    "Criterion", "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion", "measure_removal_costs",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
-    "BinarySearchLatencyLabelSelector", "ChannelConstraint", "LatencyMeasurementError", "bind",
+    "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
+    "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError",
 ]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .latency import to_device
+from .modes import kept_training_flags
 
 __all__ = ["tune_batchnorm_statistics", "batch_statistics", "kept_statistics"]
 
@@ -56,33 +57,37 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     forward = forward or _default_forward
     device = next(model.parameters(), torch.empty(0)).device
-    flags = {module: module.training for module in model.modules()}
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         if not norm.track_running_stats:
             raise ValueError(f"{type(norm).__name__} has track_running_stats=False: it keeps no statistics to tune")
     saved = _buffer_copies(norms)
-    seen = 0
     try:
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None
-        model.train()
-        batches = iter(loader) if max_batches is None else islice(loader, max_batches)  # tqdm.auto would iter() twice
-        for batch in tqdm(batches, desc="batch-norm statistics", disable=not verbose, leave=False):
-            forward(model, to_device(batch, device))
-            seen += 1
-        if seen == 0:
-            raise ValueError("the loader gave no batch: batch-norm statistics cannot be re-estimated")
+        with kept_training_flags(model):
+            _reestimate(model, norms, loader, forward, device, max_batches, verbose)
     except BaseException:
         _put_back(norms, saved)  # a failed run leaves the old statistics, not half-new ones
         raise
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-        for module, training in flags.items():
-            module.training = training
     return model
+
+
+def _reestimate(model: nn.Module, norms: list[nn.Module], loader: Iterable[Any], forward: Callable,
+                device: torch.device, max_batches: int | None, verbose: bool) -> None:
+    """Reset the norms' statistics and accumulate them again over ``loader`` in train mode."""
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    seen = 0
+    batches = iter(loader) if max_batches is None else islice(loader, max_batches)  # tqdm.auto would iter() twice
+    for batch in tqdm(batches, desc="batch-norm statistics", disable=not verbose, leave=False):
+        forward(model, to_device(batch, device))
+        seen += 1
+    if seen == 0:
+        raise ValueError("the loader gave no batch: batch-norm statistics cannot be re-estimated")
 
 
 @contextmanager
@@ -101,15 +106,13 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
             ...
     """
     norms = [module for module in model.modules() if isinstance(module, _NORM_TYPES)]
-    flags = [norm.training for norm in norms]
     saved = _buffer_copies(norms)
     try:
-        for norm in norms:
-            norm.train()
-        yield model
+        with kept_training_flags(norms):
+            for norm in norms:
+                norm.train()
+            yield model
     finally:
-        for norm, training in zip(norms, flags):
-            norm.training = training
         _put_back(norms, saved)
 
 
@@ -118,13 +121,11 @@ def kept_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """On exit, every batch norm's running statistics and every module's train/eval flag are
     what they were on entry, whatever the block did (re-estimated them, switched modes, raised)."""
     norms = [module for module in model.modules() if isinstance(module, _NORM_TYPES)]
-    flags = {module: module.training for module in model.modules()}
     saved = _buffer_copies(norms)
     try:
-        yield model
+        with kept_training_flags(model):
+            yield model
     finally:
-        for module, training in flags.items():
-            module.training = training
         _put_back(norms, saved)
 
 

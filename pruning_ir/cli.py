@@ -30,6 +30,7 @@ from .ir import PruningIR
 from .latency import bind, macs, parameter_count
 from .saving import save_pruned
 from .selectors import ChannelConstraint, GlobalScoreLabelSelector, KnapsackLabelSelector, UniformLabelSelector
+from .checks import check_share
 from .text_tables import format_count, group_channels, markdown_table
 
 __all__ = ["main", "CommandLineError", "load_factory", "parse_input_shape"]
@@ -143,9 +144,10 @@ def _selector(args: argparse.Namespace, model: nn.Module, inputs: tuple):
     if args.selector == "knapsack":
         if args.target_macs is None:
             raise CommandLineError("--selector knapsack needs --target-macs F (the share of MACs to keep, in (0, 1))")
-        if not 0 < args.target_macs < 1:
-            raise CommandLineError(f"--target-macs must lie in (0, 1) (share of the original MACs), "
-                                   f"got {args.target_macs}")
+        try:
+            check_share("--target-macs (the share of the original MACs kept)", args.target_macs, "(0, 1)")
+        except ValueError as error:
+            raise CommandLineError(str(error)) from None
         return KnapsackLabelSelector(args.target_macs * macs(model, *inputs), bind(macs, *inputs),
                                      constraint=constraint, verbose=not args.quiet)
     if args.ratio is None:

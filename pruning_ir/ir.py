@@ -165,8 +165,9 @@ class PruningIR:
             if not np.isfinite(value):
                 raise ValueError(f"score for {label!r} is not finite: {score!r}")
             values.append((label.class_id, value))
-        for class_id, value in values:  # written only once every value is valid
-            index.class_scores[class_id] = value
+        if values:  # written only once every value is valid
+            classes, scores = zip(*values)
+            index.set_class_scores(np.array(classes, dtype=np.int64), np.array(scores))
 
     # -- pruning --------------------------------------------------------------------------
     def prune(self, name: str = "main", *, labels: Iterable[Label], inplace: bool = False,

@@ -215,6 +215,15 @@ class ChannelIndex:
             groups.append(DependencyGroup(self, gid, free, int(len(members) - len(free))))
         return groups
 
+    def set_class_scores(self, classes: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` as the scores of label classes ``classes``: all finite, or nothing is written."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != np.shape(classes):
+            raise ValueError(f"{len(values)} scores for {len(classes)} classes")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("scores must be finite (a loss or gradient that is inf or nan?)")
+        self.class_scores[classes] = values
+
     def label_mask(self) -> np.ndarray:
         """Boolean mask over class ids: True for the classes that are labels of prunable
         groups (the pinned class never is), so callers select labels without walking groups."""

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import LatencyMeasurementError
+from .modes import kept_training_flags
 
 __all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "bind", "BoundLatency"]
 
@@ -31,14 +32,9 @@ __all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latenc
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode without gradients, then restore every module's training flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for module, training in flags:
-            module.training = training
+    with kept_training_flags(model), torch.no_grad():
+        model.eval()
+        yield model
 
 
 def _run(model: nn.Module, inputs: tuple, kwargs: dict) -> Any:

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
+from .checks import check_share
 from .criteria import Criterion, DataFreeCriterion, LossAwareCriterion
 from .errors import LabelsNotInferredError
 from .ir import PruningIR
@@ -150,10 +151,7 @@ def _share(target: float, base_latency: float | None) -> float:
     if isinstance(target, bool) or not isinstance(target, (int, float)):
         raise TypeError(f"target must be a number, got {target!r}")
     if base_latency is None:
-        if not 0.0 < target < 1.0:
-            raise ValueError(f"target must be a share of labels in (0, 1), got {target} "
-                             "(a latency target needs latency_function=)")
-        return float(target)
+        return check_share("target (a share of labels; a latency target needs latency_function=)", target, "(0, 1)")
     if not 0.0 < target < base_latency:
         raise ValueError(f"target latency {target:.6g} must lie between 0 and the model's own latency "
                          f"{base_latency:.6g}")

@@ -13,16 +13,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+from .checks import check_share
+
 __all__ = ["Schedule", "IdentitySchedule", "StaticSchedule", "LinearSchedule", "CubicSchedule", "SCHEDULES",
            "make_schedule", "check_share", "check_step"]
-
-
-def check_share(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a share in [0, 1), got {value!r}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a share in [0, 1), got {value}")
-    return float(value)
 
 
 def check_shares(start: float, threshold: float) -> None:

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .errors import ModelExecutionError, TracingError
+from .modes import kept_training_flags
 
 
 class ShapeInt(int):
@@ -343,8 +344,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPo
     not updated); the train/eval flag of every submodule is restored afterwards.
     """
     recorder = Recorder(model, leaf_policy, strict)
-    training_flags = {m: m.training for m in model.modules()}
-    try:
+    with kept_training_flags(model):
         model.eval()
         with torch.no_grad(), recording(model, recorder, args, kwargs):
             try:
@@ -357,9 +357,6 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPo
                 raise ModelExecutionError(
                     f"{type(model).__name__} failed on the example inputs (tensor shapes {shapes}) "
                     f"in submodule '{where}': {type(error).__name__}: {error}") from error
-    finally:
-        for module, flag in training_flags.items():
-            module.training = flag
     input_nodes = list(recorder.graph.find_nodes(op="placeholder"))
     output_nodes = [recorder.node_of(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
     recorder.graph.output(tuple(output_nodes))

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning_ir import PruningIR
-from pruning_ir.graph_view import to_networkx
 
 
 class ResidualNet(nn.Module):
@@ -27,7 +26,7 @@ class ResidualNet(nn.Module):
 
 def _view(model: nn.Module, *inputs, **ir_options) -> tuple[PruningIR, nx.DiGraph]:
     ir = PruningIR(model, **ir_options).infer_labels(*inputs)
-    return ir, to_networkx(ir.graph, ir._index, ir.model)
+    return ir, ir.to_networkx()
 
 
 def _only(view: nx.DiGraph, **attributes) -> str:

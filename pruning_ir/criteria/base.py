@@ -126,7 +126,7 @@ class Criterion:
         if not np.all(np.isfinite(values)):
             raise PruningIRError(f"{type(self).__name__} produced non-finite scores "
                                  "(a loss or gradient that is inf or nan?)")
-        index.class_scores[labels] = values
+        index.set_class_scores(labels, values)
 
 
 class DataFreeCriterion(Criterion):

@@ -17,8 +17,8 @@ from ..errors import PruningIRError
 from ..ir import PruningIR
 from ._analysis import GraphFacts, ParameterGate, SiteGate, label_mask
 from ._distributed import all_reduce_sum, world_size
-from ._joint import joint_scores
 from ._replay import ReplayPlan, run_recorded
+from ._taylor_sums import TaylorSums, score_layout
 from .base import Criterion
 
 # joint="auto": groups up to this many labels get joint scores (an n x n float64 sum: 32 MiB at 2048)
@@ -134,7 +134,7 @@ class LossAwareCriterion(Criterion):
         self._keys = itertools.count()
         self._warned: set[str] = set()
         # accumulated (per-class sums of squares, batch count, per-group outer-product sums or None)
-        self._accumulated: tuple | None = None
+        self._accumulated: TaylorSums | None = None
         self._reset_now = reset
 
     # -- context ----------------------------------------------------------------------------
@@ -195,16 +195,16 @@ class LossAwareCriterion(Criterion):
     def _setup_state(self) -> None:
         index = self.index
         self._labels = label_mask(index)
-        self._label_classes, self._group_classes = _score_layout(index)
+        self._label_classes, self._group_classes = score_layout(index)
         self._joint_groups = [self.joint is True or (self.joint == "auto" and len(c) <= JOINT_AUTO_MAX_LABELS)
                               for c in self._group_classes]
         self._is_joint = any(self._joint_groups)
         self._group_positions: list[torch.Tensor] | None = None
         prior = None if self._reset_now else self._accumulated
-        if prior is not None and len(prior[0]) != index.class_count:
+        if prior is not None and len(prior.total) != index.class_count:
             prior = None
-        if prior is not None and self._is_joint and (len(prior) < 3 or prior[2] is None or [
-                gram is not None for gram in prior[2]] != self._joint_groups):
+        if prior is not None and self._is_joint and (prior.grams is None or [
+                gram is not None for gram in prior.grams] != self._joint_groups):
             self._warn_once("prior", "LossAwareCriterion(reset=False): the previous context did not keep joint "
                             "sums for the same groups (joint=False?), so there is nothing to continue; this "
                             "context starts afresh")
@@ -398,34 +398,25 @@ class LossAwareCriterion(Criterion):
         self._store(local, count, grams, write_state=True)
 
     def _store(self, local: np.ndarray, count: int, grams: list[np.ndarray] | None, write_state: bool) -> None:
-        total, total_count = local, count
+        sums = TaylorSums(local, count, grams)
         if self._prior is not None:
-            total, total_count = self._prior[0] + local, self._prior[1] + count
-            if grams is not None:
-                grams = [None if mine is None else mine + theirs for mine, theirs in zip(grams, self._prior[2])]
-        if not np.all(np.isfinite(total[self._label_classes])):
+            sums = sums + self._prior
+        if not np.all(np.isfinite(sums.total[self._label_classes])):
             message = ("LossAwareCriterion: a loss or gradient was inf or nan inside the context; the scores "
                        "are not finite")
             if write_state:
                 raise PruningIRError(message + " and were not written")
             self._warn_once("finite", message)
             return
-        _write_scores(self.index, self._label_classes, self._group_classes, total, total_count, grams)
+        self.index.set_class_scores(*sums.scores(self.index))
         if write_state:
-            self._accumulated = (total, total_count, grams)
+            self._accumulated = sums
 
     def state_dict(self) -> dict[str, Any]:
         """The sums the last context accumulated (what ``reset=False`` continues), or ``{}``:
         ``{"sum": per-class sums of squares, "batches": int, "grams": per-group outer-product sums
-        or None}`` as float64 CPU tensors, so that ``torch.save`` / ``weights_only`` loading work."""
-        if self._accumulated is None:
-            return {}
-        total, count, grams = self._accumulated
-
-        def tensor(values):
-            return None if values is None else torch.from_numpy(np.array(values, dtype=np.float64))
-        return {"sum": tensor(total), "batches": int(count),
-                "grams": None if grams is None else [tensor(gram) for gram in grams]}
+        or None}`` as float64 CPU tensors."""
+        return {} if self._accumulated is None else self._accumulated.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take sums from :meth:`state_dict` (of this or another criterion on the same model) and
@@ -434,18 +425,8 @@ class LossAwareCriterion(Criterion):
         if not state:
             self._accumulated = None
             return
-        index = self.index
-        total = state["sum"].numpy().astype(np.float64)
-        grams = state.get("grams")
-        grams = None if grams is None else [None if g is None else g.numpy().astype(np.float64) for g in grams]
-        count = int(state["batches"])
-        labels, groups = _score_layout(index)
-        if len(total) != index.class_count or count <= 0 or grams is not None and (
-                len(grams) != len(groups) or any(g is not None and g.shape != (len(c), len(c))
-                                                 for g, c in zip(grams, groups))):
-            raise ValueError("the saved LossAwareCriterion sums do not fit this IR (another model?)")
-        self._accumulated = (total, count, grams)
-        _write_scores(index, labels, groups, total, count, grams)
+        self._accumulated = TaylorSums.from_state_dict(state, self.index)
+        self.index.set_class_scores(*self._accumulated.scores(self.index))
 
     @property
     def batches(self) -> int:
@@ -456,19 +437,3 @@ class LossAwareCriterion(Criterion):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
-
-
-def _score_layout(index) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The class ids that are labels, and the label classes of each prunable group (the order
-    of the per-group sums)."""
-    return np.flatnonzero(label_mask(index)), [group.classes for group in index.groups if group.prunable]
-
-
-def _write_scores(index, labels: np.ndarray, groups: list[np.ndarray], total: np.ndarray, count: int,
-                  grams: list[np.ndarray | None] | None) -> None:
-    """Label scores from accumulated sums: the mean square per label, and for the groups with an
-    outer-product sum in ``grams`` (joint) the group's joint scores."""
-    index.class_scores[labels] = total[labels] / count
-    for classes, gram in zip(groups, grams or []):
-        if gram is not None:
-            index.class_scores[classes] = joint_scores(gram / count)

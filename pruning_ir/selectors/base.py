@@ -45,12 +45,13 @@ class LabelSelector(ABC):
     width; Torch-Pruning's default is ``"mean"``, Molchanov et al. 2017 use ``"l2"``), and stops
     one group from being emptied because its scores are all small; the price is that a group's
     overall importance is thrown away: under ``"mean"`` every group weighs the same however much
-    the loss depends on it. LossAwareCriterion scores estimate the loss, so ranked raw with its
-    default joint scores they keep the most accuracy right after pruning (``benchmarks/criteria.py``,
-    a quarter of the MACs, batch norms re-estimated: 78% raw joint vs 74% normalized single-label
-    scores in global selection, 75% vs 55% in knapsack selection, which weighs groups by cost);
-    ``"mean"`` spreads the removal more evenly, which recovers better in a short fine-tune
-    (with single-label scores in rounds, ``prune_in_rounds``, the best global setting there).
+    the loss depends on it. LossAwareCriterion scores estimate the loss, so they are best ranked
+    raw (its joint scores sum to set costs); ``"mean"`` spreads the removal more evenly, which
+    can recover better in a short fine-tune (``benchmarks/RESULTS.md`` has the measurements).
+
+    The share a selector removes counts labels, and labels differ in size (one label of a
+    transformer's hidden size ties many more parameters than one MLP unit): to budget
+    parameters or MACs, use a latency selector with ``macs`` or ``parameter_count``.
     """
 
     def __init__(self, constraint: ChannelConstraint | None = None, normalize: str | None = None):

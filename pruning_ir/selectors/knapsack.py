@@ -13,6 +13,7 @@ one per group.
 
 from __future__ import annotations
 
+from ..checks import check_share
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,12 +78,9 @@ class KnapsackLabelSelector(LabelSelector):
             raise ValueError(f"max_iterations must be a positive int, got {max_iterations!r}")
         if not solver_execution_time_limit > 0:
             raise ValueError(f"solver_execution_time_limit must be positive seconds, got {solver_execution_time_limit}")
-        if not 0 < max_relative_latency_step <= 1:
-            raise ValueError(f"max_relative_latency_step must lie in (0, 1], got {max_relative_latency_step}")
-        if not 0 <= tolerance < 1:
-            raise ValueError(f"tolerance must lie in [0, 1), got {tolerance}")
-        if not 0 < chunk_fraction <= 1:
-            raise ValueError(f"chunk_fraction must lie in (0, 1], got {chunk_fraction}")
+        check_share("max_relative_latency_step", max_relative_latency_step, "(0, 1]")
+        check_share("tolerance", tolerance, "[0, 1)")
+        check_share("chunk_fraction", chunk_fraction, "(0, 1]")
         self.strict_label_order = bool(strict_label_order)
         self.max_iterations = max_iterations
         self.solver_execution_time_limit = float(solver_execution_time_limit)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from numbers import Real
-
 import numpy as np
 
+from ..checks import check_share
 from .base import LabelSelector
 from .constraint import ChannelConstraint
 from .plan import SelectionPlan
@@ -22,11 +21,7 @@ class UniformLabelSelector(LabelSelector):
 
     def __init__(self, pruning_ratio: float, constraint: ChannelConstraint | None = None):
         super().__init__(constraint)
-        if isinstance(pruning_ratio, bool) or not isinstance(pruning_ratio, Real):
-            raise TypeError(f"pruning_ratio must be a number in [0, 1), got {pruning_ratio!r}")
-        if not 0.0 <= pruning_ratio < 1.0:
-            raise ValueError(f"pruning_ratio must lie in [0, 1), got {pruning_ratio}")
-        self.pruning_ratio = float(pruning_ratio)
+        self.pruning_ratio = check_share("pruning_ratio", pruning_ratio, "[0, 1)")
 
     def _select_counts(self, plan: SelectionPlan) -> np.ndarray:
         wanted = [np.floor(self.pruning_ratio * (len(g.labels) + g.removed_before) + 0.5) - g.removed_before
