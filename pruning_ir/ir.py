@@ -42,8 +42,7 @@ class PruningIR:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PruningIR expects an nn.Module, got {type(model).__name__}")
         self._model = model
-        self._leaf_modules = list(leaf_modules or ())
-        self._leaf_policy = LeafPolicy.from_argument(self._leaf_modules, BUILTIN_LEAF_TYPES)
+        self._leaf_policy = LeafPolicy.from_argument(leaf_modules, BUILTIN_LEAF_TYPES)
         self.soft_tracing = soft_tracing
         self._index: ChannelIndex | None = None
         self._example_inputs: tuple[tuple, dict] | None = None
@@ -58,6 +57,7 @@ class PruningIR:
         derived.__dict__.update(source.__dict__)
         derived._model = model
         derived._index = index
+        derived._leaf_policy = source._leaf_policy.moved_to(source._model, model)
         derived._consumed = False
         derived._masked_classes = None
         return derived

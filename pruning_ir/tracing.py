@@ -81,22 +81,26 @@ class LeafModule:
 
 @dataclass
 class LeafPolicy:
-    """Which modules are leaves, resolved from the user's ``leaf_modules`` argument."""
+    """Which modules are leaves, resolved from the user's ``leaf_modules`` argument.
+
+    Instances are held by reference (never by ``id``), so ``copy.deepcopy`` and pickling of an
+    IR carry them to the copied model; ``moved_to`` carries them onto a pruned copy.
+    """
 
     types: tuple[type, ...] = ()
-    instances: dict[int, LeafModule] = field(default_factory=dict)
+    instances: list[LeafModule] = field(default_factory=list)
 
     @classmethod
     def from_argument(cls, leaf_modules: Iterable[Any] | None, builtin_types: tuple[type, ...]) -> "LeafPolicy":
         types: list[type] = list(builtin_types)
-        instances: dict[int, LeafModule] = {}
+        instances: list[LeafModule] = []
         for item in leaf_modules or ():
             if isinstance(item, LeafModule):
-                instances[id(item.module)] = item
+                instances.append(item)
             elif isinstance(item, type) and issubclass(item, nn.Module):
                 types.append(item)
             elif isinstance(item, nn.Module):
-                instances[id(item)] = LeafModule(item)
+                instances.append(LeafModule(item))
             else:
                 raise TypeError(
                     "leaf_modules takes nn.Module types, nn.Module instances or PruningIR.LeafModule; "
@@ -104,11 +108,25 @@ class LeafPolicy:
         return cls(tuple(types), instances)
 
     def leaf_spec(self, module: nn.Module) -> LeafModule | None:
-        if id(module) in self.instances:
-            return self.instances[id(module)]
+        for spec in self.instances:
+            if spec.module is module:
+                return spec
         if isinstance(module, self.types):
             return LeafModule(module)
         return None
+
+    def moved_to(self, old_model: nn.Module, new_model: nn.Module) -> "LeafPolicy":
+        """The same policy for ``new_model``, a copy of ``old_model``: each leaf instance is
+        replaced by the module at the same path in the copy."""
+        if not self.instances or new_model is old_model:
+            return self
+        paths = {id(module): path for path, module in old_model.named_modules(remove_duplicate=False)}
+        moved = []
+        for spec in self.instances:
+            path = paths.get(id(spec.module))
+            module = spec.module if path is None else new_model.get_submodule(path)
+            moved.append(LeafModule(module, spec.prunable_input, spec.prunable_output))
+        return LeafPolicy(self.types, moved)
 
 
 @dataclass
