@@ -41,6 +41,10 @@ class PruningIR:
     def __init__(self, model: nn.Module, *, leaf_modules: Iterable[Any] | None = None, soft_tracing: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PruningIR expects an nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(f"PruningIR cannot see inside a TorchScript model ({type(model).__name__}, from "
+                            "torch.jit.script or torch.jit.trace): its forward is compiled, so no channel can be "
+                            "traced or removed; pass the original nn.Module and script the pruned one afterwards")
         self._model = model
         self._leaf_policy = LeafPolicy.from_argument(leaf_modules, BUILTIN_LEAF_TYPES)
         self.soft_tracing = soft_tracing
@@ -170,9 +174,13 @@ class PruningIR:
             index.set_class_scores(np.array(classes, dtype=np.int64), np.array(scores))
 
     # -- pruning --------------------------------------------------------------------------
-    def prune(self, name: str = "main", *, labels: Iterable[Label], inplace: bool = False,
-              skip_label_checking: bool = False, optimizer: torch.optim.Optimizer | None = None) -> "PruningIR":
+    def prune(self, name: str | Iterable[Label] = "main", *, labels: Iterable[Label] | None = None,
+              inplace: bool = False, skip_label_checking: bool = False,
+              optimizer: torch.optim.Optimizer | None = None) -> "PruningIR":
         """Remove ``labels`` physically; returns the IR of the pruned model.
+
+        ``ir.prune(labels=labels)`` (ENOT's form, ``name`` a snapshot name) and ``ir.prune(labels)``
+        are the same call.
 
         ``inplace=False`` (default) leaves the original model untouched and works on a copy;
         ``inplace=True`` modifies it (less memory) and this IR can no longer be used. Masks
@@ -181,6 +189,12 @@ class PruningIR:
         onto the pruned model, its state (momentum, Adam's moments) sliced like the parameters,
         so training goes on without rebuilding it (``pruning_ir.optimizer_state``).
         """
+        if not isinstance(name, str):  # ir.prune(labels): the labels given positionally
+            if labels is not None:
+                raise TypeError("prune() got labels twice: positionally and as labels=")
+            name, labels = "main", name
+        if labels is None:
+            raise TypeError("prune() needs the labels to remove: ir.prune(labels=selector.select(ir))")
         self.snapshot(name)
         index = self._require_index()
         labels = list(labels)

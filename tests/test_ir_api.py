@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers import assert_exact_pruning, parameter_count, pick_labels, tensors
 from pruning_ir import (InvalidLabelsError, LabelsNotInferredError, ModelExecutionError, PruningIR, PruningIRError,
-                        TracingError)
+                        TracingError, UniformLabelSelector)
 from random_arch import random_architectures
 from zoo import ZOO
 
@@ -322,3 +322,24 @@ def test_parameters_of_never_called_modules_are_reported():
     model = _RoutedNet(with_aux_head=True).eval()
     with pytest.warns(UserWarning, match="aux_head.weight"):
         PruningIR(model).infer_labels(torch.randn(2, 3, 8, 8))
+
+
+def test_prune_takes_the_labels_positionally_too():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    ir = PruningIR(model).infer_labels(torch.randn(1, 3, 7, 7))
+    labels = UniformLabelSelector(0.5).select(ir)
+    positional, keyword = ir.prune(labels), ir.prune(labels=labels)
+    assert positional.model[0].out_channels == keyword.model[0].out_channels == 4
+    assert ir.prune("main", labels=labels).model[0].out_channels == 4  # ENOT's snapshot name still works
+    with pytest.raises(TypeError, match="labels twice"):
+        ir.prune(labels, labels=labels)
+    with pytest.raises(TypeError, match="needs the labels"):
+        ir.prune()
+
+
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_a_torchscript_model_is_refused_with_a_reason(compile_):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    compiled = torch.jit.script(model) if compile_ == "script" else torch.jit.trace(model, torch.randn(1, 3, 7, 7))
+    with pytest.raises(TypeError, match="TorchScript.*pass the original nn.Module"):
+        PruningIR(compiled)

@@ -340,6 +340,9 @@ def test_bad_arguments_give_clear_errors():
         GlobalScoreLabelSelector(1000).select(ir)
     with pytest.raises(ValueError, match="whole number"):
         GlobalScoreLabelSelector(2.5)
+    with pytest.raises(ValueError, match="1.0 is ambiguous"):
+        GlobalScoreLabelSelector(1.0)
+    assert len(GlobalScoreLabelSelector(1).select(ir)) == 1
     for target in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="target_latency must be a positive"):
             KnapsackLabelSelector(target, parameter_count)

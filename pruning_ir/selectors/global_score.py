@@ -18,8 +18,9 @@ class GlobalScoreLabelSelector(LabelSelector):
     """Removes the ``n_or_ratio`` lowest-scored labels of the whole network.
 
     A value in (0, 1) is a share of all prunable labels, a value >= 1 a number of labels
-    (0 removes nothing). Scores must be comparable across groups: LossAwareCriterion scores
-    are (keep its default joint scores when a large share goes: single-label ones,
+    (0 removes nothing; 1.0 is refused as ambiguous: pass the int 1 for one label). The
+    share counts labels, and labels differ in size (see :class:`LabelSelector`). Scores must be
+    comparable across groups: LossAwareCriterion scores are (keep its default joint scores when a large share goes: single-label ones,
     ``joint=False``, empty single layers);
     weight norms are not, and want ``normalize="mean"`` (see :class:`LabelSelector`, which also
     says what normalizing costs). Labels leave in chunks the constraint allows; a chunk that
@@ -36,6 +37,9 @@ class GlobalScoreLabelSelector(LabelSelector):
             raise ValueError(f"n_or_ratio must be a share in (0, 1) or a count >= 1, got {n_or_ratio}")
         if n_or_ratio >= 1 and n_or_ratio != int(n_or_ratio):
             raise ValueError(f"a count of labels must be a whole number, got {n_or_ratio}")
+        if isinstance(n_or_ratio, float) and n_or_ratio == 1.0:
+            raise ValueError("n_or_ratio=1.0 is ambiguous: a share must lie in (0, 1) (1.0 cannot remove every "
+                             "label) and a count of labels is an int; pass 1 to remove one label")
         self.n_or_ratio = n_or_ratio
 
     def _label_budget(self, plan: SelectionPlan) -> int:
