@@ -1,4 +1,4 @@
-"""Coverage: can each library prune every model of the reference zoo, and does it still run?
+"""Coverage: can pruning_ir and Torch-Pruning each prune every model of the reference zoo, and does it still run?
 
 For every model of the tests' zoo and the Hugging Face models (BERT, GPT-2, LLaMA from small
 configs), both libraries, one after the other on fresh copies: magnitude scores, about 40%
@@ -7,26 +7,32 @@ Torch-Pruning: MetaPruner + GroupMagnitudeImportance, final classifier ignored, 
 heads declared and the head attributes updated after pruning, as its examples do). A model
 counts as pruned when parameters were removed, the pruned model runs, and every output keeps
 its shape; an exception or a run past the time limit is recorded with its message.
+
+    python benchmarks/bench_coverage.py [--quick]   (= python benchmarks/run.py --only coverage)
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
+from torch import nn
 
-from bench_common import (THREADS, output_shapes, ours_prune, parameter_count, short_error, time_limit,
-                          tp_prune)
+from harness.machine import THREADS, output_shapes, parameter_count, short_error, time_limit
+from harness.models import zoo_models
+from harness.rival import tp_prune
 
 RATIO = 0.4
 LIBRARIES = ("pruning_ir", "torch_pruning")
 
 
-def zoo() -> dict:
-    """Every model of tests/zoo.py and tests/hf_models.py (name -> ZooEntry)."""
-    from hf_models import HF_ZOO
-    from zoo import ZOO
-    return {**ZOO, **HF_ZOO}
+def ours_prune(model: nn.Module, inputs: tuple, ratio: float) -> nn.Module:
+    """Prune with pruning_ir: magnitude scores, the same share of every group; returns the model."""
+    from pruning_ir import MagnitudeCriterion, PruningIR, UniformLabelSelector
+    ir = PruningIR(model).infer_labels(*inputs)
+    MagnitudeCriterion(ir).apply()
+    return ir.prune(labels=UniformLabelSelector(ratio).select(ir), inplace=True).model
 
 
 def attempt(library: str, entry, limit: float) -> dict:
@@ -66,7 +72,7 @@ def run(quick: bool = False) -> dict:
     torch.set_num_threads(THREADS)
     limit = 10.0 if quick else 60.0
     rows = []
-    for index, (name, entry) in enumerate(zoo().items()):
+    for index, (name, entry) in enumerate(zoo_models().items()):
         row = {"model": name}
         for library in (LIBRARIES if index % 2 == 0 else LIBRARIES[::-1]):
             row[library] = attempt(library, entry, limit)
@@ -80,3 +86,8 @@ def run(quick: bool = False) -> dict:
     summary["models"] = len(rows)
     return {"settings": {"ratio": RATIO, "time_limit_s": limit, "importance": "magnitude (L2)"},
             "summary": summary, "rows": rows}
+
+
+if __name__ == "__main__":
+    from run import main
+    sys.exit(main(["--only", "coverage", *sys.argv[1:]]))

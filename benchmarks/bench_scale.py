@@ -1,4 +1,4 @@
-"""Scale: IR build time and memory on deep models, and how they grow with depth.
+"""Scale: IR build time and memory on deep models, pruning_ir vs Torch-Pruning, and how they grow with depth.
 
 Three depths of a ResNet-style CNN (50/101/152-style, 224 px) and of a BERT encoder
 (6/12/24 layers, hidden 256, from a config). Build: pruning_ir ``PruningIR(model).infer_labels``
@@ -7,6 +7,8 @@ call as in the speed section). Each in a fresh subprocess, the libraries alterna
 a cold run gives the peak memory (peak RSS above the process before the build) and time,
 then the median of warm runs on fresh copies the time. The growth exponent is the
 least-squares slope of log(time) over log(depth) across the three depths (1 = linear).
+
+    python benchmarks/bench_scale.py [--quick]   (= python benchmarks/run.py --only scale)
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import statistics
 import sys
 import time
 
-from bench_common import PeakMemory, interleaved, model_mb, run_worker, short_error, tp_pruner, worker_main
+from harness.machine import PeakMemory, interleaved, model_mb, run_worker, short_error, worker_main
+from harness.rival import tp_pruner
 
 LIBRARIES = ("pruning_ir", "torch_pruning")
 
@@ -37,7 +40,7 @@ def _build(library: str, model, inputs) -> dict:
 
 def worker(library: str, name: str, quick: str = "0", timed_runs: str = "2") -> dict:
     """In a fresh process: a cold build (memory, time), then ``timed_runs`` warm builds."""
-    from models import QUICK_SCALE_MODELS, SCALE_MODELS
+    from harness.models import QUICK_SCALE_MODELS, SCALE_MODELS
     family, depth, factory = (QUICK_SCALE_MODELS if quick == "1" else SCALE_MODELS)[name]
     model, inputs = factory()
     __import__("pruning_ir" if library == "pruning_ir" else "torch_pruning")
@@ -65,7 +68,7 @@ def growth(rows: list[dict], library: str) -> float | None:
 
 
 def run(quick: bool = False, processes: int = 2) -> dict:
-    from models import QUICK_SCALE_MODELS, SCALE_MODELS
+    from harness.models import QUICK_SCALE_MODELS, SCALE_MODELS
     models = QUICK_SCALE_MODELS if quick else SCALE_MODELS
     processes = 1 if quick else processes
     rows = []
@@ -101,4 +104,4 @@ def run(quick: bool = False, processes: int = 2) -> dict:
 if __name__ == "__main__":
     if not worker_main(worker):
         from run import main
-        main(["--only", "scale", *sys.argv[1:]])
+        sys.exit(main(["--only", "scale", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
 """Gradual (AGP) pruning during training vs one-shot or in-rounds pruning + the same fine-tuning, at 70% MACs removed.
 
-On the residual CNN trained on scikit-learn's digits (``digits_model``), for each seed:
+On the residual CNN trained on scikit-learn's digits (``harness.digits``), for each seed:
 
-* **one-shot**: LossAware scores (one eval-mode pass, batches of 8, as in ``benchmarks/digits.py``),
+* **one-shot**: the default LossAware scores (one eval-mode pass, batches of 8),
   ``KnapsackLabelSelector`` with MACs to 0.3 of the original MACs, prune, re-estimate the
   batch-norm statistics, then ``--epochs`` of fine-tuning;
 * **rounds**: the one-shot removal in 5 rounds of scoring and Knapsack selection
@@ -14,48 +14,37 @@ On the residual CNN trained on scikit-learn's digits (``digits_model``), for eac
   mode) and selects with ``KnapsackLabelSelector(target MACs)``; ``finalize()`` then removes
   the masked channels (the result equals the masked model) and the batch norms are re-estimated.
 
-Both arms train with Adam (lr 1e-3), the same batch order and the same number of steps after
+All arms train with Adam (lr 1e-3), the same batch order and the same number of steps after
 the same trained model, and land on <= 0.3 of the MACs (the Knapsack target, measured with
-``pruning_ir.latency.macs``). Accuracies are on the held-out split.
+``pruning_ir.latency.macs``). Accuracies are on the held-out split. The AGP settings (updates
+an epoch, ``end_step``) were tuned on the published seeds. Prints a table per seed and the
+means; writes JSON. Torch-Pruning has no counterpart to gradual pruning, so no rival runs here.
 
-    python benchmarks/gradual.py [--quick] [--seeds 0 1 2] [--epochs 1 2 5] [--end-fraction 0.5]
-                                 [--updates-per-epoch 10] [--json benchmarks/results/gradual.json]
+The published rows (``benchmarks/results/gradual.json``, the README's gradual pruning section)::
 
-Measured (3 seeds, mean test accuracy, base 0.9951; ``benchmarks/results/gradual.json``, the
-default joint LossAware scores): one-shot / rounds / gradual after 1 epoch 0.9685 / 0.9889 /
-0.9864, after 2 epochs 0.9858 / 0.9882 / 0.9938, after 5 epochs 0.9920 / 0.9944 / 0.9951 (one
-test image is 0.0019). The AGP settings were tuned on these same seeds (with the single-label
-scores of the time): with 4 updates an epoch and ``end_step`` at 60%, 45% or 30% of the steps,
-gradual trailed one-shot at 1 epoch and matched or beat it at 2 and 5; more, smaller updates
-fixed the short run. On this easy task several epochs of fine-tuning hide most differences.
+    python benchmarks/gradual.py --seeds 0 1 2 --epochs 1 2 5
 
-One comparison per ``--epochs`` value. ``--quick``: one seed, a shorter base training and 2
-epochs, nothing written (a smoke run of about half a minute).
+``--quick``: one seed, a shorter base training and 2 epochs, nothing written (a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, ".."))
-
-from digits import Digits, calibration, score_loss_aware, trained_digits  # noqa: E402
-from digits_model import accuracy, batches, reestimate_batchnorm  # noqa: E402
-
-from pruning_ir import GradualPruner, KnapsackLabelSelector, PruningIR, prune_in_rounds  # noqa: E402
-from pruning_ir.latency import bind, macs  # noqa: E402
+import harness
+from harness.digits import (Digits, accuracy, batches, calibration, reestimate_batchnorm, score_loss_aware,
+                            trained_digits)
+from harness.tables import write_json
+from pruning_ir import GradualPruner, KnapsackLabelSelector, PruningIR, prune_in_rounds
+from pruning_ir.latency import bind, macs
 
 KEPT_MACS = 0.3        # 70% of the MACs removed
 ROUNDS = 5             # the rounds arm: scoring and selection rounds before the fine-tuning
@@ -155,7 +144,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.epochs, args.base_epochs = args.seeds[:1], [2], 5
     elif args.json is None:
-        args.json = os.path.join(HERE, "results", "gradual.json")
+        args.json = os.path.join(harness.RESULTS, "gradual.json")
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
@@ -189,10 +178,7 @@ def main() -> None:
               "learning_rate": LEARNING_RATE, "batch": BATCH, "seeds": args.seeds, "rows": rows,
               "mean_final_accuracy": summary}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, report)}")
 
 
 if __name__ == "__main__":

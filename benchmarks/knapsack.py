@@ -1,58 +1,46 @@
-"""KnapsackLabelSelector: how close it lands on a latency target, what it costs, what it keeps.
+"""Latency budget: does KnapsackLabelSelector land on its target, and is the speed-up real
+against Torch-Pruning's uniform pruning at the same MACs?
 
 1. ``targets``: on the ResNet-50-style and MobileNetV2-style zoo models (magnitude scores),
-   targets of 0.7/0.5/0.3 of the original cost, with MACs and with measured CPU latency:
-   achieved/target, selection time, latency-function calls and iterations; the binary-search
-   baseline (lowest scores first) alongside, with the share of the total score each keeps.
-   CPU latency is measured single-threaded on batches of 8 96x96 images, where convolutions
-   rather than per-op overhead dominate (at 32x32 even the smallest reachable model is ~50%
-   of the original): the fastest of ``--repeats`` runs (``measure_latency(statistic="min")``;
-   noise from other jobs only adds time). The achieved value is re-measured independently
-   (median of 3), the spread of 5 measurements of the unpruned model is reported as the
-   noise floor, and a target below the smallest reachable model is recorded as unreachable
-   (the selector's error names that minimum). On a shared 2-core VM the noise floor varies
-   from 2% to 45% between runs: read the CPU rows against it.
-2. ``digits``: the residual CNN trained on scikit-learn's digits, LossAware scores; for each
-   MACs target, Knapsack selects first, then Uniform (ratio bisected) and GlobalScore (count
-   binary-searched) get the largest selections whose MACs do not exceed the Knapsack
-   result's; test accuracy right after pruning, after batch-norm re-estimation, and after one
-   epoch of fine-tuning, averaged over ``--seeds``.
+   MACs targets of 0.7/0.5/0.3 and measured CPU-latency targets of 0.7/0.5 of the original:
+   Knapsack's achieved/target, selection time and latency-function calls, beside the binary
+   search (lowest scores first), with the share of the total score each keeps. CPU latency is
+   measured single-threaded on batches of 8 96x96 images, where convolutions rather than per-op
+   overhead dominate: the fastest of ``CPU_REPEATS`` runs (noise from other jobs only adds time).
+   The achieved value is re-measured independently (median of 3), the spread of 5 measurements
+   of the unpruned model is reported as the noise floor, and a target below the smallest
+   reachable model is recorded as unreachable.
+2. ``speedup``: for each MACs target, the Knapsack (MACs) model, pruning_ir Uniform and
+   Torch-Pruning's uniform MetaPruner (magnitude) at the largest ratio whose MACs do not exceed
+   Knapsack's, and the Knapsack (CPU latency) model where one was reached: measured CPU speed-up
+   (original / pruned latency) against the MACs reduction (original / pruned MACs). All models
+   of a row are measured in rotation, ``ROUNDS`` times, each keeping its fastest time.
 
-    python benchmarks/knapsack.py [--quick] [--costs macs cpu] [--parts targets digits]
-                                  [--seeds 0 1 2] [--repeats 15] [--json benchmarks/results/knapsack.json]
-
-``--quick``: MACs only and one seed (about a minute).
+    python benchmarks/knapsack.py [--quick]   (= python benchmarks/run.py --only latency)
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from digits import Digits, evaluate_pruned, score_loss_aware, trained_digits  # noqa: E402
-from zoo import ZOO  # noqa: E402
-
-from pruning_ir import PruningIR  # noqa: E402
-from pruning_ir.criteria import MagnitudeCriterion  # noqa: E402
-from pruning_ir.latency import bind, macs, measure_latency  # noqa: E402
-from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, KnapsackLabelSelector,  # noqa: E402
-                                  UniformLabelSelector)
+from harness.machine import THREADS
+from harness.rival import tp_at_most
+from pruning_ir import PruningIR
+from pruning_ir.criteria import MagnitudeCriterion
+from pruning_ir.latency import bind, macs, measure_latency
+from pruning_ir.selectors import BinarySearchLatencyLabelSelector, KnapsackLabelSelector, UniformLabelSelector
+from zoo import ZOO  # tests/zoo.py, on sys.path through harness
 
 MODELS = {"resnet50": "ResNet-50-style", "mobilenet_v2": "MobileNetV2-style"}
 TARGETS = (0.7, 0.5, 0.3)
+CPU_SHARES = (0.7, 0.5)   # CPU latency targets (0.3 is below the smallest reachable MobileNetV2-style model)
 TOLERANCE = {"macs": 0.02, "cpu": 0.08}   # CPU: this shared VM's run-to-run noise is several percent
+CPU_REPEATS = 10   # timed runs per CPU latency measurement inside the selector
+ROUNDS = 7
 
 
 def kept_share(ir: PruningIR, labels: list) -> float:
@@ -60,7 +48,7 @@ def kept_share(ir: PruningIR, labels: list) -> float:
     return 1.0 - sum(label.score for label in labels) / total if total else float("nan")
 
 
-# -- 1. targets on the zoo models -------------------------------------------------------------------
+# -- 1. targets ------------------------------------------------------------------------------------
 def zoo_ir(name: str) -> tuple[PruningIR, torch.Tensor]:
     entry = ZOO[name]
     ir = PruningIR(entry.build()).infer_labels(*entry.example_inputs())
@@ -97,10 +85,10 @@ def run_selector(ir: PruningIR, selector, function) -> tuple[dict, torch.nn.Modu
             "kept_score_share": kept_share(ir, labels)}, pruned
 
 
-def target_rows(kinds: tuple[str, ...], repeats: int, models: dict[str, str] = MODELS,
-                shares: tuple[float, ...] = TARGETS, pruned: dict | None = None) -> tuple[list[dict], dict]:
+def target_rows(kinds: tuple[str, ...], repeats: int, models: dict[str, str], shares: tuple[float, ...],
+                pruned: dict) -> tuple[list[dict], dict]:
     """Knapsack and binary search on every model, cost and share; the pruned models go into
-    ``pruned[(model, cost, share, method)]`` when a dict is given."""
+    ``pruned[(model, cost, share, method)]``."""
     rows, noise = [], {}
     for name, title in models.items():
         for kind in kinds:
@@ -122,26 +110,20 @@ def target_rows(kinds: tuple[str, ...], repeats: int, models: dict[str, str] = M
                     try:
                         result, model = run_selector(ir, selector, function)
                         row.update(result)
-                        if pruned is not None:
-                            pruned[(name, kind, share, method)] = model
+                        pruned[(name, kind, share, method)] = model
                     except ValueError as error:   # below the smallest reachable model
                         row["unreachable"] = str(error)
                         print(f"{title:<18} {kind:<4} {share:.1f}  {method:<13} {error}", flush=True)
                         continue
                     finally:
                         rows.append(row)
-                    print(format_target_row(row), flush=True)
+                    print(f"{title:<18} {kind:<4} {share:.1f}  {method:<13} achieved/target "
+                          f"{row['achieved_over_target']:.4f}  time {row['selection_s']:6.1f} s  calls "
+                          f"{row['latency_calls']:4d}  kept score {row['kept_score_share']:.4f}", flush=True)
     return rows, noise
 
 
-def format_target_row(row: dict) -> str:
-    return (f"{row['model']:<18} {row['cost']:<4} {row['share']:.1f}  {row['method']:<13} "
-            f"achieved/target {row['achieved_over_target']:.4f}  time {row['selection_s']:6.1f} s  "
-            f"calls {row['latency_calls']:4d}  iterations {row['iterations']:2d}  "
-            f"kept score {row['kept_score_share']:.4f}")
-
-
-# -- 2. accuracy at equal MACs on digits ------------------------------------------------------------
+# -- 2. speed-up ------------------------------------------------------------------------------------
 def uniform_at_most(ir: PruningIR, function, budget: float) -> list:
     """The smallest uniform ratio whose model costs at most ``budget`` (bisection, 16 steps)."""
     low, high = 0.0, 0.999
@@ -156,89 +138,63 @@ def uniform_at_most(ir: PruningIR, function, budget: float) -> list:
     return best
 
 
-def digits_rows(seeds: list[int]) -> list[dict]:
+def fastest(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Each model's fastest latency over ``rounds`` rotations through all of them."""
+    names, best = list(models), {}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            seconds = measure_latency(models[name], x, warmup=2, repeats=5, statistic="min")
+            best[name] = min(best.get(name, seconds), seconds)
+    return best
+
+
+def speedup_rows(pruned: dict, models: dict[str, str], shares: tuple[float, ...], rounds: int) -> list[dict]:
     rows = []
-    for seed in seeds:
-        data: Digits = trained_digits(seed)
-        ir = PruningIR(copy.deepcopy(data.model)).infer_labels(data.x_train[:2])
-        score_loss_aware(ir, data.x_train, data.y_train)
-        function = bind(macs, data.x_test[:1])
-        original = function(ir.model)
-        for share in TARGETS:
-            knapsack = KnapsackLabelSelector(share * original, function, verbose=False)
-            selections = {"knapsack": knapsack.select(ir)}
-            reached = function(ir.prune(labels=selections["knapsack"]).model)
-            selections["uniform"] = uniform_at_most(ir, function, reached)
-            selections["global"] = BinarySearchLatencyLabelSelector(reached, function).select(ir)
-            for method, labels in selections.items():
-                pruned = ir.prune(labels=labels).model
-                row = {"seed": seed, "share": share, "method": method, "unpruned_accuracy": data.test_accuracy,
-                       "macs_over_original": function(pruned) / original, "kept_score_share": kept_share(ir, labels)}
-                row.update(evaluate_pruned(pruned, data, seed=seed))
-                rows.append(row)
-                print(f"digits seed {seed} {share:.1f} {method:<8} MACs {row['macs_over_original']:.3f} "
-                      f"kept score {row['kept_score_share']:.4f}  accuracy pruned {row['pruned']:.4f} "
-                      f"bn {row['bn']:.4f} ft {row['ft']:.4f}", flush=True)
+    for name, title in models.items():
+        ir, example = zoo_ir(name)
+        count = bind(macs, example[:1])
+        x = cost_function("cpu", example, 1).inputs[0]
+        for share in shares:
+            knapsack = pruned.get((name, "macs", share, "knapsack"))
+            if knapsack is None:
+                continue
+            budget = count(knapsack)
+            candidates = {"original": ir.model, "knapsack_macs": knapsack,
+                          "uniform": ir.prune(labels=uniform_at_most(ir, count, budget)).model,
+                          "tp_uniform": tp_at_most(ir.model, (example[:1],), budget)}
+            if (name, "cpu", share, "knapsack") in pruned:
+                candidates["knapsack_cpu"] = pruned[(name, "cpu", share, "knapsack")]
+            latency = fastest(candidates, x, rounds)
+            base_macs, base_latency = count(ir.model), latency["original"]
+            for method, model in candidates.items():
+                if method == "original":
+                    continue
+                reduction, speedup = base_macs / count(model), base_latency / latency[method]
+                rows.append({"model": title, "share": share, "method": method, "macs_over_original": 1 / reduction,
+                             "macs_reduction": reduction, "latency_s": latency[method],
+                             "original_latency_s": base_latency, "speedup": speedup,
+                             "speedup_over_macs_reduction": speedup / reduction})
+                print(f"  speed-up {title:<18} {share:.1f} {method:<14} MACs x{reduction:5.2f}  "
+                      f"CPU x{speedup:5.2f}", flush=True)
     return rows
 
 
-def digits_summary(rows: list[dict]) -> list[dict]:
-    summary = []
-    for share in TARGETS:
-        for method in ("knapsack", "uniform", "global"):
-            mine = [r for r in rows if r["share"] == share and r["method"] == method]
-            summary.append({"share": share, "method": method,
-                            **{key: statistics.mean(r[key] for r in mine)
-                               for key in ("macs_over_original", "kept_score_share", "pruned", "bn", "ft")}})
-    return summary
-
-
-def print_summary(target: list[dict], noise: dict, digits: list[dict]) -> None:
-    print("\n== latency targets (achieved/target; time; latency calls) ==")
-    print(f"{'model':<18} {'cost':<4} {'share':<5} {'knapsack':>34} {'binary search':>34}")
-    def cell(r: dict) -> str:
-        if "unreachable" in r:
-            return "unreachable"
-        return f"{r['achieved_over_target']:.4f} {r['selection_s']:6.1f}s {r['latency_calls']:4d} " \
-               f"k{r['kept_score_share']:.3f}"
-
-    for row in (r for r in target if r["method"] == "knapsack"):
-        base = next(r for r in target if r["method"] == "binary_search" and r["model"] == row["model"]
-                    and r["cost"] == row["cost"] and r["share"] == row["share"])
-        print(f"{row['model']:<18} {row['cost']:<4} {row['share']:<5.1f} {cell(row):>34} {cell(base):>34}")
-    for name, spread in noise.items():
-        print(f"CPU noise floor, {MODELS[name]}: unpruned model, 5 measurements, (max - min) / median = {spread:.3f}")
-    print("\n== digits: test accuracy at equal MACs (mean over seeds; k = kept score share) ==")
-    print(f"{'share':<6}{'method':<10}{'MACs':>7}{'k':>8}{'pruned':>9}{'bn':>8}{'ft':>8}")
-    for row in digits:
-        print(f"{row['share']:<6.1f}{row['method']:<10}{row['macs_over_original']:>7.3f}{row['kept_score_share']:>8.4f}"
-              f"{row['pruned']:>9.4f}{row['bn']:>8.4f}{row['ft']:>8.4f}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="MACs only, one seed")
-    parser.add_argument("--costs", nargs="+", choices=("macs", "cpu"), default=["macs", "cpu"])
-    parser.add_argument("--parts", nargs="+", choices=("targets", "digits"), default=["targets", "digits"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per CPU latency measurement")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "knapsack.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)   # one thread: stable CPU timings on a shared machine, and fast MAC counting
-    kinds = ("macs",) if args.quick else tuple(args.costs)
-    seeds = args.seeds[:1] if args.quick else args.seeds
-    target, noise = target_rows(kinds, args.repeats) if "targets" in args.parts else ([], {})
-    digits = digits_rows(seeds) if "digits" in args.parts else []
-    summary = digits_summary(digits) if digits else []
-    print_summary(target, noise, summary)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump({"settings": {"targets": TARGETS, "seeds": seeds, "costs": kinds, "repeats": args.repeats,
-                                "tolerance": TOLERANCE, "torch_threads": 1, "torch": torch.__version__},
-                   "targets": target, "cpu_noise": noise, "digits": digits, "digits_summary": summary},
-                  handle, indent=1)
-    print(f"\nwrote {args.json}")
+def run(quick: bool = False) -> dict:
+    """The latency section (quick: MobileNetV2-style at 0.5 of the MACs only, 2 rotations)."""
+    torch.set_num_threads(THREADS)
+    models = {"mobilenet_v2": MODELS["mobilenet_v2"]} if quick else MODELS
+    shares = (0.5,) if quick else TARGETS
+    pruned: dict = {}
+    targets, noise = target_rows(("macs",), CPU_REPEATS, models, shares, pruned)
+    if not quick:   # CPU targets are the slow part (hundreds of latency measurements each)
+        more, noise = target_rows(("cpu",), CPU_REPEATS, models, CPU_SHARES, pruned)
+        targets += more
+    speedup = speedup_rows(pruned, models, shares, 2 if quick else ROUNDS)
+    return {"settings": {"shares": shares, "cpu_shares": None if quick else CPU_SHARES, "cpu_repeats": CPU_REPEATS,
+                         "rounds": ROUNDS, "cpu_input": "8x3x96x96", "torch_threads": THREADS},
+            "targets": targets, "cpu_noise": noise, "speedup": speedup}
 
 
 if __name__ == "__main__":
-    main()
+    from run import main
+    sys.exit(main(["--only", "latency", *sys.argv[1:]]))

@@ -1,6 +1,8 @@
-"""Smoke test of the benchmark runner: ``benchmarks/run.py --quick`` into a temporary
-directory writes every section's JSON and the report, and pruning_ir prunes every model of
-the coverage section. No timing is asserted (a shared CI machine is too noisy for that)."""
+"""Smoke test of the benchmarks: ``benchmarks/run.py --quick`` into a temporary directory writes
+every section's JSON and the report, pruning_ir prunes every model of the coverage section, and
+the quality section runs the documented arms; ``criteria.py`` runs and merges parts of its table,
+``gradual.py`` lands its arms on the MACs target, and regenerating RESULTS.md keeps its hand-written
+sections. No timing is asserted (a shared CI machine is too noisy for that)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,12 @@ pytest.importorskip("torch_pruning")
 pytest.importorskip("sklearn")
 pytest.importorskip("transformers")
 
-RUNNER = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "run.py")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+RUNNER = os.path.join(BENCHMARKS, "run.py")
 SECTIONS = ("coverage", "speed", "quality", "latency", "scale")
+ONE_SHOT = ("loss_aware_joint", "loss_aware_joint_batch", "loss_aware_batch_measured", "magnitude", "magnitude_bn",
+            "random", "tp_taylor", "tp_magnitude")
+IN_ROUNDS = ("loss_aware_x5", "loss_aware_batch_x5", "tp_taylor_x5")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def test_report_has_every_section(quick_run):
     with open(os.path.join(quick_run, "RESULTS_quick.md")) as handle:
         text = handle.read()
     for heading in ("## Machine", "## 1. Coverage", "## 2. Speed", "## 3. Quality", "## 4. Latency budget",
-                    "## 5. Scale", "## Where we lose / caveats"):
+                    "## 5. Scale", "## Where we lose / caveats", "## Retired arms"):
         assert heading in text
 
 
@@ -66,17 +72,20 @@ def test_sections_have_rows_for_both_libraries(quick_run):
     assert _load(quick_run, "quality")["criteria"]["table"]
 
 
-def test_quality_prunes_in_rounds_to_the_one_shot_budget(quick_run):
-    """The criteria benchmark's rounds (``pruning_ir.prune_in_rounds``) run for every selection and
-    end where one-shot selection does: uniform at its widths, global and knapsack within the MACs;
-    Torch-Pruning's Taylor criterion runs in rounds too (uniform and global)."""
+def test_quality_runs_the_documented_arms(quick_run):
+    """Every arm under uniform and global selection, ours alone under knapsack selection."""
     rows = _load(quick_run, "quality")["criteria"]["rows"]
-    rounds = [row for row in rows if row["criterion"].endswith("_x5")]
-    assert {(row["selection"], row["criterion"]) for row in rounds} == {
-        (selection, criterion) for selection in ("uniform", "global", "knapsack")
-        for criterion in ("loss_aware_x5", "loss_aware_batch_x5", "loss_aware_mean_x5")} | {("uniform", "tp_taylor_x5"),
-                                                                    ("global", "tp_taylor_x5")}
-    for row in (row for row in rounds if row["criterion"].startswith("loss_aware")):
+    ours = [name for name in ONE_SHOT + IN_ROUNDS if name.startswith("loss_aware")]
+    assert {(row["selection"], row["criterion"]) for row in rows} == {("-", "unpruned")} | {
+        (selection, name) for selection in ("uniform", "global") for name in ONE_SHOT + IN_ROUNDS} | {
+        ("knapsack", name) for name in ours}
+
+
+def test_quality_prunes_in_rounds_to_the_one_shot_budget(quick_run):
+    """The criteria benchmark's rounds (``pruning_ir.prune_in_rounds``) end where one-shot selection
+    does: uniform at its widths, global and knapsack within the MACs budget."""
+    rows = _load(quick_run, "quality")["criteria"]["rows"]
+    for row in (row for row in rows if row["criterion"] in ("loss_aware_x5", "loss_aware_batch_x5")):
         one_shot = next(other for other in rows if other["criterion"] == "loss_aware_joint" and
                         (other["seed"], other["selection"], other["ratio"]) == (row["seed"], row["selection"],
                                                                                 row["ratio"]))
@@ -86,29 +95,10 @@ def test_quality_prunes_in_rounds_to_the_one_shot_budget(quick_run):
             assert row["macs"] <= row["budget"] * (1 + 1e-9)
 
 
-def test_finetune_length_smoke(tmp_path):
-    """benchmarks/finetune_length.py on one seed and one short fine-tune: every model of every
-    ratio gets an accuracy per fine-tuning length, and --merge gives back the same table."""
-    script = os.path.join(os.path.dirname(RUNNER), "finetune_length.py")
-    path, merged = str(tmp_path / "run.json"), str(tmp_path / "merged.json")
-    done = subprocess.run([sys.executable, script, "--seeds", "0", "--epochs", "1", "--finetunes", "1",
-                           "--json", path], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    data = json.load(open(path))
-    assert {(row["ratio"], row["model"]) for row in data["rows"]} == {
-        (ratio, model) for ratio in (0.3, 0.5)
-        for model in ("joint_uniform", "joint_global", "joint_knapsack", "tp_magnitude_global")}
-    assert all(0.0 <= row["accuracy"]["1"] <= 1.0 and 0.0 <= row["bn"] <= 1.0 for row in data["rows"])
-    done = subprocess.run([sys.executable, script, "--merge", path, "--json", merged],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.load(open(merged))["table"] == data["table"]
-
-
 def test_gradual_smoke():
     """benchmarks/gradual.py --quick: the one-shot, rounds and gradual arms all land on the MACs
     target (0.3 of the unpruned MACs) with an accuracy each."""
-    script = os.path.join(os.path.dirname(RUNNER), "gradual.py")
+    script = os.path.join(BENCHMARKS, "gradual.py")
     done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     header = next(line for line in done.stdout.splitlines() if line.split()[:1] == ["epochs"])
@@ -120,16 +110,16 @@ def test_gradual_smoke():
 
 
 def _run_criteria_script(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
-    """benchmarks/criteria.py at the 50% ratio only, with ``arguments``."""
-    folder = os.path.dirname(RUNNER)
-    code = f"import sys; sys.path.insert(0, {folder!r}); import criteria; criteria.RATIOS = (0.5,); criteria.main()"
-    return subprocess.run([sys.executable, "-c", code, "--seeds", "0", "--epochs", "1", "--finetunes", "1",
-                           *arguments], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    """benchmarks/criteria.py --quick (the 50% ratio only), one seed, with ``arguments``."""
+    return subprocess.run([sys.executable, os.path.join(BENCHMARKS, "criteria.py"), "--quick", "--seeds", "0",
+                           "--epochs", "1", "--finetunes", "1", *arguments],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
 def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     """criteria.py --selections/--criteria runs only those rows; --merge puts two parts together
-    and compares the LossAware one against the rivals of the other; tp_widths needs its reference."""
+    and compares the LossAware one against the rivals of the other, and refuses files fine-tuned
+    at other rates."""
     parts = [str(tmp_path / "rivals.json"), str(tmp_path / "ours.json")]
     ours = ["loss_aware_joint", "loss_aware_joint_batch", "loss_aware_batch_measured"]
     for path, criteria in zip(parts, (["random", "magnitude"], ours)):
@@ -156,5 +146,17 @@ def test_criteria_runs_part_of_the_table_and_merges_it(tmp_path):
     json.dump(earlier, open(tmp_path / "earlier.json", "w"))
     done = _run_criteria_script(tmp_path, "--merge", parts[0], str(tmp_path / "earlier.json"), "--json", merged)
     assert done.returncode == 2 and "finetune_lr" in done.stderr
-    done = _run_criteria_script(tmp_path, "--selections", "tp_widths")
-    assert done.returncode == 2 and "tp_widths takes its widths from tp_magnitude" in done.stderr
+
+
+def test_regenerated_report_keeps_hand_written_sections(tmp_path, monkeypatch):
+    """RESULTS.md is regenerated whole, except for sections written by hand, which are carried over."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    from harness import report
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# old\n\n## Machine\n\nstale\n\n## Earlier results\n\nkept by hand\n\n### A study\n\nalso kept\n")
+    report.write(str(tmp_path), out=str(out))
+    text = out.read_text()
+    assert "stale" not in text and "## Retired arms" in text
+    assert text.index("## Retired arms") < text.index("## Earlier results\n\nkept by hand\n\n### A study\n\nalso kept")
+    report.write(str(tmp_path), out=str(out))
+    assert out.read_text() == text  # regenerating again changes nothing

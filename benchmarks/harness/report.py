@@ -1,21 +1,21 @@
-"""RESULTS.md from the benchmark JSON files: machine, versions, one table per section, and
-"where we lose", computed from the numbers (nothing here is hand-written about results).
-
-    python benchmarks/report.py [--results-dir benchmarks/results] [--quick] [--out PATH]
+"""RESULTS.md from the JSON files of ``make bench``: machine, versions, one table per section,
+and "where we lose", computed from the numbers (nothing here is hand-written about results); the
+hand-written history sections of the file are carried over (``history``).
+``python benchmarks/run.py --render`` re-renders it without running anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_RESULTS = os.path.join(HERE, "results")
+from harness import HERE, RESULTS as DEFAULT_RESULTS, history
+from harness.tables import table
 SECTIONS = ("coverage", "speed", "quality", "latency", "scale")
 TITLES = {"coverage": "1. Coverage", "speed": "2. Speed", "quality": "3. Quality (digits CNN)",
           "latency": "4. Latency budget", "scale": "5. Scale"}
+GENERATED = ("Machine", "Summary", *TITLES.values(), "Where we lose / caveats", "Retired arms")  # its ## headings
 QUALITY_MARGIN = 0.005  # half a point of accuracy: one or two test images of the digits split
 
 
@@ -27,11 +27,6 @@ def pair(ours, theirs, spec: str = ".3f") -> str:
     """``ours / TP (ratio)``, the cell of every side-by-side column."""
     ratio = ours / theirs if ours and theirs else None
     return f"{num(ours, spec)} / {num(theirs, spec)} ({num(ratio, '.2f')})"
-
-
-def table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def result_path(results_dir: str, name: str, quick: bool) -> str:
@@ -384,9 +379,10 @@ def machine_md(found: dict) -> list[str]:
     return table(["", ""], rows)
 
 
-def render(found: dict, quick: bool) -> str:
+def render(found: dict, quick: bool, carried: list[str] = ()) -> str:
+    """The report; ``carried``: hand-written sections of the previous file (:func:`history.hand_written`)."""
     lines = ["# Benchmarks: pruning_ir vs Torch-Pruning", "",
-             "Generated from `benchmarks/results/*.json` by `benchmarks/report.py`; `make bench` "
+             "Generated from `benchmarks/results/*.json` by `benchmarks/run.py`; `make bench` "
              f"(`python benchmarks/run.py{' --quick' if quick else ''}`) re-runs everything on CPU, each comparison "
              "interleaved in one run. Ratios are pruning_ir / Torch-Pruning: below 1 is faster or smaller.", "",
              "## Machine", "", *machine_md(found), "", "## Summary", "", *summary_md(found), ""]
@@ -399,14 +395,18 @@ def render(found: dict, quick: bool) -> str:
                 lines += [f"_{stamp['date']}, load average {stamp['load_average'][0]:.2f} at the start of the "
                           f"section, {data.get('wall_s', 0):.0f} s._", ""]
     lost = losses(found)
-    lines += ["## Where we lose / caveats", "", *(f"- {item}" for item in lost or ["Nowhere in these numbers."]), ""]
+    lines += ["## Where we lose / caveats", "", *(f"- {item}" for item in lost or ["Nowhere in these numbers."]), "",
+              "## Retired arms", "", *history.retired_md(), ""]
+    if carried:
+        lines += [*carried, ""]
     return "\n".join(lines)
 
 
 def write(results_dir: str = DEFAULT_RESULTS, quick: bool = False, out: str | None = None) -> str:
     """Render the results in ``results_dir`` to ``out`` (default: see :func:`default_report`)."""
     out = out or default_report(results_dir, quick)
-    text = render(load(results_dir, quick), quick)
+    previous = open(out).read() if os.path.exists(out) else ""
+    text = render(load(results_dir, quick), quick, history.hand_written(previous, GENERATED))
     with open(out, "w") as handle:
         handle.write(text)
     return out
@@ -416,16 +416,3 @@ def default_report(results_dir: str, quick: bool) -> str:
     if os.path.abspath(results_dir) == DEFAULT_RESULTS and not quick:
         return os.path.join(HERE, "RESULTS.md")
     return os.path.join(results_dir, f"RESULTS{'_quick' if quick else ''}.md")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results-dir", default=DEFAULT_RESULTS)
-    parser.add_argument("--quick", action="store_true", help="render the *_quick.json files")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    print(f"wrote {write(args.results_dir, args.quick, args.out)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,18 +1,35 @@
-"""The tables of ``criteria.py``: means over seeds, each LossAware row against its best rival,
-the printed report, and merging the rows of several runs (other seeds or other criteria).
+"""Tables and JSON files: a markdown table, a JSON writer, and the tables of an accuracy
+comparison over seeds (means per cell, each of ours against its best rival, printing, and merging
+the rows of runs made apart: other seeds or other arms).
 
-Rows are the per-seed dicts ``criteria.run`` returns (``seed``, ``selection``, ``ratio``,
-``criterion``, ``macs`` and the accuracies ``pruned``, ``bn``, ``ft1``).
+Accuracy rows are per-seed dicts (``seed``, ``selection``, ``ratio``, ``criterion``, ``macs`` and
+the accuracies ``pruned``, ``bn``, ``ft1``); ours are the criteria named ``loss_aware*``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
 from typing import Sequence
 
 COLUMNS = ("pruned", "bn", "ft1")
-COMPARED = ("bn", "ft1")  # the target's columns: after re-estimation, after fine-tuning
+COMPARED = ("bn", "ft1")  # the compared columns: after re-estimation, after fine-tuning
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table, as lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def write_json(path: str, data: dict) -> str:
+    """Write ``data`` to ``path`` (its folder created), indented; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=1)
+    return path
 
 
 def summarize(rows: list[dict], criteria_order: Sequence[str], selections: Sequence[str]) -> list[dict]:
@@ -23,7 +40,7 @@ def summarize(rows: list[dict], criteria_order: Sequence[str], selections: Seque
         return (selection != "-", selections.index(selection) if selection in selections else -1, ratio,
                 criteria_order.index(criterion) if criterion in criteria_order else len(criteria_order))
 
-    table = []
+    entries = []
     for key in sorted({(r["selection"], r["ratio"], r["criterion"]) for r in rows}, key=order):
         group = [r for r in rows if (r["selection"], r["ratio"], r["criterion"]) == key]
         entry = {"selection": key[0], "ratio": key[1], "criterion": key[2],
@@ -31,8 +48,8 @@ def summarize(rows: list[dict], criteria_order: Sequence[str], selections: Seque
                  **{column: statistics.mean(r[column] for r in group) for column in COLUMNS}}
         if all("widths" in r for r in group):
             entry["widths"] = [round(statistics.mean(w), 1) for w in zip(*(r["widths"] for r in group))]
-        table.append(entry)
-    return table
+        entries.append(entry)
+    return entries
 
 
 def _per_seed(rows: list[dict], selection: str, ratio: float, criterion: str, column: str) -> dict[int, float]:
@@ -46,11 +63,11 @@ def compare(rows: list[dict], criteria_order: Sequence[str], selections: Sequenc
     The other criteria are those of the same selection and ratio (knapsack: of any selection
     at that ratio but ``tp_widths``); ``difference_se`` is the standard error of the per-seed
     difference."""
-    table = summarize(rows, criteria_order, selections)
+    entries = summarize(rows, criteria_order, selections)
     found = []
-    for entry in (e for e in table if e["criterion"].startswith("loss_aware")):
+    for entry in (e for e in entries if e["criterion"].startswith("loss_aware")):
         selection, ratio = entry["selection"], entry["ratio"]
-        others = [e for e in table if e["ratio"] == ratio and not e["criterion"].startswith("loss_aware")
+        others = [e for e in entries if e["ratio"] == ratio and not e["criterion"].startswith("loss_aware")
                   and e["selection"] != "-" and (e["selection"] == selection
                                                  or selection == "knapsack" and e["selection"] != "tp_widths")]
         if not others:  # a partial run (--criteria) without the rivals of this selection
@@ -71,11 +88,11 @@ def compare(rows: list[dict], criteria_order: Sequence[str], selections: Sequenc
     return found
 
 
-def report(table: list[dict], comparisons: list[dict]) -> None:
-    """Print the table and, per LossAware criterion, the comparisons it wins and loses."""
-    base = next(e["macs"] for e in table if e["criterion"] == "unpruned")
+def print_comparison(entries: list[dict], comparisons: list[dict]) -> None:
+    """Print the means of :func:`summarize` and, per LossAware criterion, the comparisons it wins and loses."""
+    base = next(e["macs"] for e in entries if e["criterion"] == "unpruned")
     print(f"{'selection':9} {'ratio':>5} {'criterion':16} {'MACs':>6} {'pruned':>7} {'bn':>7} {'ft1':>7}  widths")
-    for e in table:
+    for e in entries:
         print(f"{e['selection']:9} {e['ratio']:5.1f} {e['criterion']:16} {e['macs'] / base:6.1%} "
               f"{100 * e['pruned']:7.2f} {100 * e['bn']:7.2f} {100 * e['ft1']:7.2f}  "
               + " ".join(f"{w:g}" for w in e.get("widths", ())))

@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmark sections: paths, process memory, subprocess workers,
-output checks, the machine's description, and Torch-Pruning set up the usual way.
+"""The machine side of a measurement: its description, process memory, time limits, model
+outputs, and fresh-process workers.
 
 Memory is the peak resident set size (``VmHWM`` of ``/proc/self/status``, reset through
 ``/proc/self/clear_refs``) above the process's size just before the measured step: it counts
@@ -25,11 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-for _path in (HERE, REPO, os.path.join(REPO, "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from harness import HERE
 
 THREADS = 1  # one intra-op thread: timings on a shared 2-core machine stay comparable
 
@@ -63,6 +59,12 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         self.mb = max(rss_mb("VmHWM") - self.start, 0.0)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished subprocesses."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # -- models and outputs -------------------------------------------------------------------------
@@ -112,92 +114,6 @@ def interleaved(libraries: tuple[str, ...], repeats: int) -> Iterator[str]:
     """ABBA order over repeats (A B, B A, A B, ...): linear drift hits every library alike."""
     for repeat in range(repeats):
         yield from (libraries if repeat % 2 == 0 else libraries[::-1])
-
-
-# -- Torch-Pruning, the usual way -------------------------------------------------------------------
-_QKV_NAMES = (("qkv",), ("q", "k", "v"), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
-
-
-def tp_classifier(model: nn.Module) -> list[nn.Module]:
-    """The final classifier Torch-Pruning is told to ignore: the last Linear (else the last conv)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1:]
-    return [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)][-1:]
-
-
-def tp_attention(model: nn.Module) -> dict[nn.Module, tuple[nn.Module, ...]]:
-    """Attention modules and their q/k/v Linears (timm, HF BERT/LLaMA, separate q/k/v styles)."""
-    found = {}
-    for module in model.modules():
-        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-        for names in _QKV_NAMES:
-            linears = tuple(getattr(module, n, None) for n in names)
-            if isinstance(head_dim, int) and all(isinstance(m, nn.Linear) for m in linears):
-                found[module] = linears
-    return found
-
-
-def tp_num_heads(model: nn.Module) -> dict[nn.Module, int]:
-    """``num_heads`` for MetaPruner, as Torch-Pruning's ViT / BERT / LLaMA examples build it."""
-    heads = {}
-    for module, linears in tp_attention(model).items():
-        head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size")
-        for linear in linears:
-            heads[linear] = linear.out_features // head_dim // (3 if len(linears) == 1 else 1)
-    return heads
-
-
-def tp_fix_attention(model: nn.Module, pruner) -> None:
-    """After ``step()``, update the attention modules' head attributes from the pruned
-    Linears, as Torch-Pruning's examples do (``m.num_heads = pruner.num_heads[m.qkv]``...)."""
-    for module, linears in tp_attention(model).items():
-        first = linears[0]
-        heads = pruner.num_heads.get(first)
-        if not heads:
-            continue
-        width = first.out_features // (3 if len(linears) == 1 else 1)
-        head_dim = width // heads
-        for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("head_dim", head_dim),
-                            ("attention_head_size", head_dim), ("all_head_size", width)):
-            if isinstance(getattr(module, name, None), int):
-                setattr(module, name, value)
-        if len(linears) == 3 and pruner.num_heads.get(linears[1]):
-            kv_heads = pruner.num_heads[linears[1]]
-            for name, value in (("num_key_value_heads", kv_heads), ("num_key_value_groups", heads // kv_heads)):
-                if isinstance(getattr(module, name, None), int):
-                    setattr(module, name, value)
-
-
-def tp_pruner(model: nn.Module, inputs: tuple, importance: str = "magnitude", ratio: float = 0.5,
-              global_pruning: bool = False):
-    """A ``tp.pruner.MetaPruner`` (builds the dependency graph): the final classifier ignored,
-    attention heads declared; ``importance`` is "magnitude" (L2) or "taylor"."""
-    import torch_pruning as tp
-    imp = tp.importance.GroupTaylorImportance() if importance == "taylor" \
-        else tp.importance.GroupMagnitudeImportance(p=2)
-    # fresh dicts: MetaPruner's defaults are shared mutable dicts that num_heads is merged into
-    return tp.pruner.MetaPruner(model, inputs[0] if len(inputs) == 1 else inputs, importance=imp,
-                                pruning_ratio=ratio, global_pruning=global_pruning,
-                                ignored_layers=tp_classifier(model), num_heads=tp_num_heads(model),
-                                in_channel_groups={}, out_channel_groups={})
-
-
-def tp_prune(model: nn.Module, inputs: tuple, importance: str = "magnitude", ratio: float = 0.5,
-             global_pruning: bool = False) -> nn.Module:
-    """Prune ``model`` in place with Torch-Pruning (see :func:`tp_pruner`); returns it."""
-    pruner = tp_pruner(model, inputs, importance, ratio, global_pruning)
-    pruner.step()
-    tp_fix_attention(model, pruner)
-    return model
-
-
-def ours_prune(model: nn.Module, inputs: tuple, ratio: float = 0.5) -> nn.Module:
-    """Prune with pruning_ir: magnitude scores, the same share of every group; returns the model."""
-    from pruning_ir import MagnitudeCriterion, PruningIR, UniformLabelSelector
-    ir = PruningIR(model).infer_labels(*inputs)
-    MagnitudeCriterion(ir).apply()
-    return ir.prune(labels=UniformLabelSelector(ratio).select(ir), inplace=True).model
 
 
 # -- subprocess workers -------------------------------------------------------------------------------
@@ -262,9 +178,3 @@ def environment() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": THREADS,
             "torch_pruning": _version("torch-pruning"), "pruning_ir": _version("pruning-ir"),
             "transformers": _version("transformers")}
-
-
-def fmt(value: float | None, spec: str) -> str:
-    """Format a number, or a dash of the same width for a missing one."""
-    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-    return format(value, spec) if value is not None else "-".rjust(width)

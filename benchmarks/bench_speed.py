@@ -11,11 +11,11 @@ Taylor importance and the thresholds) and pruning (``ir.prune(inplace=True)`` / 
 
 Each measurement runs in a fresh subprocess, the libraries alternating per model (ABBA): the
 first, cold run in the process gives the peak memory (peak resident set size above the
-process right after the model and inputs were built, see ``bench_common``) and then the
+process right after the model and inputs were built, see ``harness.machine``) and then the
 median of ``timed_runs`` runs on fresh copies gives the times; the median over processes is
 reported, and ratios are ours / Torch-Pruning.
 
-    python benchmarks/build_and_prune.py [--quick]   (= python benchmarks/run.py --only speed)
+    python benchmarks/bench_speed.py [--quick]   (= python benchmarks/run.py --only speed)
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import statistics
 import sys
 import time
 
-from bench_common import (PeakMemory, interleaved, model_mb, output_shapes, run_worker, short_error,
-                          surrogate_loss, tp_fix_attention, tp_pruner, worker_main)
+from harness.machine import (PeakMemory, interleaved, model_mb, output_shapes, run_worker, short_error, surrogate_loss,
+                             worker_main)
+from harness.rival import tp_fix_attention, tp_pruner
 
 RATIO = 0.5
 CALIBRATION_STEPS = 2
@@ -76,7 +77,7 @@ def _pipeline_tp(model, inputs) -> dict[str, float]:
 
 def worker(library: str, name: str, timed_runs: str = "3") -> dict:
     """In a fresh process: one cold run (peak memory), then ``timed_runs`` warm runs (times)."""
-    from models import BENCHMARK_MODELS
+    from harness.models import BENCHMARK_MODELS
     model, inputs = BENCHMARK_MODELS[name]()
     shapes, size = output_shapes(model, inputs), model_mb(model)
     pipeline = _pipeline_ours if library == "pruning_ir" else _pipeline_tp
@@ -108,14 +109,14 @@ def _median(results: list[dict], key: str) -> float | None:
 
 def run(quick: bool = False, processes: int = 2) -> dict:
     """Every benchmark model (quick: two small ones, one process each, one timed run)."""
-    from models import BENCHMARK_MODELS, QUICK_MODELS
+    from harness.models import BENCHMARK_MODELS, QUICK_MODELS
     names = list(QUICK_MODELS) if quick else list(BENCHMARK_MODELS)
     processes, timed_runs = (1, 1) if quick else (processes, 2)
     rows = []
     for name in names:
         results = {library: [] for library in LIBRARIES}
         for library in interleaved(LIBRARIES, processes):
-            results[library].append(run_worker("build_and_prune", [library, name, str(timed_runs)], timeout=900,
+            results[library].append(run_worker("bench_speed", [library, name, str(timed_runs)], timeout=900,
                                                  fresh=not quick))
         row = {"model": name}
         for library, found in results.items():
@@ -143,4 +144,4 @@ def run(quick: bool = False, processes: int = 2) -> dict:
 if __name__ == "__main__":
     if not worker_main(worker):
         from run import main
-        main(["--only", "speed", *sys.argv[1:]])
+        sys.exit(main(["--only", "speed", *sys.argv[1:]]))

@@ -4,16 +4,13 @@ and the deep models of the scale section (ResNet-50/101/152-style CNNs, BERT enc
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Callable
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from zoo import ZOO, Bottleneck, BasicBlock, FusedQKVAttention, MobileNetV2, ResNet, VisionTransformer  # noqa: E402
+# tests/zoo.py and tests/hf_models.py: on sys.path through harness/__init__.py
+from zoo import ZOO, BasicBlock, Bottleneck, FusedQKVAttention, MobileNetV2, ResNet, VisionTransformer
 
 Factory = Callable[[], tuple[nn.Module, tuple]]
 
@@ -74,3 +71,9 @@ QUICK_SCALE_MODELS: dict[str, tuple[str, int, Factory]] = {
     "bert_tiny_2": ("BERT, hidden 32 (16 tokens)", 2, _bert_factory(2, 32, 4, 16)),
     "bert_tiny_4": ("BERT, hidden 32 (16 tokens)", 4, _bert_factory(4, 32, 4, 16)),
 }
+
+
+def zoo_models() -> dict:
+    """Every model of the tests' zoo and of its Hugging Face part (name -> ZooEntry)."""
+    from hf_models import HF_ZOO
+    return {**ZOO, **HF_ZOO}
