@@ -8,15 +8,20 @@ instead writes two data files into a folder:
 - ``weights.pt`` (a state dict that loads with ``torch.load(..., weights_only=True)``) or,
   with ``weights_format="safetensors"``, ``model.safetensors``.
 
-``load_pruned(model, folder)`` takes a freshly built model of the original class, gives
-every module the saved sizes (new, empty tensors of the saved shapes; tied weights stay
-tied), then loads the weights. Everything is checked before the model is changed.
+``load_pruned(model, folder)`` takes a freshly built model of the original class and gives
+every module the saved sizes and weights (resized tensors are replaced, tied ones stay
+tied; the others keep their identity). The folder is data from anywhere: the configuration
+and the weights are checked in full (``saving_checks``) before the model is changed, and a
+failure while writing restores it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +30,8 @@ from torch.nn.utils import prune as torch_prune
 
 from .errors import PrunedModelFormatError, PruningIRError
 from .pruning import tensor_holders
+from .saving_checks import (FORMAT, FORMAT_VERSION, LoadPlan, check_weights, is_size, model_class,
+                            plan_configuration)
 
 __all__ = ["save_pruned", "load_pruned", "PrunedModelFormatError", "CONFIG_FILE", "TORCH_WEIGHTS_FILE",
            "SAFETENSORS_WEIGHTS_FILE"]
@@ -32,36 +39,15 @@ __all__ = ["save_pruned", "load_pruned", "PrunedModelFormatError", "CONFIG_FILE"
 CONFIG_FILE = "pruning_config.json"
 TORCH_WEIGHTS_FILE = "weights.pt"
 SAFETENSORS_WEIGHTS_FILE = "model.safetensors"
-FORMAT = "pruning_ir.pruned_model"
-FORMAT_VERSION = 1
-
-
-def _is_size(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, (tuple, list)) and bool(value) and all(_is_size(item) for item in value)
 
 
 def _size_attributes(module: nn.Module) -> dict[str, Any]:
     """Public integer (or tuple-of-integer) attributes: where pruning writes new sizes."""
-    return {name: value for name, value in vars(module).items() if not name.startswith("_") and _is_size(value)}
+    return {name: value for name, value in vars(module).items() if not name.startswith("_") and is_size(value)}
 
 
 def _as_json(value: Any) -> Any:
     return [_as_json(item) for item in value] if isinstance(value, (tuple, list)) else value
-
-
-def _like(template: Any, value: Any) -> Any:
-    """``value`` from JSON, with the tuple/list structure of ``template`` (the fresh model's attribute)."""
-    if isinstance(template, (tuple, list)) and isinstance(value, list) and len(template) == len(value):
-        return type(template)(_like(old, new) for old, new in zip(template, value))
-    return tuple(_like(None, item) for item in value) if isinstance(value, list) else value
-
-
-def _model_class(model: nn.Module) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 def channel_configuration(model: nn.Module) -> dict[str, Any]:
@@ -75,7 +61,7 @@ def channel_configuration(model: nn.Module) -> dict[str, Any]:
             "attributes": {name: _as_json(value) for name, value in _size_attributes(module).items()},
         }
         modules[path] = {key: value for key, value in entry.items() if value or key == "type"}
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model_class": _model_class(model), "modules": modules}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model_class": model_class(model), "modules": modules}
 
 
 def _unwrap(model: Any) -> nn.Module:
@@ -85,11 +71,25 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
+def _write_temporary(folder: str, name: str, write: Callable[[str], Any]) -> str:
+    """Write a file through ``write(path)`` under a temporary name in ``folder``; removed if writing fails."""
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(temporary)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return temporary
+
+
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, weights_format: str = "torch") -> str:
     """Write ``model`` (or a PruningIR's model) to the folder ``path``; returns the folder.
 
     ``weights_format``: ``"torch"`` (``weights.pt``, loadable with ``weights_only=True``) or
-    ``"safetensors"`` (``model.safetensors``; needs the ``safetensors`` package).
+    ``"safetensors"`` (``model.safetensors``; needs the ``safetensors`` package). Files are
+    written under temporary names and renamed once all are complete: a failed save leaves
+    the folder as it was.
     """
     model = _unwrap(model)
     if weights_format not in ("torch", "safetensors"):
@@ -97,92 +97,151 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, weights_format: st
     if torch_prune.is_pruned(model):
         raise PruningIRError("the model still has soft masks (weight_orig / weight_mask): make them physical with "
                              "ir.prune(labels=ir.masked_labels()) or remove them with ir.unmask() before saving")
-    config = channel_configuration(model)
-    os.makedirs(path, exist_ok=True)
-    for stale in (TORCH_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE):
-        if os.path.exists(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
+    text = json.dumps(channel_configuration(model), indent=1)
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
     if weights_format == "torch":
-        torch.save(model.state_dict(), os.path.join(path, TORCH_WEIGHTS_FILE))
+        weights_file, stale = TORCH_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE
+        write_weights = functools.partial(torch.save, model.state_dict())
     else:
         from safetensors.torch import save_model
-        save_model(model, os.path.join(path, SAFETENSORS_WEIGHTS_FILE))
-    with open(os.path.join(path, CONFIG_FILE), "w") as file:
-        json.dump(config, file, indent=1)
-    return os.fspath(path)
+        weights_file, stale = SAFETENSORS_WEIGHTS_FILE, TORCH_WEIGHTS_FILE
+        write_weights = functools.partial(save_model, model)
+    temporaries = {weights_file: _write_temporary(folder, weights_file, write_weights)}
+    try:
+        temporaries[CONFIG_FILE] = _write_temporary(folder, CONFIG_FILE, lambda name: _write_text(name, text))
+    except BaseException:
+        os.remove(temporaries[weights_file])
+        raise
+    for name, temporary in temporaries.items():
+        os.replace(temporary, os.path.join(folder, name))
+    if os.path.exists(os.path.join(folder, stale)):
+        os.remove(os.path.join(folder, stale))
+    return folder
 
 
-def _read_configuration(path: str | os.PathLike) -> dict[str, Any]:
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def _read_configuration(path: str | os.PathLike) -> Any:
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise PrunedModelFormatError(f"{os.fspath(path)!r} is not a saved pruned model: {CONFIG_FILE} is missing")
-    with open(config_path) as file:
-        config = json.load(file)
-    if config.get("format") != FORMAT or not isinstance(config.get("modules"), dict):
-        raise PrunedModelFormatError(f"{config_path} is not a pruning_ir configuration")
-    if config.get("version", 0) > FORMAT_VERSION:
-        raise PrunedModelFormatError(f"{config_path} has format version {config['version']}; this pruning_ir "
-                                     f"reads up to {FORMAT_VERSION}: upgrade pruning_ir")
-    return config
+    with open(config_path, "rb") as file:
+        try:
+            return json.load(file, parse_constant=_no_constant)
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise PrunedModelFormatError(f"{config_path} is not valid JSON: {error}") from error
 
 
-def _check_fits(model: nn.Module, config: dict[str, Any]) -> None:
-    """Raise a PrunedModelFormatError naming the first module or tensor that differs in kind."""
-    modules = dict(model.named_modules())
-    saved = config["modules"]
-    if config.get("model_class") != _model_class(model):
-        raise PrunedModelFormatError(f"the configuration was saved from {config.get('model_class')}, "
-                                     f"but the model is {_model_class(model)}")
-    missing, extra = sorted(set(saved) - set(modules)), sorted(set(modules) - set(saved))
-    if missing or extra:
-        raise PrunedModelFormatError(f"the model's modules differ from the saved ones: missing {missing[:5]}, "
-                                     f"unexpected {extra[:5]} (was it built with the same arguments?)")
-    for path, entry in saved.items():
-        module = modules[path]
-        where = path or "<model>"
-        if entry["type"] != type(module).__qualname__:
-            raise PrunedModelFormatError(f"module {where} is {type(module).__qualname__} here but "
-                                         f"{entry['type']} in the saved configuration")
-        for kind, tensors in (("parameters", module._parameters), ("buffers", module._buffers)):
-            present = {name for name, tensor in tensors.items() if tensor is not None}
-            if set(entry.get(kind, {})) != present:
-                raise PrunedModelFormatError(f"module {where} has {kind} {sorted(present)} here but "
-                                             f"{sorted(entry.get(kind, {}))} in the saved configuration")
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
-def _check_weights(state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    for path, entry in config["modules"].items():
-        for name, shape in {**entry.get("parameters", {}), **entry.get("buffers", {})}.items():
-            key = f"{path}.{name}" if path else name
-            if key in state and list(state[key].shape) != shape:
-                raise PrunedModelFormatError(f"the weights do not match the configuration: {key} has shape "
-                                             f"{list(state[key].shape)} in the weights, {shape} in the configuration")
+def _read_weights(path: str | os.PathLike, device: str | torch.device) -> tuple[Any, bool]:
+    """The saved state dict (nothing unpickled but tensors) and whether tied aliases may be absent."""
+    torch_file = os.path.join(path, TORCH_WEIGHTS_FILE)
+    safetensors_file = os.path.join(path, SAFETENSORS_WEIGHTS_FILE)
+    file = torch_file if os.path.isfile(torch_file) else safetensors_file
+    if not os.path.isfile(file):
+        raise PrunedModelFormatError(f"{os.fspath(path)!r} has no weights ({TORCH_WEIGHTS_FILE} or "
+                                     f"{SAFETENSORS_WEIGHTS_FILE})")
+    try:
+        if file == torch_file:
+            return torch.load(file, map_location=device, weights_only=True), False
+        from safetensors.torch import load_file
+        return load_file(file, device=str(device)), True  # safetensors stores a tied tensor once
+    except (ImportError, OSError):
+        raise
+    except Exception as error:
+        raise PrunedModelFormatError(f"{file} could not be read as weights: {error}") from error
+
+
+def _restorer(module: nn.Module, name: str) -> Callable[[], None]:
+    """A function that gives ``module.<name>`` back its present value."""
+    if name in vars(module):
+        old = vars(module)[name]
+        return functools.partial(vars(module).__setitem__, name, old)
+    old = getattr(module, name)
+
+    def restore() -> None:  # a class attribute or a property
+        if name in vars(module):
+            del vars(module)[name]
+        elif getattr(module, name) != old:
+            setattr(module, name, old)
+    return restore
+
+
+def _set_data(tensor: torch.Tensor, data: torch.Tensor) -> None:
+    tensor.data = data
+
+
+def _write(model: nn.Module, plan: LoadPlan, state: dict[str, Any] | None) -> None:
+    """Write ``plan`` (and the checked ``state``) into ``model``; restore it if anything fails.
+
+    New tensors are all built off the model first. Resized tensors are then replaced in
+    every holder (tied ones stay tied); the others keep their identity and get new data.
+    """
+    resized = plan.resized()
+    replacements: dict[int, torch.Tensor] = {}
+    new_data: list[tuple[torch.Tensor, torch.Tensor]] = []
+    extra_state: dict[str, Any] = {}
+    seen: set[int] = set()
+    tensors = model.state_dict(keep_vars=True) if state is not None else {}
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            extra_state[key] = state[key]
+        elif id(tensor) not in seen:  # tied tensors are loaded once
+            seen.add(id(tensor))
+            data = torch.empty(plan.shape(tensor), dtype=tensor.dtype, device=tensor.device) \
+                if id(tensor) in resized else torch.empty_like(tensor)
+            with torch.no_grad():
+                data.copy_(state.pop(key))
+            if id(tensor) in resized:
+                replacements[id(tensor)] = _like_tensor(tensor, data)
+            else:
+                new_data.append((tensor, data))
+    for key, shape in resized.items():  # no weights (apply_channel_configuration): empty tensors
+        if key not in replacements:
+            tensor = plan.tensors[key]
+            replacements[key] = _like_tensor(tensor, torch.empty(shape, dtype=tensor.dtype, device=tensor.device))
+    undo: list[Callable[[], None]] = []
+    try:
+        holders = tensor_holders(model)
+        for key, new in replacements.items():
+            for holder, name, is_parameter in holders[key]:
+                store = holder._parameters if is_parameter else holder._buffers
+                undo.append(functools.partial(store.__setitem__, name, store[name]))
+                store[name] = new
+        for tensor, data in new_data:
+            undo.append(functools.partial(_set_data, tensor, tensor.data))
+            tensor.data = data
+        for module, name, value in plan.attributes.values():
+            undo.append(_restorer(module, name))
+            setattr(module, name, value)
+        if extra_state:
+            model.load_state_dict(extra_state, strict=False)
+    except BaseException:
+        for action in reversed(undo):
+            try:
+                action()
+            except Exception:  # restore everything else; the original error is the one to see
+                pass
+        raise
+
+
+def _like_tensor(tensor: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    return nn.Parameter(data, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
 
 
 def apply_channel_configuration(model: nn.Module, config: dict[str, Any]) -> nn.Module:
-    """Resize ``model`` in place to the saved sizes (empty tensors; load the weights afterwards)."""
-    _check_fits(model, config)
-    modules = dict(model.named_modules())
-    holders = tensor_holders(model)
-    replaced: dict[int, torch.Tensor] = {}
-    for path, entry in config["modules"].items():
-        module = modules[path]
-        for kind, store in (("parameters", module._parameters), ("buffers", module._buffers)):
-            for name, shape in entry.get(kind, {}).items():
-                tensor = store[name]
-                if list(tensor.shape) == shape or id(tensor) in replaced:
-                    continue
-                new = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-                if isinstance(tensor, nn.Parameter):
-                    new = nn.Parameter(new, requires_grad=tensor.requires_grad)
-                replaced[id(tensor)] = new
-                for holder, holder_name, is_parameter in holders[id(tensor)]:  # tied tensors stay tied
-                    (holder._parameters if is_parameter else holder._buffers)[holder_name] = new
-        for name, value in entry.get("attributes", {}).items():
-            current = getattr(module, name, None)
-            new_value = _like(current, value)
-            if current != new_value:
-                setattr(module, name, new_value)
+    """Resize ``model`` in place to the saved sizes (empty tensors; load the weights afterwards).
+
+    The configuration is checked first; a refused one raises PrunedModelFormatError and changes nothing.
+    """
+    _write(model, plan_configuration(model, config), None)
     return model
 
 
@@ -192,22 +251,13 @@ def load_pruned(model: nn.Module, path: str | os.PathLike, *, map_location: str 
 
     Build ``model`` exactly as the original was built (same class and arguments), on the
     device and dtype you want; no code is unpickled (weights load with ``weights_only=True``).
+    The configuration and the weights are checked in full before the model is touched (a
+    refusal raises PrunedModelFormatError); if writing still fails, the model is restored.
     """
     config = _read_configuration(path)
-    torch_file = os.path.join(path, TORCH_WEIGHTS_FILE)
-    safetensors_file = os.path.join(path, SAFETENSORS_WEIGHTS_FILE)
-    if not (os.path.isfile(torch_file) or os.path.isfile(safetensors_file)):
-        raise PrunedModelFormatError(f"{os.fspath(path)!r} has no weights ({TORCH_WEIGHTS_FILE} or "
-                                     f"{SAFETENSORS_WEIGHTS_FILE})")
-    _check_fits(model, config)
+    plan = plan_configuration(model, config, os.path.join(os.fspath(path), CONFIG_FILE))
     device = map_location or next(model.parameters(), torch.empty(0)).device
-    if os.path.isfile(torch_file):
-        state = torch.load(torch_file, map_location=device, weights_only=True)
-        _check_weights(state, config)
-        apply_channel_configuration(model, config)
-        model.load_state_dict(state)
-    else:
-        from safetensors.torch import load_model
-        apply_channel_configuration(model, config)
-        load_model(model, safetensors_file, device=str(device))
+    state, tied_may_be_missing = _read_weights(path, device)
+    state = check_weights(model, plan, state, tied_may_be_missing)
+    _write(model, plan, state)
     return model

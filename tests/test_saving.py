@@ -31,7 +31,8 @@ def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
         return tensors(model.eval()(*inputs))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "vit", "vit_mha", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2", "unet", "conv1d_net", "vit", "vit_mha",
+                                  "gpt2", "llama", "bert"])
 def test_round_trip_gives_identical_outputs(name, tmp_path):
     entry, pruned, inputs = _pruned(name)
     save_pruned(pruned, tmp_path)
@@ -129,3 +130,15 @@ def test_soft_masks_must_be_made_physical_first(tmp_path):
     torch.nn.utils.prune.random_unstructured(model.fc1, "weight", amount=0.5)
     with pytest.raises(Exception, match="soft masks"):
         save_pruned(model, tmp_path)
+
+
+def test_weights_load_into_the_dtype_of_the_fresh_model_and_unresized_tensors_keep_their_identity(tmp_path):
+    entry, pruned, inputs = _pruned("lenet")
+    save_pruned(pruned, tmp_path)
+    fresh = entry.build().double()
+    kept = fresh.fc3.bias  # fc3 keeps its 10 outputs
+    loaded = load_pruned(fresh, tmp_path)
+    assert loaded.fc3.bias is kept and loaded.fc1.weight.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in loaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs[0].double()).float(), pruned(inputs[0]))
