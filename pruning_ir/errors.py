@@ -35,5 +35,10 @@ class PrunedModelFormatError(PruningIRError, ValueError):
     """The saved configuration does not fit the model it is loaded into, or the folder is not a saved model."""
 
 
+class PruningError(PruningIRError):
+    """prune(strict=True): removing the labels would break the model (the message names the
+    groups responsible and the error each caused)."""
+
+
 __all__ = ["PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
-           "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError"]
+           "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError"]
