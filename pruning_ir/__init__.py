@@ -14,6 +14,7 @@ from .gradual import GradualPruner
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
 from .latency import bind, macs, measure_latency, parameter_count
+from .one_call import PruneReport, prune
 from .rounds import prune_in_rounds
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
@@ -21,7 +22,7 @@ from .saving import load_pruned, save_pruned
 from .tracing import LeafModule
 
 __all__ = [
-    "GradualPruner", "prune_in_rounds",
+    "prune", "PruneReport", "GradualPruner", "prune_in_rounds",
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
     "Criterion", "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion", "measure_removal_costs",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
