@@ -9,7 +9,7 @@ to remove) -> ``pruning`` (remove them physically).
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
 from .criteria import Criterion, LossAwareCriterion, MagnitudeCriterion, RandomCriterion, measure_removal_costs
 from .errors import (InvalidLabelsError, LabelsNotInferredError, LatencyFunctionError, LatencyMeasurementError,
-                     ModelExecutionError, PrunedModelFormatError, PruningIRError, TracingError)
+                     ModelExecutionError, PrunedModelFormatError, PruningError, PruningIRError, TracingError)
 from .gradual import GradualPruner
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
@@ -29,6 +29,6 @@ __all__ = [
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
-    "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError",
+    "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError",
 ]
 __version__ = "0.1.0"

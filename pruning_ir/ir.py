@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,12 +12,13 @@ import torch.fx as fx
 from torch import nn
 
 from . import masking
-from .errors import InvalidLabelsError, LabelsNotInferredError, PruningIRError
+from .errors import InvalidLabelsError, LabelsNotInferredError, PruningError, PruningIRError
 from .labels import ChannelIndex, DependencyGroup, Label
 from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
 from .pruning import prune_model, slice_plans
 from .tracing import LeafModule, LeafPolicy, trace_model
+from .verification import RemovalCheck, output_signature, without_culprits
 
 if TYPE_CHECKING:
     import networkx
@@ -83,10 +85,11 @@ class PruningIR:
         parameters are left as they were.
         """
         self._check_usable()
-        traced, _ = trace_model(self._model, args, kwargs, self._leaf_policy, strict=not self.soft_tracing)
+        traced, output = trace_model(self._model, args, kwargs, self._leaf_policy, strict=not self.soft_tracing)
         state = propagate(self._model, traced)
         self._index = ChannelIndex.from_propagation(state)
         self._example_inputs = (args, kwargs)
+        self._output_signature = output_signature(output)
         self._graph = traced.graph
         return self
 
@@ -176,11 +179,17 @@ class PruningIR:
     # -- pruning --------------------------------------------------------------------------
     def prune(self, name: str | Iterable[Label] = "main", *, labels: Iterable[Label] | None = None,
               inplace: bool = False, skip_label_checking: bool = False,
-              optimizer: torch.optim.Optimizer | None = None) -> "PruningIR":
+              optimizer: torch.optim.Optimizer | None = None, verify: bool = True,
+              strict: bool = False) -> "PruningIR":
         """Remove ``labels`` physically; returns the IR of the pruned model.
 
         ``ir.prune(labels=labels)`` (ENOT's form, ``name`` a snapshot name) and ``ir.prune(labels)``
         are the same call.
+
+        ``verify`` (default): the removal is first tried on a shape-only copy and run on the example
+        inputs the labels were inferred from (``pruning_ir.verification``); groups whose removal
+        would break the model keep their labels, with a warning naming them and the error, or,
+        with ``strict=True``, a ``PruningError`` and nothing changed.
 
         ``inplace=False`` (default) leaves the original model untouched and works on a copy;
         ``inplace=True`` modifies it (less memory) and this IR can no longer be used. Masks
@@ -202,6 +211,8 @@ class PruningIR:
             self._check_labels(labels)
         classes = np.array([label.class_id for label in labels], dtype=np.int64)
         removed = index.removal_mask(classes)
+        if verify and removed.any():
+            removed = self._verified(removed, inplace, strict)
         plans = slice_plans(index, removed)
         move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
@@ -212,6 +223,27 @@ class PruningIR:
         if inplace:
             self._consumed = True
         return pruned
+
+    def _verified(self, removed: np.ndarray, inplace: bool, strict: bool) -> np.ndarray:
+        """``removed`` without the groups whose removal breaks the model on its example inputs."""
+        signature = self.__dict__.get("_output_signature")
+        if signature is None or self._example_inputs is None or self.masked:
+            return removed  # loaded from an older file, or masked (GradualPruner checks its own masks)
+        check = RemovalCheck(self._model, self._index, self._example_inputs, signature)
+        if not check.on_meta and inplace:
+            warnings.warn("prune(inplace=True): the model does not run on shape-only (meta) tensors, so the "
+                          "removal was not verified before it was written; prune a copy to verify it", stacklevel=3)
+            return removed
+        culprits = check.culprits(removed, real_copy_allowed=not inplace)
+        if not culprits:
+            return removed
+        listing = "\n".join(f"  {culprit}" for culprit in culprits)
+        if strict:
+            raise PruningError(f"removing these labels would break the model on its example inputs; the groups "
+                               f"responsible:\n{listing}\n(nothing was changed)")
+        warnings.warn(f"prune(): {len(culprits)} groups keep their labels because removing them breaks the model "
+                      f"on its example inputs (please report it):\n{listing}", stacklevel=3)
+        return without_culprits(removed, culprits, self._index)
 
     # -- soft masks (pruning_ir.masking) ---------------------------------------------------
     def mask(self, labels: Iterable[Label]) -> None:
