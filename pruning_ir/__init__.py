@@ -18,6 +18,7 @@ from .one_call import PruneReport, prune
 from .rounds import prune_in_rounds
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
+from .huggingface import expressible, load_pretrained_pruned, save_pretrained_pruned, sync_config
 from .saving import load_pruned, save_pruned
 from .tracing import LeafModule
 
@@ -28,6 +29,7 @@ __all__ = [
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
+    "sync_config", "expressible", "save_pretrained_pruned", "load_pretrained_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
     "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError",
 ]

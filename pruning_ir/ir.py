@@ -13,6 +13,7 @@ from torch import nn
 
 from . import masking
 from .errors import InvalidLabelsError, LabelsNotInferredError, PruningError, PruningIRError
+from .huggingface import sync_config
 from .labels import ChannelIndex, DependencyGroup, Label
 from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
@@ -217,6 +218,7 @@ class PruningIR:
         move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
+        sync_config(model, stacklevel=3)  # a transformers model's config gets the pruned sizes, or a warning
         if move is not None:
             move_optimizer(optimizer, move, model)
         pruned = PruningIR._derived(self, model, index.without(removed))
