@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batchnorm import tune_batchnorm_statistics
 from .checks import check_share
 from .criteria import LossAwareCriterion, MagnitudeCriterion
 from .ir import PruningIR
@@ -182,7 +181,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
         data_free = data is None
         norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
         tunable = bool(norms) and all(norm.track_running_stats for norm in norms)
-        bn_each_round = not data_free and tunable and _default_layout(data, forward)
+        bn_each_round = not data_free and tunable
         recipe = _recipe(kind, data_free, rounds, bool(norms), tunable, bn_each_round)
         if kind == "ratio":
             def factory(share: float) -> UniformLabelSelector:
@@ -198,12 +197,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
                 ir, factory, target, None if data_free else _calibration(data, loss, forward, device),
                 rounds=1 if data_free else rounds, criterion=MagnitudeCriterion if data_free else LossAwareCriterion,
                 latency_function=None if kind == "ratio" else cost,
-                batchnorm_loader=_ModelInputs(data) if bn_each_round else None, inplace=inplace,
+                batchnorm_loader=data if bn_each_round else None, inplace=inplace,
+                batchnorm_forward=lambda m, batch: _loss(m, batch, loss, forward, device),
                 score_in_batch_statistics=bool(norms) and not data_free, verbose=verbose)
-        if tunable and not data_free and not bn_each_round:
-            with _timed(timings, "batch norms"):
-                tune_batchnorm_statistics(pruned.model, data, verbose=verbose,
-                                          forward=lambda m, batch: _loss(m, batch, loss, forward, device))
         with _timed(timings, "measure after"):
             result = pruned.model
             macs_after, params_after = count_macs(result, *inputs), parameter_count(result)
@@ -254,8 +250,6 @@ def _recipe(kind: str, data_free: bool, rounds: int, has_norms: bool, tunable: b
     text = f"prune_in_rounds x{rounds}: {scoring}, {selector} in each round"
     if bn_each_round:
         return text + ", batch norms re-estimated on data after every round (the last at the end)"
-    if tunable:
-        return text + ", batch norms re-estimated on data at the end only (the batch layout needs forward=)"
     return text + (", batch norms without running statistics left as they are" if has_norms else "")
 
 
@@ -317,30 +311,6 @@ def _first_call(model: nn.Module, data: Iterable[Any], loss: Callable | None, fo
     if not calls:
         raise TypeError("forward(model, batch) never called the model it was given")
     return calls[0]
-
-
-def _default_layout(data: Iterable[Any], forward: Callable | None) -> bool:
-    """Whether prune_in_rounds' batch-norm pass can run these batches: ``(inputs, targets)`` with
-    the inputs one tensor, a one-tensor tuple or a dict (it takes no forward= of its own)."""
-    if forward is not None:
-        return False
-    first = next(iter(data), None)
-    if not isinstance(first, (tuple, list)) or len(first) != 2:
-        return False
-    inputs = first[0]
-    return isinstance(inputs, (torch.Tensor, dict)) or (
-        isinstance(inputs, (tuple, list)) and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor))
-
-
-class _ModelInputs:
-    """``data`` re-iterable as the model's inputs alone, in the layout tune_batchnorm_statistics runs."""
-
-    def __init__(self, data: Iterable[Any]):
-        self.data = data
-
-    def __iter__(self) -> Iterator[Any]:
-        for inputs, _ in self.data:
-            yield inputs[0] if isinstance(inputs, (tuple, list)) else inputs
 
 
 def _share_removed(original: list[tuple[DependencyGroup, list[Label]]], kept: set[int]) -> float:

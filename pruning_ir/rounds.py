@@ -49,7 +49,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
                     calibrate: Callable[[Callable[..., Any]], None] | None = None, *, rounds: int = 5,
                     criterion: CriterionFactory = LossAwareCriterion,
                     latency_function: Callable[[nn.Module], float] | None = None,
-                    batchnorm_loader: Iterable[Any] | None = None, inplace: bool = False,
+                    batchnorm_loader: Iterable[Any] | None = None,
+                    batchnorm_forward: Callable[[nn.Module, Any], Any] | None = None, inplace: bool = False,
                     optimizer: torch.optim.Optimizer | None = None, score_in_batch_statistics: bool = False,
                     verbose: bool = True) -> PruningIR:
     """Prune ``ir`` to ``target`` in ``rounds`` steps, re-scoring the partly pruned model before each.
@@ -69,6 +70,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         latency_function: ``model -> cost``; ``target`` is then a cost below the model's own.
         batchnorm_loader: batches to re-estimate the batch norms on after each round
             (:func:`tune_batchnorm_statistics`); None keeps the statistics the model has.
+        batchnorm_forward: ``forward(model, batch)`` runs one of those batches (for layouts other
+            than a tensor, an ``(inputs, targets)`` pair or a dict of keyword inputs).
         inplace: prune ``ir``'s model itself (less memory; ``ir`` is used up).
         optimizer: the training optimizer, built on ``ir.model``'s parameters: moved onto the
             returned model, its state sliced alike (``PruningIR.prune``). Checked before the first
@@ -113,7 +116,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
             labels = selector.select(work, removed_before=removed_before)
             work = work.prune(labels=labels, inplace=True, optimizer=optimizer)
             if batchnorm_loader is not None:
-                tune_batchnorm_statistics(work.model, batchnorm_loader, verbose=False)
+                tune_batchnorm_statistics(work.model, batchnorm_loader, forward=batchnorm_forward, verbose=False)
         work.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
         return work
 

@@ -130,13 +130,13 @@ def test_the_recipe_is_the_documented_one_written_out_by_hand():
     assert all(torch.equal(retuned[k], v) for k, v in mine.items())
 
 
-def test_a_forward_hook_on_a_batch_norm_model_re_estimates_the_statistics_at_the_end():
+def test_a_forward_hook_on_a_batch_norm_model_re_estimates_the_statistics_after_every_round():
     model, data = small_resnet(), [{"pixels": x, "classes": y} for x, y in images()]
     x = data[0]["pixels"][:2]
     pruned, report = pruning_ir.prune(model, x, params=0.6, data=data, rounds=2, return_report=True, verbose=False,
                                       forward=lambda m, batch: F.cross_entropy(m(batch["pixels"]), batch["classes"]))
     assert parameter_count(pruned) <= 0.6 * parameter_count(model)
-    assert "at the end only" in report.recipe
+    assert "after every round" in report.recipe
     retuned = tune_batchnorm_statistics(copy.deepcopy(pruned), data, forward=lambda m, b: m(b["pixels"]),
                                         verbose=False).state_dict()
     assert all(torch.equal(retuned[k], v) for k, v in pruned.state_dict().items())
