@@ -231,7 +231,9 @@ class PruningIR:
         signature = self.__dict__.get("_output_signature")
         if signature is None or self._example_inputs is None or self.masked:
             return removed  # loaded from an older file, or masked (GradualPruner checks its own masks)
-        check = RemovalCheck(self._model, self._index, self._example_inputs, signature)
+        check = RemovalCheck(self._model, self._index, self._example_inputs, signature,
+                             self.__dict__.get("_verifies_on_meta"))
+        self._verifies_on_meta = check.on_meta  # the model's ops do not change between prunes of this IR
         if not check.on_meta and inplace:
             warnings.warn("prune(inplace=True): the model does not run on shape-only (meta) tensors, so the "
                           "removal was not verified before it was written; prune a copy to verify it", stacklevel=3)

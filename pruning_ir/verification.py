@@ -88,13 +88,14 @@ class RemovalCheck:
     """Tries removals on copies of ``model`` and runs them on the recorded ``inputs``."""
 
     def __init__(self, model: nn.Module, index: ChannelIndex, inputs: tuple[tuple, dict],
-                 expected: OutputSignature):
+                 expected: OutputSignature, on_meta: bool | None = None):
         self.model = model
         self.index = index
         self.inputs = inputs
         self.expected = expected
         self.runs = 0
-        self.on_meta = self._runs_on_meta()
+        # whether the unpruned model runs on meta tensors: found once (pass it in to skip the run)
+        self.on_meta = self._runs_on_meta() if on_meta is None else on_meta
 
     def _forward(self, model: nn.Module, on_meta: bool) -> OutputSignature:
         args, kwargs = self.inputs
