@@ -18,6 +18,7 @@ from .labels import ChannelIndex, DependencyGroup, Label
 from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
 from .pruning import prune_model, slice_plans
+from .summary import summary
 from .tracing import LeafModule, LeafPolicy, trace_model
 from .verification import RemovalCheck, output_signature, without_culprits
 
@@ -363,8 +364,16 @@ class PruningIR:
                 lines.append(f"    inexact: {reason}")
         return "\n".join(lines)
 
+    def summary(self, compact: bool | None = None) -> str:
+        """A table of the groups: labels and channels per label, channels, the parameters and MACs they
+        hold, modules, and why a group is pinned or inexact (``pruning_ir.summary``); ``compact`` folds
+        groups of repeated blocks (default: when there are more than 40 groups)."""
+        if self._index is None:
+            return f"PruningIR({type(self._model).__name__}): labels not inferred yet"
+        return summary(self._model, self._index, self._example_inputs, compact)
+
     def __str__(self) -> str:
-        return self.describe()
+        return self.summary()
 
     def __repr__(self) -> str:
         state = "not inferred" if self._index is None else f"{len(self._index.groups)} groups"

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .ir import PruningIR
 from .labels import Label
 
 __all__ = ["format_count", "markdown_table", "group_channels"]
@@ -31,8 +30,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def group_channels(ir: PruningIR, labels: Iterable[Label]) -> list[tuple[int, str, int, int]]:
-    """Per prunable group: (id, its first modules, channels before, channels after removing ``labels``)."""
+def group_channels(ir: Any, labels: Iterable[Label]) -> list[tuple[int, str, int, int]]:
+    """Per prunable group of ``ir`` (a PruningIR; not imported: the IR module imports this one): (id, its first modules, channels before, channels after removing ``labels``)."""
     removed = Counter(label.group.id for label in labels)
     rows = []
     for group in ir.groups:

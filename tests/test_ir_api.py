@@ -237,7 +237,7 @@ def test_model_that_cannot_run_on_the_input():
 def test_describe_names_modules_parameters_and_reasons():
     model, inputs = resnet()
     ir = PruningIR(model).infer_labels(*inputs)
-    text = str(ir)
+    text = ir.describe()
     assert "prunable groups" in text and "conv1.weight[0]" in text and "reaches the model output" in text
     assert text.count("\ngroup ") == len(ir.groups)
 
