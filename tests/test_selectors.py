@@ -381,3 +381,24 @@ def test_configurations_the_function_cannot_measure_are_avoided():
     labels = KnapsackLabelSelector(0.5 * full, picky, verbose=False).select(ir)
     assert sum(label.group is stem for label in labels) <= 4
     assert parameter_count(ir.prune(labels=labels).model) <= 0.5 * full
+
+
+def test_the_knapsack_warns_only_when_it_ran_out_of_iterations():
+    """Below the tolerance band after every iteration: the warning says so and names the limit; a run
+    that reaches the band (or keeps more score below it) says nothing."""
+    import warnings
+    ir = scored_ir("lenet")
+    example = ZOO["lenet"].example_inputs()
+    latency = bind(macs, *example)
+    original = latency(ir.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        KnapsackLabelSelector(0.5 * original, latency, verbose=False).select(ir)
+    assert not [w for w in caught if "KnapsackLabelSelector" in str(w.message)]
+    selector = KnapsackLabelSelector(0.5 * original, latency, max_iterations=1, tolerance=0.0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        selector.select(ir)
+    messages = [str(w.message) for w in caught if "KnapsackLabelSelector" in str(w.message)]
+    assert selector.latency < 0.5 * original   # tolerance 0: one iteration does not hit the target exactly
+    assert messages and "used all 1 iterations" in messages[0] and f"{selector.latency:.6g}" in messages[0]
