@@ -141,20 +141,21 @@ def _selector(args: argparse.Namespace, model: nn.Module, inputs: tuple):
     if args.round_to < 0:
         raise CommandLineError(f"--round-to must be a positive number of channels, got {args.round_to}")
     constraint = ChannelConstraint(step=args.round_to) if args.round_to else None
-    if args.selector == "knapsack":
+    selector = args.selector or ("knapsack" if args.target_macs is not None else "uniform")
+    if selector == "knapsack":
         if args.target_macs is None:
-            raise CommandLineError("--selector knapsack needs --target-macs F (the share of MACs to keep, in (0, 1))")
+            raise CommandLineError("--selector knapsack needs --macs F (the fraction of the MACs kept, in (0, 1))")
         try:
-            check_share("--target-macs (the share of the original MACs kept)", args.target_macs, "(0, 1)")
+            check_share("--macs (the fraction of the original MACs kept)", args.target_macs, "(0, 1)")
         except ValueError as error:
             raise CommandLineError(str(error)) from None
         return KnapsackLabelSelector(args.target_macs * macs(model, *inputs), bind(macs, *inputs),
                                      constraint=constraint, verbose=not args.quiet)
     if args.ratio is None:
-        raise CommandLineError(f"--selector {args.selector} needs --ratio R (the share of labels to remove)")
+        raise CommandLineError(f"--selector {selector} needs --ratio R (the share of labels removed)")
     if args.target_macs is not None:
-        raise CommandLineError("--target-macs goes with --selector knapsack; uniform and global take --ratio")
-    selector_type = UniformLabelSelector if args.selector == "uniform" else GlobalScoreLabelSelector
+        raise CommandLineError("--macs (a MACs budget) goes with --selector knapsack; uniform and global take --ratio")
+    selector_type = UniformLabelSelector if selector == "uniform" else GlobalScoreLabelSelector
     try:
         return selector_type(args.ratio, constraint=constraint)
     except (TypeError, ValueError) as error:
@@ -178,8 +179,8 @@ def prune_command(args: argparse.Namespace) -> None:
         (name, format_count(before[key]), format_count(after[key]), f"{after[key] / before[key]:.3f}")
         for name, key in (("parameters", "parameters"), ("MACs", "macs"))])
     report = [f"# pruning-ir prune {args.model}", "",
-              f"Criterion `{args.criterion}`, selector `{args.selector}` "
-              f"({f'ratio {args.ratio}' if args.ratio is not None else f'target {args.target_macs} of the MACs'})"
+              f"Criterion `{args.criterion}`, selector `{type(selector).__name__}` "
+              f"({f'{args.ratio} of the labels removed' if args.ratio is not None else f'{args.target_macs} of the MACs kept'})"
               f"{f', widths in multiples of {args.round_to}' if args.round_to else ''}; "
               f"inputs {', '.join(args.input_shape)} ({args.input_dtype}). {len(labels)} labels removed.", "",
               table, "", "## Channels per dependency group", "",
@@ -227,9 +228,13 @@ def parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="prune data-free and save the model in the safe format")
     _model_arguments(prune)
     prune.add_argument("--criterion", choices=sorted(CRITERIA), default="magnitude")
-    prune.add_argument("--selector", choices=("uniform", "global", "knapsack"), default="uniform")
-    prune.add_argument("--ratio", type=float, help="share of labels to remove (uniform, global)")
-    prune.add_argument("--target-macs", type=float, help="share of the MACs to keep (knapsack)")
+    prune.add_argument("--selector", choices=("uniform", "global", "knapsack"), default=None,
+                       help="default: knapsack with --macs, uniform with --ratio")
+    # the same words as pruning_ir.prune(): ratio= is a share removed, macs= a fraction kept
+    prune.add_argument("--ratio", type=float, help="share of labels removed from every group (uniform, global), "
+                       "as pruning_ir.prune(ratio=)")
+    prune.add_argument("--macs", "--target-macs", dest="target_macs", type=float,
+                       help="fraction of the original MACs kept (knapsack), as pruning_ir.prune(macs=)")
     prune.add_argument("--round-to", type=int, default=0, metavar="N", help="keep widths in multiples of N")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, metavar="DIR")

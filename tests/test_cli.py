@@ -102,13 +102,21 @@ def test_prune_uniform_writes_a_loadable_model_with_rounded_widths(models_dir, t
 def test_prune_knapsack_meets_the_macs_target(models_dir, tmp_path):
     out = tmp_path / "out"
     done = run_cli("prune", "cli_models:small_net", "--input-shape", "1,3,16,16", "--criterion", "random",
-                   "--selector", "knapsack", "--target-macs", "0.5", "--quiet", "--out", str(out), cwd=models_dir)
+                   "--macs", "0.5", "--quiet", "--out", str(out), cwd=models_dir)  # --macs: the knapsack
     assert done.returncode == 0, done.stderr
     example = torch.randn(1, 3, 16, 16)
     original = small_net(models_dir)
     pruned = load_pruned(small_net(models_dir), out / "pruned-model")
     assert macs(pruned, example) <= 0.5 * macs(original, example)
     assert macs(pruned, example) >= 0.4 * macs(original, example)
+    assert "0.5 of the MACs kept" in (out / "report.md").read_text()
+
+
+def test_target_macs_is_an_alias_of_macs(models_dir, tmp_path):
+    done = run_cli("prune", "cli_models:small_net", "--input-shape", "1,3,16,16", "--criterion", "random",
+                   "--selector", "knapsack", "--target-macs", "0.5", "--quiet", "--out", str(tmp_path / "o"),
+                   cwd=models_dir)
+    assert done.returncode == 0, done.stderr
 
 
 BAD_SPECS = {
@@ -123,7 +131,7 @@ BAD_SPECS = {
                              "failed on the example inputs"),
     "ratio out of range": (["prune", "cli_models:small_net", "--ratio", "1.5", "--out", "o"], "pruning_ratio"),
     "knapsack without target": (["prune", "cli_models:small_net", "--selector", "knapsack", "--out", "o"],
-                                "needs --target-macs"),
+                                "needs --macs"),
     "uniform without ratio": (["prune", "cli_models:small_net", "--out", "o"], "needs --ratio"),
 }
 
