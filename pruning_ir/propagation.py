@@ -42,6 +42,7 @@ def _check_layout(node: fx.Node, layout: Any, rule_name: str) -> None:
 def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
     """Run every node's channel rule in graph order and pin what reaches the model outputs."""
     state = PropagationState(model)
+    state.node_named = {node.name: node for node in traced.graph.nodes}  # sizes name the node they were read from
     for node in traced.graph.nodes:
         if node.op == "placeholder" or node.meta.get("external"):
             state.layouts[node] = TensorLayout.empty(len(node.meta["shape"]))

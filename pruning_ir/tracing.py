@@ -37,19 +37,56 @@ class ShapeInt(int):
     """An int read from a tensor's size, or computed from one.
 
     A size argument that is a ShapeInt follows the tensor after pruning; a plain int
-    in the same place was written in ``forward`` and stays what it was.
+    in the same place was written in ``forward`` and stays what it was. ``origin`` is
+    ``(node name, dim)`` when the int was read straight from a recorded tensor's size;
+    ``sources`` holds every such read it was computed from and ``attributes`` every module
+    attribute (:class:`AttributeInt`), so a rule can tell whose channels a size follows.
     """
+
+    def __new__(cls, value: int, origin: tuple[str, int] | None = None, sources: frozenset = frozenset(),
+                attributes: frozenset = frozenset()):
+        obj = super().__new__(cls, value)
+        obj.origin, obj.attributes = origin, attributes
+        obj.sources = sources | {origin} if origin is not None else sources
+        return obj
 
     def __reduce__(self):
         return (ShapeInt, (int(self),))
 
 
-def _shape_int_op(name: str):
+class AttributeInt(int):
+    """An int module attribute read during tracing: remembers which attribute it is.
+
+    While a model is traced, every plain int attribute of its modules is replaced by one
+    (and restored afterwards), so a size such as ``reshape(B, L, 3, self.n_heads, -1)`` is
+    known to be ``n_heads`` of that module whatever the attribute is called.
+    """
+
+    def __new__(cls, value: int, module_path: str, attribute: str):
+        obj = super().__new__(cls, value)
+        obj.module_path, obj.attribute = module_path, attribute
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+
+def _combined(result: Any, operands: tuple) -> Any:
+    """``result`` of int arithmetic on ``operands``: a ShapeInt (remembering what it was computed
+    from) when any operand was one, else a plain int."""
+    if type(result) is not int or not any(isinstance(o, ShapeInt) for o in operands):
+        return result
+    sources = frozenset().union(*(o.sources for o in operands if isinstance(o, ShapeInt)))
+    attributes = frozenset().union(*(o.attributes for o in operands if isinstance(o, ShapeInt)))
+    attributes |= {(o.module_path, o.attribute) for o in operands if isinstance(o, AttributeInt)}
+    return ShapeInt(result, None, sources, attributes)
+
+
+def _int_op(name: str):
     int_op = getattr(int, name)
 
     def op(self, *others):
-        result = int_op(self, *others)
-        return ShapeInt(result) if type(result) is int else result
+        return _combined(int_op(self, *others), (self,) + others)
 
     op.__name__ = name
     return op
@@ -57,7 +94,24 @@ def _shape_int_op(name: str):
 
 for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
               "__floordiv__", "__rfloordiv__", "__mod__", "__neg__", "__pos__", "__abs__"):
-    setattr(ShapeInt, _name, _shape_int_op(_name))
+    setattr(ShapeInt, _name, _int_op(_name))
+    setattr(AttributeInt, _name, _int_op(_name))
+
+
+@contextlib.contextmanager
+def attribute_ints(model: nn.Module):
+    """Replace every plain int attribute of every module by an :class:`AttributeInt` for the
+    duration; an attribute that forward reassigned keeps its new value."""
+    replaced = [(module, name, value, AttributeInt(value, path, name)) for path, module in model.named_modules()
+                for name, value in list(vars(module).items()) if type(value) is int]
+    for module, name, _, marked in replaced:
+        module.__dict__[name] = marked
+    try:
+        yield
+    finally:
+        for module, name, value, marked in replaced:
+            if module.__dict__.get(name) is marked:
+                module.__dict__[name] = value
 
 
 class LeafModule:
@@ -247,7 +301,8 @@ class Recorder(TorchFunctionMode):
         if self.leaf_depth:
             return result
         if name == "size":
-            return self.shape_ints(result)
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return self.shape_ints(result, args[0] if args else None, dim)
         if name in ESCAPES:
             self.record(func, args, kwargs, None)
         elif name == "__setitem__":
@@ -262,17 +317,29 @@ class Recorder(TorchFunctionMode):
         if self.leaf_depth or attribute in _METADATA_GETTERS:
             return result
         if attribute == "shape":
-            return self.shape_ints(result)
+            return self.shape_ints(result, args[0] if args else None)
         if attribute in _TENSOR_GETTERS and isinstance(result, torch.Tensor):
             node = self.graph.call_function(getattr, (self.node_of(args[0]), attribute))
             self.bind_outputs(result, node)
         return result
 
-    @staticmethod
-    def shape_ints(result):
+    def shape_ints(self, result, tensor=None, dim=None):
+        """Sizes as :class:`ShapeInt`, each remembering the tensor dimension it was read from."""
+        name = self._known_node_name(tensor) if isinstance(tensor, torch.Tensor) else None
         if isinstance(result, torch.Size):
-            return torch.Size(ShapeInt(s) for s in result)
-        return ShapeInt(result) if isinstance(result, int) else result
+            return torch.Size(ShapeInt(s, None if name is None else (name, d)) for d, s in enumerate(result))
+        if isinstance(result, int):
+            known = name is not None and isinstance(dim, int) and tensor.dim() > 0
+            return ShapeInt(result, (name, dim % tensor.dim()) if known else None)
+        return result
+
+    def _known_node_name(self, tensor) -> str | None:
+        """The name of the node already recorded for ``tensor`` (None: not recorded; no node is made)."""
+        name = self.parameter_names.get(id(tensor)) or self.buffer_names.get(id(tensor))
+        node = self.attribute_nodes.get(name) if name is not None else None
+        entry = self.tensor_nodes.get(id(tensor)) if name is None else None
+        node = entry[1] if entry is not None and entry[0]() is tensor else node
+        return None if node is None else node.name
 
     def record(self, func, args, kwargs, result) -> None:
         node_args = self.map_arguments(tuple(args))
@@ -364,7 +431,7 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPo
     recorder = Recorder(model, leaf_policy, strict)
     with kept_training_flags(model):
         model.eval()
-        with torch.no_grad(), recording(model, recorder, args, kwargs):
+        with torch.no_grad(), attribute_ints(model), recording(model, recorder, args, kwargs):
             try:
                 output = model(*args, **kwargs)
             except TracingError:

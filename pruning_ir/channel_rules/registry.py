@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels import AttributeBinding, TensorLayout
-from ..tracing import ShapeInt
+from ..tracing import AttributeInt, ShapeInt
 
 if TYPE_CHECKING:
     from ..propagation_state import PropagationState
@@ -213,11 +213,20 @@ class RuleContext:
             AttributeBinding(module_path, attribute, np.asarray(atoms, dtype=np.int64), divisor, tuple_index))
 
     def size_kind(self, value: Any) -> str:
-        """``free``: -1 or read from a tensor; ``attribute``: a literal equal to a known size
-        attribute of an enclosing module; ``literal``: hard-coded in forward()."""
+        """``free``: -1 or read from a tensor; ``attribute``: a module attribute (traced as one,
+        or a literal equal to a known size attribute of an enclosing module); ``literal``:
+        hard-coded in forward()."""
         if value is None or isinstance(value, (ShapeInt, fx.Node)) or value == -1:
             return "free"
+        if isinstance(value, AttributeInt) and value.module_path in self.state.modules:
+            return "attribute"
         return "attribute" if self._size_attributes(value) else "literal"
+
+    def size_rank(self, value: Any) -> int:
+        """How surely a size follows pruning: 0 free or a traced module attribute, 1 a literal
+        equal to a known attribute, 2 a literal."""
+        kind = self.size_kind(value)
+        return 0 if kind == "free" or isinstance(value, AttributeInt) else {"attribute": 1, "literal": 2}[kind]
 
     def _size_attributes(self, value: int) -> tuple[str, list[str]] | None:
         """The innermost enclosing module with size attributes equal to ``value``, and those
@@ -236,10 +245,36 @@ class RuleContext:
                     self.bind_attribute(path, attribute, atoms)
                     return
 
+    def source_atoms(self, value: Any) -> list[tuple[str, int, np.ndarray | None]]:
+        """For a size computed from tensor sizes: (node, dim, atoms) of every dimension it was read from."""
+        if not isinstance(value, ShapeInt):
+            return []
+        nodes = getattr(self.state, "node_named", {})
+        found = []
+        for name, dim in value.sources:
+            node = nodes.get(name)
+            layout = self.state.layout_of(node) if node is not None else None
+            found.append((name, dim, None if layout is None else layout.dims[dim]))
+        return found
+
+    def size_is_fixed(self, value: Any) -> bool:
+        """Whether a size stays what it is after pruning: a literal, an unbound attribute,
+        or computed only from tensor dimensions that carry no channels."""
+        if not isinstance(value, ShapeInt):
+            return True
+        return not value.attributes and all(atoms is None for _, _, atoms in self.source_atoms(value))
+
+    def pin_size_sources(self, value: Any, reason: str) -> None:
+        """Pin the channels of every tensor dimension a size was read from."""
+        for name, dim, atoms in self.source_atoms(value):
+            self.pin(atoms, f"{reason} (its size is read from {name} dim {dim})")
+
     def size_follows(self, value: Any, atoms: np.ndarray | None, what: str, heads: bool = False) -> bool:
         """Whether a size argument on a channel dimension follows pruning.
 
-        A free size follows; an attribute-bound literal is bound to the attribute (prune()
+        A free size follows; read straight from another tensor's dimension, it ties that
+        dimension's channels to these position by position (both keep the same count), or
+        pins these when that dimension carries none. A module attribute is bound (prune()
         updates it); any other literal is hard-coded, and the dimension's channels are pinned.
         ``heads``: the dimension counts heads, so a head-count attribute is preferred when
         several attributes hold the same value (``num_heads == head_dim == 4``).
@@ -247,7 +282,16 @@ class RuleContext:
         if atoms is None:
             return True
         kind = self.size_kind(value)
-        if kind == "attribute":
+        if isinstance(value, ShapeInt) and value.origin is not None:
+            (name, dim, source), = self.source_atoms(ShapeInt(value, value.origin))
+            if source is None:
+                self.pin(atoms, f"{what} is read from {name} dim {dim}, which does not follow these channels")
+                return False
+            if len(source) == len(atoms):
+                self.union(atoms, source)
+        elif isinstance(value, AttributeInt) and kind == "attribute":
+            self.bind_attribute(value.module_path, value.attribute, atoms)
+        elif kind == "attribute":
             path, names = self._size_attributes(value)
             preferred = [n for n in names if (n in HEAD_COUNT_ATTRIBUTES) == heads]
             for name in preferred or names:

@@ -46,10 +46,12 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
 
     Input dims merged into one output dim broadcast their atoms over it. An input dim split
     into several output dims must stay a product set after pruning, so its atoms are
-    unioned along all split dims but one (the carrier): the one whose size follows pruning
-    (``-1`` or read from a tensor) is preferred, then one bound to a module attribute, then
-    the outermost. ``view(B, T, -1, head_dim)`` so removes whole heads and
-    ``view(b, g, c // g, h, w)`` (channel shuffle) the same channel of every group.
+    unioned along all split dims but one (the carrier): the outermost whose size follows pruning
+    (``-1``, read from a tensor, or a module attribute) is preferred, then one equal to a known
+    attribute name, then the outermost. ``view(B, T, -1, head_dim)`` and ``view(B, T, self.heads,
+    -1)`` so remove whole heads (q, k and v alike, whatever the head count and size), and
+    ``view(b, g, c // g, h, w)`` (channel shuffle, ``g`` literal) the same channel of every group.
+    The other split dims must keep their size: one computed from channel counts pins.
     """
     out_dims: list = [None] * len(out_shape)
     split_carriers: set[int] = set()
@@ -74,14 +76,18 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
         block = flat.reshape([out_shape[d] for d in chunk_out])
         axis = _lossless_axis(block)
         if axis is None:
-            preference = {"free": 0, "attribute": 1, "literal": 2}
-            kinds = [preference[ctx.size_kind(size_arguments[d])] if size_arguments else 0 for d in chunk_out]
-            axis = min(range(len(chunk_out)), key=lambda a: (kinds[a], a))
+            ranks = [ctx.size_rank(size_arguments[d]) if size_arguments else 0 for d in chunk_out]
+            axis = min(range(len(chunk_out)), key=lambda a: (ranks[a], a))
             moved = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)
             ctx.union(moved[:, :-1].ravel(), moved[:, 1:].ravel())
             split_carriers.add(chunk_out[axis])
-            if kinds[axis] == 0:
+            if ctx.size_kind(size_arguments[chunk_out[axis]] if size_arguments else -1) == "free":
                 ctx.bind_head_count(block.shape[axis], moved[:, 0])
+            for d in chunk_out:
+                if d != chunk_out[axis] and size_arguments and not ctx.size_is_fixed(size_arguments[d]):
+                    reason = f"the size of output dim {d} must not change, but is computed from channel counts"
+                    ctx.pin(moved[:, 0], reason)
+                    ctx.pin_size_sources(size_arguments[d], reason)
         atoms = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)[:, 0].copy()
         if (atoms == PINNED).all():
             continue
