@@ -13,11 +13,11 @@ from .errors import (InvalidLabelsError, LabelsNotInferredError, LatencyFunction
 from .gradual import GradualPruner
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
-from .latency import bind, macs, measure_latency, parameter_count
+from .latency import TableLatency, bind, macs, measure_latency, parameter_count
 from .one_call import PruneReport, prune
 from .rounds import prune_in_rounds
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
-                        KnapsackLabelSelector, LabelSelector, UniformLabelSelector)
+                        KnapsackLabelSelector, LabelSelector, LatencyTable, UniformLabelSelector)
 from .huggingface import expressible, load_pretrained_pruned, save_pretrained_pruned, sync_config
 from .saving import load_pruned, save_pruned
 from .tracing import LeafModule
@@ -28,6 +28,7 @@ __all__ = [
     "Criterion", "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion", "measure_removal_costs",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
+    "TableLatency", "LatencyTable",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
     "sync_config", "expressible", "save_pretrained_pruned", "load_pretrained_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",

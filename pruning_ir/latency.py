@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import LatencyMeasurementError
 from .modes import kept_training_flags
 
-__all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "bind", "BoundLatency"]
+__all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "bind", "BoundLatency",
+           "TableLatency"]
 
 
 @contextlib.contextmanager
@@ -89,18 +91,80 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_STATISTICS = {"median": statistics.median, "min": min}
+def _trimmed_mean(times: list[float]) -> float:
+    """Mean of the central half of the runs: drops the slow outliers other processes cause
+    and the rare fast one, and averages the rest (steadier than one order statistic)."""
+    ordered = sorted(times)
+    quarter = len(ordered) // 4
+    middle = ordered[quarter:len(ordered) - quarter] or ordered
+    return sum(middle) / len(middle)
+
+
+_STATISTICS = {"median": statistics.median, "min": min, "trimmed": _trimmed_mean}
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (None: leave the setting), restoring it after: a
+    timing depends on the thread count, so a table or a comparison must fix it."""
+    if threads is None:
+        yield
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No garbage collection inside the timed runs (a collection pause is not the model's time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _timed_runs(model: nn.Module, inputs: tuple, kwargs: dict, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs: CUDA events on a GPU (the device's own clock, after
+    a synchronization so queued work is not counted), ``perf_counter`` on a CPU."""
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            _synchronize(device)
+            start.record()
+            _run(model, inputs, kwargs)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1000.0)
+        return times
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _run(model, inputs, kwargs)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device = "cpu", warmup: int = 5,
-                    repeats: int = 20, statistic: str = "median", **kwargs: Any) -> float:
+                    repeats: int = 20, statistic: str = "median", threads: int | None = None,
+                    **kwargs: Any) -> float:
     """Median wall time in seconds of one forward pass on ``inputs`` (eval mode, no gradients).
 
     ``warmup`` untimed runs come first (allocator, caches, lazy kernels), then ``repeats``
-    timed ones, synchronizing CUDA around each; the median resists outliers from other
-    processes. ``statistic="min"`` takes the fastest run instead: noise from a shared or
-    virtual machine only ever adds time, so the minimum is the steadier estimate there.
-    A model on another device is measured on a copy, so the caller's stays put.
+    timed ones (CUDA events after a synchronization on a GPU; garbage collection off); the
+    median resists outliers from other processes. ``statistic="min"`` takes the fastest run:
+    noise from a shared or virtual machine only ever adds time, so the minimum is the steadier
+    estimate there; ``"trimmed"`` averages the central half. ``threads`` pins torch's intra-op
+    thread count for the measurement (restored after). A model on another device is measured
+    on a copy, so the caller's stays put.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"measure_latency needs warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
@@ -116,16 +180,12 @@ def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device =
     if any(t.device != device for t in tensors):
         model = copy.deepcopy(model).to(device)
     inputs, kwargs = to_device(inputs, device), to_device(kwargs, device)
-    times = []
-    with _eval_mode(model):
+    with _eval_mode(model), pinned_threads(threads):
         for _ in range(warmup):
             _run(model, inputs, kwargs)
-        for _ in range(repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            _run(model, inputs, kwargs)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
+        _synchronize(device)
+        with _no_gc():
+            times = _timed_runs(model, inputs, kwargs, device, repeats)
     return _STATISTICS[statistic](times)
 
 
@@ -149,3 +209,26 @@ class BoundLatency:
 def bind(function: Callable[..., float], *inputs: Any, **kwargs: Any) -> BoundLatency:
     """Fix the example inputs (and options) of a cost, giving a ``latency_calculation_function``."""
     return BoundLatency(function, *inputs, **kwargs)
+
+
+class TableLatency(BoundLatency):
+    """``measure_latency`` on fixed inputs that also tells a selector how to build a latency table.
+
+    Called on a model it measures it like ``bind(measure_latency, *inputs, ...)``;
+    ``KnapsackLabelSelector`` recognises it and solves a multiple-choice knapsack over a
+    per-group latency table (``pruning_ir.selectors.latency_table.LatencyTable``) built from
+    the same inputs, device, dtype and threads, checking each choice on the real model.
+    ``op_warmup``/``op_repeats``: the timing of each isolated op in the table; ``cache_path``:
+    a JSON file the table's op timings persist in (keyed by machine).
+    """
+
+    def __init__(self, *inputs: Any, device: str | torch.device = "cpu", warmup: int = 3, repeats: int = 10,
+                 statistic: str = "min", threads: int | None = None, op_warmup: int = 2, op_repeats: int = 5,
+                 cache_path: str | None = None, grid_points: int = 12, **kwargs: Any):
+        super().__init__(measure_latency, *inputs, device=device, warmup=warmup, repeats=repeats,
+                         statistic=statistic, threads=threads, **kwargs)
+        self.table_options = {"device": device, "threads": threads, "warmup": op_warmup, "repeats": op_repeats,
+                              "statistic": statistic, "cache_path": cache_path, "grid_points": grid_points}
+
+    def __repr__(self) -> str:
+        return "TableLatency" + super().__repr__()[len("bind(measure_latency"):].replace(", ", "(", 1)

@@ -23,9 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LatencyMeasurementError
+from ..latency import TableLatency
 from .base import LabelSelector
 from .binary_search import check_reachable, shortest_feasible_prefix
 from .constraint import ChannelConstraint
+from .latency_table import LatencyTable
+from .multiple_choice import select_with_table
 from .oracle import LatencyOracle, check_function, check_target
 from .plan import SelectionPlan
 from .solver import Linearization, solve_knapsack
@@ -59,6 +62,10 @@ class KnapsackLabelSelector(LabelSelector):
     ``latency`` (measured latency of the returned selection). The kept score is a sum over
     groups, so scores must be comparable across groups: ``normalize`` as in
     :class:`LabelSelector` (LossAwareCriterion scores: raw, with its default joint scores).
+    With ``latency_table=`` a :class:`LatencyTable` (or a ``pruning_ir.latency.TableLatency`` as
+    the function), each iteration solves a multiple-choice knapsack over per-group latency
+    tables instead of measuring linearizations (``multiple_choice.py``); the function still
+    measures each solution on the real model.
     """
 
     CORRECTIONS_PER_ESTIMATE = 2   # budget corrections on one linearization before measuring a new one
@@ -68,7 +75,8 @@ class KnapsackLabelSelector(LabelSelector):
                  strict_label_order: bool = True, channels_constraint: ChannelConstraint | None = None,
                  max_iterations: int = 15, solver_execution_time_limit: float = 60, verbose: bool = True, *,
                  max_relative_latency_step: float = 0.5, constraint: ChannelConstraint | None = None,
-                 tolerance: float = 0.02, chunk_fraction: float = 0.5, normalize: str | None = None):
+                 tolerance: float = 0.02, chunk_fraction: float = 0.5, normalize: str | None = None,
+                 latency_table: LatencyTable | None = None):
         if channels_constraint is not None and constraint is not None and channels_constraint != constraint:
             raise ValueError("pass the channel constraint once: channels_constraint= and constraint= are one argument")
         super().__init__(channels_constraint if channels_constraint is not None else constraint, normalize)
@@ -92,6 +100,12 @@ class KnapsackLabelSelector(LabelSelector):
         self.latency_calls = 0
         self._latency_cache: dict = {}  # IR token -> counts -> latency (LatencyOracle)
         self.latency: float | None = None
+        if latency_table is not None and not isinstance(latency_table, LatencyTable):
+            raise TypeError(f"latency_table must be a LatencyTable, got {type(latency_table).__name__}")
+        # a table (given, or described by a TableLatency function): multiple-choice knapsack
+        self.latency_table = latency_table
+        if latency_table is None and isinstance(latency_calculation_function, TableLatency):
+            self.latency_table = LatencyTable.from_function(latency_calculation_function, verbose=self.verbose)
 
     @property
     def channels_constraint(self) -> ChannelConstraint:
@@ -102,7 +116,10 @@ class KnapsackLabelSelector(LabelSelector):
         oracle = LatencyOracle(plan, self.latency_calculation_function, self._latency_cache)
         self.history = []
         try:
-            counts, self.latency = self._iterate(plan, oracle)
+            if self.latency_table is not None:
+                counts, self.latency = select_with_table(self, plan, oracle, self.latency_table)
+            else:
+                counts, self.latency = self._iterate(plan, oracle)
         finally:
             self.latency_calls = oracle.calls
         if self.verbose:

@@ -1,0 +1,195 @@
+"""Latency budgets from a latency table: a multiple-choice knapsack (HALP/SMCP-style).
+
+Each group picks one kept count from a grid (``AddExactlyOne`` over its choice booleans). The
+value of a choice is the score the group keeps (labels leave in ascending score order, so it
+is a suffix sum of the sorted scores); its weight is the table's time of the ops the group
+touches at that count, other groups at their current widths. CP-SAT keeps the most value with
+the total weight within the budget. The table predicts isolated op times, not the model's, so
+each solution is measured on the real model; the budget is then corrected from the
+measured/predicted pairs seen so far (interpolating between the two that bracket the aim, else
+their ratio), the rows are re-estimated around the new widths, and the loop repeats until the
+measured latency lies within the tolerance below the target or ``max_iterations`` is spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from ortools.sat.python import cp_model
+from tqdm.auto import tqdm
+
+from ..errors import LatencyMeasurementError
+from .binary_search import check_reachable
+from .latency_table import GroupTable, LatencyTable
+from .oracle import LatencyOracle
+from .plan import SelectionPlan
+
+if TYPE_CHECKING:
+    from .knapsack import KnapsackLabelSelector
+
+__all__ = ["solve_multiple_choice", "select_with_table"]
+
+_WEIGHT_UNITS = 100_000_000     # weight resolution: 1e-8 of the unpruned model's predicted latency
+_SCORE_UNITS = 1_000_000         # value resolution: 1e-6 of the total |score|
+_MAX_REPEATS = 3                 # budget nudges after a selection comes back, before giving up
+_INNER_ROUNDS = 3                # re-solves on re-estimated rows before measuring the real model
+
+
+def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Sequence[int]], capacity: int, *,
+                          at_least_one_of: Sequence[Sequence[tuple[int, int]]] = (), time_limit: float = 60.0,
+                          relative_gap: float = 0.0, prefer_heavier: bool = True) -> list[int] | None:
+    """One choice per group maximizing the total value with the total weight <= ``capacity``.
+
+    ``values[g][j]``/``weights[g][j]``: integers of choice ``j`` of group ``g``.
+    ``at_least_one_of``: lists of (group, choice) pairs, at least one of each list chosen (a
+    tensor that must keep a channel). ``prefer_heavier`` breaks ties in value towards more
+    weight (closer to the budget: equal or zero scores still give a usable selection). One
+    worker and a fixed seed keep it deterministic. Returns the chosen index per group, or
+    None if no choice fits (or none was found in ``time_limit`` seconds).
+    """
+    if len(values) != len(weights) or any(len(v) != len(w) or not len(v) for v, w in zip(values, weights)):
+        raise ValueError("values and weights need the same, non-empty, number of choices per group")
+    model = cp_model.CpModel()
+    choices = []
+    for g, row in enumerate(values):
+        row_vars = [model.new_bool_var(f"g{g}_c{j}") for j in range(len(row))]
+        model.add_exactly_one(row_vars)
+        choices.append(row_vars)
+    total_weight = sum(int(w) * x for row, ws in zip(choices, weights) for x, w in zip(row, ws))
+    model.add(total_weight <= int(capacity))
+    for pairs in at_least_one_of:
+        model.add_bool_or([choices[g][j] for g, j in pairs])
+    value = sum(int(v) * x for row, vs in zip(choices, values) for x, v in zip(row, vs))
+    if prefer_heavier:
+        spread = sum(int(max(ws)) - int(min(ws)) for ws in weights) + 1
+        model.maximize(value * spread + total_weight)
+    else:
+        model.maximize(value)
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.random_seed = 0
+    solver.parameters.max_time_in_seconds = float(time_limit)
+    solver.parameters.relative_gap_limit = float(relative_gap)
+    status = solver.solve(model)
+    if status == cp_model.MODEL_INVALID:
+        raise ValueError(f"invalid multiple-choice knapsack: {model.validate()}")
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return [next(j for j, x in enumerate(row) if solver.boolean_value(x)) for row in choices]
+
+
+def _cover_constraints(plan: SelectionPlan, grids: list[np.ndarray]) -> list[list[tuple[int, int]]]:
+    """Tensors made of several groups' labels keep one: some member group keeps its label."""
+    constraints = []
+    for members in plan.cover_sets:
+        pairs = []
+        for gi in sorted({gi for gi, _ in members}):
+            limit = max(rank for g, rank in members if g == gi)
+            pairs += [(gi, j) for j, count in enumerate(grids[gi]) if count <= limit]
+        constraints.append(pairs)
+    return constraints
+
+
+def _predicted_budget(aim: float, points: list[tuple[float, float]]) -> float:
+    """The table prediction to ask for so that the measured latency lands on ``aim``.
+
+    From (predicted, measured) pairs: linear interpolation between the nearest pair measured
+    above and below the aim, else the measured/predicted ratio of the nearest one.
+    """
+    below = [p for p in points if p[1] <= aim]
+    above = [p for p in points if p[1] > aim]
+    if below and above:
+        (p0, m0), (p1, m1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+        if m1 > m0:
+            return p0 + (aim - m0) * (p1 - p0) / (m1 - m0)
+    predicted, measured = min(points, key=lambda p: abs(p[1] - aim))
+    return predicted * aim / measured
+
+
+def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, budget: float, scale: float,
+                  time_limit: float) -> np.ndarray | None:
+    """Counts keeping the most score with the table's separable estimate around ``center`` <= ``budget``."""
+    grids = [bound.grid(gi, int(center[gi])) for gi in range(len(plan.groups))]
+    rows = bound.rows(center, grids)
+    here = [int(np.flatnonzero(grid == center[gi])[0]) for gi, grid in enumerate(grids)]
+    fixed = bound.predict(center) - sum(row[j] for row, j in zip(rows, here))
+    total = sum(float(np.abs(g.scores).sum()) for g in plan.groups) or 1.0
+    values = [[round(g.kept_score(int(c)) * _SCORE_UNITS / total) for c in grid] for g, grid in zip(plan.groups, grids)]
+    weights = [[round(t * scale) for t in row] for row in rows]
+    capacity = int(np.floor((budget - fixed) * scale))
+    chosen = solve_multiple_choice(values, weights, capacity, at_least_one_of=_cover_constraints(plan, grids),
+                                   time_limit=time_limit, relative_gap=1e-4)
+    if chosen is None:
+        return None
+    return np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64)
+
+
+def select_with_table(selector: "KnapsackLabelSelector", plan: SelectionPlan, oracle: LatencyOracle,
+                      table: LatencyTable) -> tuple[np.ndarray, float]:
+    """The iteration of :class:`KnapsackLabelSelector` on a latency table: (counts, measured latency)."""
+    from .knapsack import KnapsackIteration
+
+    target, tolerance = selector.target_latency, selector.tolerance
+    aim = target * (1 - tolerance / 2)
+    base = plan.base_counts()
+    reference = oracle(base)
+    if target >= reference:
+        return base, reference
+    lowest_latency = check_reachable(oracle, plan, target)
+    bound = table.bind(plan)
+    points = [(bound.predict(base), reference)]
+    scale = _WEIGHT_UNITS / max(points[0][0], 1e-30)   # integer weights, whatever the table's unit
+    feasible, closest = [], None
+    if lowest_latency is not None:
+        lowest = plan.max_counts()
+        feasible.append((plan.kept_score(lowest), lowest_latency, lowest))
+        points.append((bound.predict(lowest), lowest_latency))
+    say = tqdm.write if selector.verbose else (lambda line: None)
+    say(f"latency {reference:.6g} -> target {target:.6g}; latency table over {len(bound.ops)} ops")
+    current, seen, nudge, repeats, converged = base, set(), 1.0, 0, False
+    for iteration in range(1, selector.max_iterations + 1):
+        budget = _predicted_budget(aim, points) * nudge
+        center, counts = current, None
+        for _ in range(_INNER_ROUNDS):   # re-estimate the rows around the solution until the table agrees
+            solved = _solve_around(plan, bound, center, budget, scale, selector.solver_execution_time_limit)
+            if solved is None:
+                break
+            counts = solved
+            if abs(bound.predict(counts) - budget) <= tolerance / 4 * budget or np.array_equal(counts, center):
+                break
+            center = counts
+        if counts is None:
+            counts = plan.max_counts()
+        predicted = bound.predict(counts)
+        try:
+            measured = oracle(counts)
+        except LatencyMeasurementError:
+            measured = None
+        record = KnapsackIteration(iteration, aim, predicted * aim / budget * nudge, measured,
+                                   plan.kept_score(counts), int(counts.sum()), oracle.calls)
+        selector.history.append(record)
+        say(selector._describe(record, plan))
+        key = counts.tobytes()
+        if measured is None:
+            nudge *= 1.02   # cannot measure it: ask for a little less pruning
+            continue
+        if measured <= target:
+            feasible.append((record.kept_score, measured, counts))
+        elif closest is None or measured < closest[0]:
+            closest = (measured, counts)
+        if target * (1 - tolerance) <= measured <= target:
+            break
+        if key in seen:   # the corrected budget gave a measured selection back: push it past, a few times
+            repeats += 1
+            nudge *= 0.98 ** repeats if measured > target else 1.02 ** repeats
+            if repeats > _MAX_REPEATS:
+                converged = True   # the grid offers nothing between the selections measured around the aim
+                break
+        else:
+            points.append((predicted, measured))
+        seen.add(key)
+        current = counts
+    table.save()
+    return selector._best(plan, oracle, feasible, closest, converged)
