@@ -6,7 +6,12 @@ tensors) and builds it into a :class:`RandomNet` that runs on a 2x3x8x8 input. O
 * ``conv``  - Conv(k in {1, 3}, stride 1/2, dense / grouped / depthwise) -> BN -> activation
 * ``add``   - residual add of two tensors with the same shape
 * ``cat``   - ``torch.cat`` of two tensors along channels
-* ``split`` - ``torch.split`` / ``Tensor.chunk`` along channels, keeping one or both parts
+* ``split`` - ``torch.split`` / ``Tensor.chunk`` / ``x[:, :k]`` along channels (balanced or not),
+  keeping one or both parts
+* ``self``  - one conv applied to its own output (``conv(conv(x))``, the same module twice)
+* ``attn``  - hand-written multi-head attention over the pixels as tokens, in every head layout of
+  ``reference_patterns.HandAttention``, back to an image with sizes read from the input
+* ``mix``   - token mixing through transposes: a Linear over the pixel positions
 
 Every tensor that no later op consumes (a leaf) feeds the head: pool (or not) -> flatten ->
 concatenate -> ``nn.Linear``, so no op is dead code. The spec's ``repr`` is the program itself.
@@ -23,11 +28,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 try:  # tests/ is on sys.path
+    from reference_patterns import ATTENTION_LAYOUTS, HandAttention
     from zoo import ConvBNAct, image_input, seeded_build
 except ImportError:  # imported as ``tests.random_arch``
+    from .reference_patterns import ATTENTION_LAYOUTS, HandAttention
     from .zoo import ConvBNAct, image_input, seeded_build
 
-__all__ = ["ArchSpec", "Conv", "Add", "Cat", "Split", "Head", "RandomNet", "build", "arch_specs",
+__all__ = ["ArchSpec", "Conv", "Add", "Cat", "Split", "SelfApply", "Attend", "TokenMix", "Head", "RandomNet", "build", "arch_specs",
            "random_architectures", "example_input", "INPUT_SHAPE"]
 
 INPUT_SHAPE = (2, 3, 8, 8)
@@ -114,8 +121,8 @@ class Cat:
 class Split:
     """Two-way channel split of ``src`` into ``sizes``; ``use`` keeps the first, second or both parts.
 
-    ``mode`` is ``chunk`` (``src.chunk(2, dim=1)``), ``list`` (``torch.split(src, [s0, s1], dim=1)``)
-    or ``int`` (``torch.split(src, s0, dim=1)``, with ``s0 >= s1``). Kept parts are named ``name``
+    ``mode`` is ``chunk`` (``src.chunk(2, dim=1)``), ``list`` (``torch.split(src, [s0, s1], dim=1)``),
+    ``int`` (``torch.split(src, s0, dim=1)``, with ``s0 >= s1``) or ``slice`` (``src[:, :s0]``, ``src[:, s0:]``). Kept parts are named ``name``
     (one part) or ``name + "a"`` / ``name + "b"`` (both).
     """
 
@@ -146,17 +153,80 @@ class Split:
             return x.chunk(2, dim=1)
         if self.mode == "list":
             return torch.split(x, list(self.sizes), dim=1)
+        if self.mode == "slice":
+            return x[:, :self.sizes[0]], x[:, self.sizes[0]:]
         return torch.split(x, self.sizes[0], dim=1)
 
     def __str__(self) -> str:
         call = {"chunk": f"{self.src}.chunk(2, dim=1)",
                 "list": f"torch.split({self.src}, {list(self.sizes)}, dim=1)",
-                "int": f"torch.split({self.src}, {self.sizes[0]}, dim=1)"}[self.mode]
+                "int": f"torch.split({self.src}, {self.sizes[0]}, dim=1)",
+                "slice": f"{self.src}[:, :{self.sizes[0]}], {self.src}[:, {self.sizes[0]}:]"}[self.mode]
         targets = {"first": f"{self.name}, _", "second": f"_, {self.name}", "both": ", ".join(self.outputs)}[self.use]
         return f"{targets} = {call}"
 
 
-Op = Conv | Add | Cat | Split
+@dataclass(frozen=True)
+class SelfApply:
+    """``name = conv(conv(src))``: one 3x3 conv (channels -> channels) applied to its own output."""
+
+    name: str
+    src: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def out_shapes(self, shapes: Shapes) -> Shapes:
+        return {self.name: shapes[self.src]}
+
+    def __str__(self) -> str:
+        return f"{self.name} = conv(conv({self.src}))  # the same module twice"
+
+
+@dataclass(frozen=True)
+class Attend:
+    """``name = [src +] image(attn(tokens(src)))``: pixels as tokens, ``HandAttention`` in ``layout``."""
+
+    name: str
+    src: str
+    heads: int
+    head_dim: int
+    layout: str
+    residual: bool
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def out_shapes(self, shapes: Shapes) -> Shapes:
+        return {self.name: shapes[self.src]}
+
+    def __str__(self) -> str:
+        call = f"attn_{self.layout}(heads={self.heads}, head_dim={self.head_dim})({self.src})"
+        return f"{self.name} = {self.src + ' + ' if self.residual else ''}{call}"
+
+
+@dataclass(frozen=True)
+class TokenMix:
+    """``name = mix(src.flatten(2).transpose(1, 2).transpose(1, 2)).transpose(1, 2)...``: a Linear
+    over the pixel positions, reached and left through transposes."""
+
+    name: str
+    src: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def out_shapes(self, shapes: Shapes) -> Shapes:
+        return {self.name: shapes[self.src]}
+
+    def __str__(self) -> str:
+        return f"{self.name} = token_mix({self.src})"
+
+
+Op = Conv | Add | Cat | Split | SelfApply | Attend | TokenMix
 
 
 @dataclass(frozen=True)
@@ -240,6 +310,12 @@ class RandomNet(nn.Module):
             op.name: ConvBNAct(shapes[op.src][0], op.out_channels, op.kernel, op.stride, op.groups, ACTIVATIONS[op.act])
             for op in spec.ops if isinstance(op, Conv)
         })
+        self.selfs = nn.ModuleDict({op.name: ConvBNAct(shapes[op.src][0], shapes[op.src][0], 3, 1, 1, nn.ReLU)
+                                    for op in spec.ops if isinstance(op, SelfApply)})
+        self.attns = nn.ModuleDict({op.name: HandAttention(shapes[op.src][0], op.heads, op.head_dim, op.layout)
+                                    for op in spec.ops if isinstance(op, Attend)})
+        self.mixes = nn.ModuleDict({op.name: nn.Linear(shapes[op.src][1] ** 2, shapes[op.src][1] ** 2)
+                                    for op in spec.ops if isinstance(op, TokenMix)})
         self.leaves = spec.leaves()
         self.fc = nn.Linear(sum(spec.head.features(shapes[name]) for name in self.leaves), NUM_CLASSES)
 
@@ -252,6 +328,18 @@ class RandomNet(nn.Module):
                 env[op.name] = env[op.a] + env[op.b]
             elif isinstance(op, Cat):
                 env[op.name] = torch.cat([env[op.a], env[op.b]], dim=1)
+            elif isinstance(op, SelfApply):
+                env[op.name] = self.selfs[op.name](self.selfs[op.name](env[op.src]))
+            elif isinstance(op, Attend):
+                x = env[op.src]
+                B, C, H, W = x.shape
+                y = self.attns[op.name](x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
+                env[op.name] = (x + y if op.residual else y).contiguous()
+            elif isinstance(op, TokenMix):
+                x = env[op.src]
+                tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+                mixed = self.mixes[op.name](tokens.transpose(1, 2)).transpose(1, 2)
+                env[op.name] = mixed.transpose(1, 2).reshape(x.shape).contiguous()
             else:
                 first, second = op.call(env[op.src])  # explicit unpacking keeps torch.fx tracing happy
                 env.update(zip(op.outputs, op.keep((first, second))))
@@ -307,6 +395,23 @@ def _conv(draw: st.DrawFn, name: str, shapes: Shapes, dense_only: bool = False) 
     )
 
 
+@st.composite
+def _self_apply(draw: st.DrawFn, name: str, shapes: Shapes) -> SelfApply:
+    return SelfApply(name, draw(st.sampled_from(_recent_first(shapes))))
+
+
+@st.composite
+def _attend(draw: st.DrawFn, name: str, shapes: Shapes) -> Attend:
+    return Attend(name, draw(st.sampled_from(_recent_first(shapes))), heads=draw(st.sampled_from([1, 2, 3, 4])),
+                  head_dim=draw(st.sampled_from([1, 2, 3, 4])), layout=draw(st.sampled_from(ATTENTION_LAYOUTS)),
+                  residual=draw(st.booleans()))
+
+
+@st.composite
+def _token_mix(draw: st.DrawFn, name: str, shapes: Shapes) -> TokenMix:
+    return TokenMix(name, draw(st.sampled_from(_recent_first(shapes))))
+
+
 def _pairs(shapes: Shapes, same_channels: bool) -> list[tuple[str, str]]:
     names = _recent_first(shapes)
     return [
@@ -330,13 +435,13 @@ def _binary(draw: st.DrawFn, cls: type[Add] | type[Cat], name: str, pairs: list[
 def _split(draw: st.DrawFn, name: str, shapes: Shapes) -> Split:
     src = draw(st.sampled_from([n for n in _recent_first(shapes) if shapes[n][0] >= 2]))
     channels = shapes[src][0]
-    mode = draw(st.sampled_from(["chunk", "list", "int"]))
+    mode = draw(st.sampled_from(["chunk", "list", "int", "slice"]))
     half = -(-channels // 2)  # chunk(2) puts the odd channel in the first part
     if mode == "chunk":
         first = half
     elif mode == "int":
         first = draw(st.integers(half, channels - 1))  # exactly two parts
-    else:
+    else:  # list, slice: a != b allowed
         first = draw(st.integers(1, channels - 1))
     return Split(name, src, mode, (first, channels - first), use=draw(st.sampled_from(["both", "first", "second"])))
 
@@ -350,7 +455,8 @@ def arch_specs(draw: st.DrawFn, min_nodes: int = 2, max_nodes: int = 8) -> ArchS
     shapes.update(ops[0].out_shapes(shapes))
     for i in range(1, num_nodes):
         name = f"n{i}"
-        choices = [_conv(name, shapes), _split(name, shapes)]
+        choices = [_conv(name, shapes), _split(name, shapes), _self_apply(name, shapes), _attend(name, shapes),
+                   _token_mix(name, shapes)]
         for cls, same_channels in ((Add, True), (Cat, False)):
             if pairs := _pairs(shapes, same_channels):
                 choices.append(_binary(cls, name, pairs))
