@@ -15,6 +15,7 @@ from .ir import PruningIR
 from .labels import DependencyGroup, Label
 from .latency import TableLatency, bind, macs, measure_latency, parameter_count
 from .one_call import PruneReport, prune
+from .reconstruction import InputStatistics, Reconstruction, ReconstructionReport, collect_statistics
 from .rounds import prune_in_rounds
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, LatencyTable, UniformLabelSelector)
@@ -30,6 +31,7 @@ __all__ = [
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
     "TableLatency", "LatencyTable",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
+    "collect_statistics", "InputStatistics", "Reconstruction", "ReconstructionReport",
     "sync_config", "expressible", "save_pretrained_pruned", "load_pretrained_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
     "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError",

@@ -25,6 +25,8 @@ from .verification import RemovalCheck, output_signature, without_culprits
 if TYPE_CHECKING:
     import networkx
 
+    from .reconstruction import Reconstruction
+
 # Modules whose internals are not recorded because a rule describes them whole.
 BUILTIN_LEAF_TYPES: tuple[type, ...] = (nn.MultiheadAttention, nn.RNNBase)
 
@@ -182,7 +184,7 @@ class PruningIR:
     def prune(self, name: str | Iterable[Label] = "main", *, labels: Iterable[Label] | None = None,
               inplace: bool = False, skip_label_checking: bool = False,
               optimizer: torch.optim.Optimizer | None = None, verify: bool = True,
-              strict: bool = False) -> "PruningIR":
+              strict: bool = False, reconstruct: "Reconstruction | None" = None) -> "PruningIR":
         """Remove ``labels`` physically; returns the IR of the pruned model.
 
         ``ir.prune(labels=labels)`` (ENOT's form, ``name`` a snapshot name) and ``ir.prune(labels)``
@@ -199,6 +201,8 @@ class PruningIR:
         without the removed channels. ``optimizer`` (built on this model's parameters) is moved
         onto the pruned model, its state (momentum, Adam's moments) sliced like the parameters,
         so training goes on without rebuilding it (``pruning_ir.optimizer_state``).
+        ``reconstruct`` (a ``pruning_ir.Reconstruction`` over input statistics of this IR) refits the
+        layers that read removed channels, so they lose less of their output (``pruning_ir.reconstruction``).
         """
         if not isinstance(name, str):  # ir.prune(labels): the labels given positionally
             if labels is not None:
@@ -218,11 +222,15 @@ class PruningIR:
         plans = slice_plans(index, removed)
         move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
+        refit = None if reconstruct is None else reconstruct.prepare(plain, index, removed)  # from unpruned weights
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
+        kept_index = index.without(removed)
+        if refit is not None:
+            refit(model, kept_index)  # writes the refit weights (a created bias is bound in kept_index)
         sync_config(model, stacklevel=3)  # a transformers model's config gets the pruned sizes, or a warning
         if move is not None:
             move_optimizer(optimizer, move, model)
-        pruned = PruningIR._derived(self, model, index.without(removed))
+        pruned = PruningIR._derived(self, model, kept_index)
         if inplace:
             self._consumed = True
         return pruned

@@ -37,6 +37,7 @@ from .criteria import Criterion, DataFreeCriterion, LossAwareCriterion
 from .errors import LabelsNotInferredError
 from .ir import PruningIR
 from .optimizer_state import move_optimizer, plan_optimizer_copy
+from .reconstruction import Reconstruction, collect_statistics
 from .schedules import LinearSchedule, check_step
 from .selectors import LabelSelector
 
@@ -52,7 +53,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
                     batchnorm_loader: Iterable[Any] | None = None,
                     batchnorm_forward: Callable[[nn.Module, Any], Any] | None = None, inplace: bool = False,
                     optimizer: torch.optim.Optimizer | None = None, score_in_batch_statistics: bool = False,
-                    verbose: bool = True) -> PruningIR:
+                    reconstruct: str | None = None, verbose: bool = True) -> PruningIR:
     """Prune ``ir`` to ``target`` in ``rounds`` steps, re-scoring the partly pruned model before each.
 
     Args:
@@ -79,6 +80,9 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         score_in_batch_statistics: calibrate each round inside :func:`batch_statistics` (batch
             norms on each calibration batch's statistics, running ones untouched), so that a round
             scores removals as the re-estimated model will see them; wants batches of 16 or more.
+        reconstruct: ``"bias"`` or ``"least_squares"``: each round collects the input statistics of
+            the model pruned so far during its calibration pass and refits the layers that read the
+            removed channels (``pruning_ir.reconstruction``); needs a data-driven criterion.
         verbose: a progress bar over the rounds.
 
     Returns the pruned IR, like ``ir.prune``: its model is the smaller model, without the
@@ -96,6 +100,9 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
     if data_free and not ir.labels_inferred:
         raise LabelsNotInferredError("prune_in_rounds with a data-free criterion runs no data: infer the labels "
                                      "first (ir.infer_labels(*example_inputs))")
+    if reconstruct is not None and data_free:
+        raise TypeError("prune_in_rounds(reconstruct=...) collects statistics during the calibration pass: "
+                        "it needs a data-driven criterion and calibrate")
     move = None if optimizer is None else plan_optimizer_copy(optimizer, ir.model)
     work = ir if inplace else ir.prune(labels=[]) if ir.labels_inferred else copy.deepcopy(ir)
     with _restored_on_error(optimizer if work is not ir else None):
@@ -104,7 +111,9 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         schedule = LinearSchedule(threshold=share, start=share / rounds, gamma=share / rounds, stepsize=1)
         original_sizes: dict[int, int] = {}  # class id of a label -> labels of its group before round 1
         for step in tqdm(range(1, schedule.updates + 1), desc="pruning in rounds", disable=not verbose):
-            _score(work, criterion, calibrate, data_free, score_in_batch_statistics)
+            statistics = None if reconstruct is None else collect_statistics(work)
+            with statistics if statistics is not None else contextlib.nullcontext():
+                _score(work, criterion, calibrate, data_free, score_in_batch_statistics)
             if not original_sizes:
                 original_sizes = {int(c): len(g.classes) for g in work.groups if g.prunable for c in g.classes}
             ratio = schedule.ratio_at(step)
@@ -114,7 +123,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
             removed_before = {g.id: original_sizes[int(g.classes[0])] - len(g.classes)
                               for g in work.groups if g.prunable and len(g.classes)}
             labels = selector.select(work, removed_before=removed_before)
-            work = work.prune(labels=labels, inplace=True, optimizer=optimizer)
+            work = work.prune(labels=labels, inplace=True, optimizer=optimizer, reconstruct=None
+                              if statistics is None else Reconstruction(statistics, reconstruct))
             if batchnorm_loader is not None:
                 tune_batchnorm_statistics(work.model, batchnorm_loader, forward=batchnorm_forward, verbose=False)
         work.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
