@@ -234,11 +234,14 @@ class KnapsackLabelSelector(LabelSelector):
             raise ValueError(f"no measurable selection meets target_latency {target:.6g}; the closest "
                              f"measured one reached {closest[0]:.6g}" if closest else
                              f"no selection meeting target_latency {target:.6g} could be measured")
-        if latency < target * (1 - self.tolerance) and not converged:
-            warnings.warn(f"KnapsackLabelSelector reached {latency:.6g} for target {target:.6g} "
-                          f"after {self.max_iterations} iterations (tolerance {self.tolerance:.0%}); "
-                          "raise max_iterations for a closer fit; with a measured (noisy) latency, widen "
-                          "tolerance or measure with statistic='min'", RuntimeWarning, stacklevel=4)
+        if latency < target * (1 - self.tolerance) and not converged and len(self.history) >= self.max_iterations:
+            # stopped by the iteration limit, not by a selection inside the band: the result is the feasible
+            # selection that keeps the most score, further below the target than the tolerance allows
+            warnings.warn(f"KnapsackLabelSelector used all {self.max_iterations} iterations without a selection in "
+                          f"[{target * (1 - self.tolerance):.6g}, {target:.6g}] (target {target:.6g}, tolerance "
+                          f"{self.tolerance:.0%}); it returns the feasible selection keeping the most score, at "
+                          f"{latency:.6g}. Raise max_iterations for a closer fit; with a measured (noisy) latency, "
+                          "widen tolerance or measure with statistic='min'", RuntimeWarning, stacklevel=4)
         return counts, latency
 
     @staticmethod
