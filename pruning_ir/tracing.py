@@ -55,20 +55,22 @@ class ShapeInt(int):
 
 
 class AttributeInt(int):
-    """An int module attribute read during tracing: remembers which attribute it is.
+    """An int module attribute (every one is, while a model is traced), so that a size such as
+    ``reshape(B, L, 3, self.n_heads, -1)`` is known to be that attribute whatever its name."""
 
-    While a model is traced, every plain int attribute of its modules is replaced by one
-    (and restored afterwards), so a size such as ``reshape(B, L, 3, self.n_heads, -1)`` is
-    known to be ``n_heads`` of that module whatever the attribute is called.
-    """
-
-    def __new__(cls, value: int, module_path: str, attribute: str):
+    def __new__(cls, value: int, module_path: str, attribute: str, divisor: int = 1):
         obj = super().__new__(cls, value)
-        obj.module_path, obj.attribute = module_path, attribute
+        obj.module_path, obj.attribute, obj.divisor = module_path, attribute, divisor  # value == attribute // divisor
         return obj
 
     def __reduce__(self):
         return (int, (int(self),))
+
+    def __floordiv__(self, other):
+        """``self.channels // 2`` stays an attribute (a split of it follows pruning); other arithmetic does not."""
+        if type(other) is int and other > 0 and int(self) % other == 0:
+            return AttributeInt(int(self) // other, self.module_path, self.attribute, self.divisor * other)
+        return _combined(int.__floordiv__(self, other), (self, other))
 
 
 def _combined(result: Any, operands: tuple) -> Any:
@@ -95,7 +97,8 @@ def _int_op(name: str):
 for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
               "__floordiv__", "__rfloordiv__", "__mod__", "__neg__", "__pos__", "__abs__"):
     setattr(ShapeInt, _name, _int_op(_name))
-    setattr(AttributeInt, _name, _int_op(_name))
+    if _name != "__floordiv__":
+        setattr(AttributeInt, _name, _int_op(_name))
 
 
 @contextlib.contextmanager
@@ -336,9 +339,8 @@ class Recorder(TorchFunctionMode):
     def _known_node_name(self, tensor) -> str | None:
         """The name of the node already recorded for ``tensor`` (None: not recorded; no node is made)."""
         name = self.parameter_names.get(id(tensor)) or self.buffer_names.get(id(tensor))
-        node = self.attribute_nodes.get(name) if name is not None else None
-        entry = self.tensor_nodes.get(id(tensor)) if name is None else None
-        node = entry[1] if entry is not None and entry[0]() is tensor else node
+        entry = self.tensor_nodes.get(id(tensor), (lambda: None, None)) if name is None else (None, None)
+        node = self.attribute_nodes.get(name) if name is not None else entry[1] if entry[0]() is tensor else None
         return None if node is None else node.name
 
     def record(self, func, args, kwargs, result) -> None:

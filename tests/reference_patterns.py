@@ -562,17 +562,19 @@ class CSPNet(nn.Module):
 
 
 class C2f(nn.Module):
-    """YOLOv8: ``y = list(cv1(x).chunk(2, 1))``, each bottleneck appends its output, one concat."""
+    """YOLOv8: ``y = list(cv1(x).chunk(2, 1))`` (``split``: ``.split((self.c, self.c), 1)``), each
+    bottleneck appends its output, one concat."""
 
-    def __init__(self, in_chs: int, out_chs: int, n: int = 2, shortcut: bool = True):
+    def __init__(self, in_chs: int, out_chs: int, n: int = 2, shortcut: bool = True, split: bool = False):
         super().__init__()
+        self.split = split
         self.c = out_chs // 2
         self.cv1 = ConvBNAct(in_chs, 2 * self.c, 1, 1, 1, nn.SiLU)
         self.cv2 = ConvBNAct((2 + n) * self.c, out_chs, 1, 1, 1, nn.SiLU)
         self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
+        y = list(self.cv1(x).split((self.c, self.c), 1) if self.split else self.cv1(x).chunk(2, 1))
         y.extend(m(y[-1]) for m in self.m)
         return self.cv2(torch.cat(y, 1))
 
@@ -597,12 +599,12 @@ class Detect(nn.Module):
 
 
 class YOLOv8(nn.Module):
-    def __init__(self):
+    def __init__(self, split: bool = False):
         super().__init__()
         self.stem = ConvBNAct(3, 8, 3, 2, 1, nn.SiLU)
-        self.c2f1 = C2f(8, 8)
+        self.c2f1 = C2f(8, 8, split=split)
         self.down = ConvBNAct(8, 12, 3, 2, 1, nn.SiLU)
-        self.c2f2 = C2f(12, 12, n=1, shortcut=False)
+        self.c2f2 = C2f(12, 12, n=1, shortcut=False, split=split)
         self.detect = Detect((8, 12))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -625,5 +627,6 @@ PATTERNS: dict[str, ZooEntry] = dict([
     _entry("edgenext", EdgeNeXt, 2, 3, 8, 8),
     _entry("cspnet", CSPNet, 2, 3, 6, 6),
     _entry("yolov8", YOLOv8, 2, 3, 8, 8),
+    _entry("yolov8-split", lambda: YOLOv8(split=True), 2, 3, 8, 8),
     *((f"attention-{layout}", attention_entry(3, 4, layout)) for layout in ATTENTION_LAYOUTS),
 ])

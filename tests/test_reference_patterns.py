@@ -93,3 +93,14 @@ def test_pvt_spatial_reduction_ties_the_token_width():
     ir = PruningIR(entry.build()).infer_labels(*entry.example_inputs())
     group = next(g for g in ir.groups if "attn.sr.weight[0]" in g.parameters)
     assert "patch_embed.weight[0]" in group.parameters and group.prunable
+
+
+@pytest.mark.parametrize("name,parameter", [("cspnet", "stage.conv_exp.0.weight[0]"),
+                                            ("yolov8-split", "c2f1.cv1.0.weight[0]")])
+def test_split_sizes_from_attributes_follow_pruning(name, parameter):
+    """``x.split(self.expand_chs // 2, 1)`` and ``x.split((self.c, self.c), 1)`` bind the attribute
+    instead of pinning the split channels."""
+    entry = PATTERNS[name]
+    ir = PruningIR(entry.build()).infer_labels(*entry.example_inputs())
+    group = next(g for g in ir.groups if parameter in g.parameters)
+    assert group.prunable and not group.unprunable_reasons, ir.describe()

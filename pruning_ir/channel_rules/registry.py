@@ -289,8 +289,8 @@ class RuleContext:
                 return False
             if len(source) == len(atoms):
                 self.union(atoms, source)
-        elif isinstance(value, AttributeInt) and kind == "attribute":
-            self.bind_attribute(value.module_path, value.attribute, atoms)
+        elif isinstance(value, AttributeInt) and kind == "attribute":  # attribute // divisor: tile the atoms
+            self.bind_attribute(value.module_path, value.attribute, np.tile(atoms, value.divisor))
         elif kind == "attribute":
             path, names = self._size_attributes(value)
             preferred = [n for n in names if (n in HEAD_COUNT_ATTRIBUTES) == heads]

@@ -8,7 +8,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..channels import PINNED, TensorLayout, dim_atoms
-from ..tracing import ShapeInt
+from ..tracing import AttributeInt, ShapeInt
 from .registry import RuleContext, channel_rule
 
 def _flat_sizes(args) -> list:
@@ -271,9 +271,20 @@ def _split_pieces(ctx: RuleContext, atoms: np.ndarray, sizes: list[int], size_ar
         if size_argument is None or ctx.size_follows(size_argument, pieces[0], "the split size"):
             ctx.union(pieces[1:].ravel(), pieces[:-1].ravel())
             return [pieces[0]] * len(sizes)
-    elif not equal and all(isinstance(s, ShapeInt) for s in size_argument):
+    elif not equal and all(isinstance(s, (ShapeInt, AttributeInt)) for s in size_argument):
         bounds = np.cumsum([0] + sizes)
-        return [atoms[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        pieces = [atoms[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        first_of: dict = {}  # pieces sized by the same attribute keep equal sizes
+        for i, size in enumerate(size_argument):
+            if isinstance(size, AttributeInt):
+                key = (size.module_path, size.attribute, size.divisor)
+                if key in first_of:
+                    ctx.union(pieces[first_of[key]], pieces[i])
+                    pieces[i] = pieces[first_of[key]]
+                    continue
+                first_of[key] = i
+            ctx.size_follows(size, pieces[i], f"the size of split piece {i}")
+        return pieces
     ctx.pin(atoms, "split into pieces whose sizes do not follow pruning")
     return [None] * len(sizes)
 
