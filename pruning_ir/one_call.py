@@ -27,7 +27,7 @@ from .checks import check_share
 from .criteria import LossAwareCriterion, MagnitudeCriterion
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
-from .latency import bind, measure_latency, parameter_count
+from .latency import bind, measure_latency, parameter_count, to_device
 from .latency import macs as count_macs
 from .modes import kept_training_flags
 from .rounds import prune_in_rounds
@@ -164,7 +164,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
         raise TypeError(f"example_inputs must be a tensor or a tuple of positional inputs, got "
                         f"{type(example_inputs).__name__}")
     device = next(chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    inputs = _to_device(inputs, device)
+    inputs = to_device(inputs, device)
     timings: dict[str, float] = {}
     notes: list[str] = []
     with _recorded_warnings(notes, verbose):
@@ -275,7 +275,7 @@ def _calibration(data: Iterable[Any], loss: Callable | None, forward: Callable |
 def _loss(run: Callable[..., Any], batch: Any, loss: Callable | None, forward: Callable | None,
           device: torch.device) -> Any:
     """The loss of one batch: ``forward(run, batch)``, or ``loss(run(inputs), targets)``."""
-    batch = _to_device(batch, device)
+    batch = to_device(batch, device)
     if forward is not None:
         return forward(run, batch)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -339,16 +339,6 @@ def _group_reports(ir: PruningIR, original: list[tuple[DependencyGroup, list[Lab
         modules = tuple(name or "<model>" for name in group.modules)
         reports.append(GroupReport(group.id, modules, len(labels), len(removed), channels, params, flops))
     return reports
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
 
 
 @contextmanager

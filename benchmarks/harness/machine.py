@@ -159,20 +159,10 @@ def _version(package: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict:
     """Machine, load, date and versions: what a reader needs to weigh the numbers."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from pruning_ir.selectors.latency_table import cpu_model  # the key latency tables use, one copy
     return {"cpu": cpu_model(), "cores": cores, "load_average": list(os.getloadavg()),
             "date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": THREADS,

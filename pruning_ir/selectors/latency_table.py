@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..latency import TableLatency, _eval_mode, measure_latency, to_device
 from .plan import SelectionPlan
 
-__all__ = ["LatencyTable", "GroupTable", "OpSignature", "machine_key", "build_op"]
+__all__ = ["LatencyTable", "GroupTable", "OpSignature", "machine_key", "build_op", "cpu_model"]
 
 CACHE_FORMAT = 1
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -41,7 +41,8 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _KINDS = (*_CONVS, nn.Linear, *_NORMS, nn.LayerNorm)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -61,7 +62,7 @@ def machine_key(device: str | torch.device = "cpu", threads: int | None = None) 
         name = torch.cuda.get_device_name(device)
     elif device.type != "cpu":
         name = device.type
-    return f"cpu={_cpu_model()}; torch={torch.__version__}; threads={threads}; device={name}"
+    return f"cpu={cpu_model()}; torch={torch.__version__}; threads={threads}; device={name}"
 
 
 def _jsonable(value: Any) -> Any:
