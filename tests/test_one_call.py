@@ -251,3 +251,35 @@ def test_a_model_on_cuda_is_pruned_on_cuda():
     assert macs(pruned, x.cuda()) <= 0.5 * macs(model, x.cuda()) and report.macs_ratio <= 0.5
     timed, timing = pruning_ir.prune(model, x, latency=0.5, return_report=True, verbose=False)
     assert timing.latency_before > 0 and next(timed.parameters()).is_cuda
+
+
+ALL_MODELS = {**ZOO, **HF_ZOO}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODELS))
+def test_every_zoo_model_meets_each_budget_without_data(name):
+    """Data-free, every model of the test zoo (CNNs, ViTs, Hugging Face): each budget met, outputs keep
+    their shapes, the caller's model untouched."""
+    entry = ALL_MODELS[name]
+    model, inputs = entry.build().eval(), entry.example_inputs()
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    budgets = ({"macs": 0.6}, {"params": 0.7}, {"ratio": 0.3})
+    if name in ("mobilenet_v2", "resnet50"):   # the largest: one budget keeps the suite short (the others share code)
+        budgets = budgets[:1]
+    for budget in budgets:
+        pruned = pruning_ir.prune(model, inputs if len(inputs) > 1 else inputs[0], **budget, verbose=False)
+        kind, value = next(iter(budget.items()))
+        if kind == "macs":
+            assert macs(pruned, *inputs) <= value * macs(model, *inputs)
+        elif kind == "params":
+            assert parameter_count(pruned) <= value * parameter_count(model)
+        else:
+            assert parameter_count(pruned) < parameter_count(model)
+        with torch.no_grad():
+            got = pruned(*inputs)
+        flat_expected = [t.shape for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+        flat_got = [t.shape for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+        assert flat_got == flat_expected, (name, budget)
+    assert_untouched(model, before)
