@@ -7,7 +7,8 @@ to remove) -> ``pruning`` (remove them physically).
 """
 
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
-from .criteria import Criterion, LossAwareCriterion, MagnitudeCriterion, RandomCriterion, measure_removal_costs
+from .criteria import (ActivationCriterion, Criterion, LossAwareCriterion, MagnitudeCriterion, RandomCriterion,
+                       measure_removal_costs)
 from .errors import (InvalidLabelsError, LabelsNotInferredError, LatencyFunctionError, LatencyMeasurementError,
                      ModelExecutionError, PrunedModelFormatError, PruningError, PruningIRError, TracingError)
 from .gradual import GradualPruner
@@ -26,7 +27,8 @@ from .tracing import LeafModule
 __all__ = [
     "prune", "PruneReport", "GradualPruner", "prune_in_rounds",
     "PruningIR", "Label", "DependencyGroup", "LeafModule",
-    "Criterion", "LossAwareCriterion", "MagnitudeCriterion", "RandomCriterion", "measure_removal_costs",
+    "Criterion", "LossAwareCriterion", "ActivationCriterion", "MagnitudeCriterion", "RandomCriterion",
+    "measure_removal_costs",
     "LabelSelector", "UniformLabelSelector", "GlobalScoreLabelSelector", "KnapsackLabelSelector",
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
     "TableLatency", "LatencyTable",

@@ -37,6 +37,10 @@ class _Pending:
     handle: Any = field(default=None, repr=False)
 
 
+def _drop_gradient(parameter: torch.Tensor) -> None:
+    parameter.grad = None
+
+
 def _gate_term(value: torch.Tensor, grad: torch.Tensor, dim: int) -> torch.Tensor:
     """sum(a * dL/da) over every dimension but ``dim`` (in float32 at least)."""
     if value.dtype in (torch.float16, torch.bfloat16) or grad.dtype in (torch.float16, torch.bfloat16):
@@ -106,6 +110,9 @@ class LossAwareCriterion(Criterion):
             scores for every group. False: each label scores its own estimate
             :math:`M_{\ell\ell}` (the formula above; cheaper, but global and knapsack selection
             on these scores empty wide layers).
+        keep_gradients: True (default, ENOT-compatible; ``GradualPruner`` relies on it): the calibration
+            backward passes leave their ``.grad`` as usual. False: a parameter without ``.grad`` on entry
+            gets none while the context is open (each is dropped as soon as it is accumulated).
 
     Scores are written into the IR after every backward pass on CPU (when the context exits on
     accelerators or with joint scores, to avoid a synchronisation or an ordering per step).
@@ -117,8 +124,9 @@ class LossAwareCriterion(Criterion):
     """
 
     def __init__(self, ir: PruningIR, snapshot_name: str = "main", *, reset: bool = True,
-                 implementation: str = "auto", joint: bool | str = "auto"):
+                 implementation: str = "auto", joint: bool | str = "auto", keep_gradients: bool = True):
         super().__init__(ir, snapshot_name)
+        self.keep_gradients = keep_gradients
         if implementation not in ("auto", "activations"):
             raise ValueError(f"implementation must be 'auto' or 'activations', got {implementation!r}")
         self.reset = reset
@@ -152,6 +160,9 @@ class LossAwareCriterion(Criterion):
         self._open = False
         self._ready = False
         self._prior = None
+        if not self.keep_gradients:
+            self._handles += [p.register_post_accumulate_grad_hook(_drop_gradient)
+                              for p in self.ir.model.parameters() if p.requires_grad and p.grad is None]
         if self.ir.labels_inferred and self._graph() is not None:
             self._setup()
 
