@@ -18,6 +18,7 @@ from .labels import ChannelIndex, DependencyGroup, Label
 from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
 from .pruning import prune_model, slice_plans
+from .recorded_paths import examples_of, trace_paths
 from .summary import summary
 from .tracing import LeafModule, LeafPolicy, trace_model
 from .verification import RemovalCheck, output_signature, without_culprits
@@ -82,17 +83,22 @@ class PruningIR:
     def labels_inferred(self) -> bool:
         return self._index is not None
 
-    def infer_labels(self, *args: Any, **kwargs: Any) -> "PruningIR":
+    def infer_labels(self, *args: Any, more_inputs: Iterable[Any] | None = None, **kwargs: Any) -> "PruningIR":
         """Trace the model on these example inputs and build its labels and dependency groups.
 
-        The model runs once in eval mode without gradients; its train/eval flags and
-        parameters are left as they were.
+        The model runs in eval mode without gradients; its train/eval flags and parameters are
+        left as they were. ``more_inputs``: further examples (each an ``(args, kwargs)`` pair, a tuple
+        of positional arguments or one tensor) for a forward whose Python branches on its input:
+        every example's path is recorded and merged (``pruning_ir.recorded_paths``), so a channel is
+        removable only when every path allows it and modules on any path are pruned consistently.
         """
         self._check_usable()
-        traced, output = trace_model(self._model, args, kwargs, self._leaf_policy, strict=not self.soft_tracing)
+        examples = examples_of(args, kwargs, more_inputs)
+        traced, output = trace_paths(self._model, examples, self._leaf_policy, strict=not self.soft_tracing)
         state = propagate(self._model, traced)
         self._index = ChannelIndex.from_propagation(state)
         self._example_inputs = (args, kwargs)
+        self._more_example_inputs = examples[1:]  # the prune-time check runs on the first example
         self._output_signature = output_signature(output)
         self._graph = traced.graph
         return self

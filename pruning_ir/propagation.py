@@ -18,9 +18,10 @@ from .channel_rules.registry import op_name
 from .channels import AttributeBinding, TensorLayout
 from .errors import PruningIRError
 from .propagation_state import PropagationState, named_tensor
+from .recorded_ints import AttributeInt
 from .tracing import TracedGraph
 
-__all__ = ["PropagationState", "propagate", "pin_unseen_paths"]
+__all__ = ["PropagationState", "propagate", "pin_unseen_paths", "pin_compared_counts"]
 
 
 def _barrier(ctx: RuleContext, reason: str) -> None:
@@ -96,16 +97,34 @@ def _unseen_parameters(state: PropagationState, traced: TracedGraph) -> list[str
     return [name for name, parameter in state.model.named_parameters() if id(parameter) not in seen]
 
 
+def _owners(name: str, called: set[str]) -> list[str]:
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in called]
+
+
+def _never_run(unseen: list[str], called: set[str]) -> list[str]:
+    """The outermost never-called modules that hold the parameters ``unseen``."""
+    modules = []
+    for name in unseen:
+        parts = name.split(".")[:-1]
+        top = next((".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in called), None)
+        if top is not None and top not in modules:
+            modules.append(top)
+    return modules
+
+
 def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
-    """Keep whole every called module whose parameters the example input left unused.
+    """Keep whole what the example inputs did not show, and the channel counts Python compares.
 
     One forward records one path: a module that branches on its input (``if x.abs().max() > 1:
     self.loud(x)``) hides the other branch's layers, and pruning the channels entering the
     module would break them. The innermost called module holding such parameters has its
-    inputs and outputs pinned; parameters of modules the model never called are reported in
-    a warning (an auxiliary head that runs only in training mode, say), as nothing tells
-    which tensors would reach them.
+    inputs and outputs pinned. Modules never called at all are named in a warning; where the
+    forward branched on a tensor's value (``__bool__``, ``item``, ``tolist``) in a module that holds
+    them, every channel live across that branch is pinned, so the path not taken still fits.
+    Finally :func:`pin_compared_counts`.
     """
+    pin_compared_counts(state, traced)
     unseen = _unseen_parameters(state, traced)
     if not unseen:
         return
@@ -114,8 +133,7 @@ def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
     by_module: dict[str, list[str]] = {}
     uncalled = []
     for name in unseen:
-        parts = name.split(".")[:-1]
-        owners = [".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in called]
+        owners = _owners(name, called)
         (by_module.setdefault(owners[0], []).append(name) if owners else uncalled.append(name))
     for path, names in by_module.items():
         reason = (f"module '{path}' holds parameters this input did not use ({', '.join(names[:3])}"
@@ -132,6 +150,87 @@ def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
                 if isinstance(layout, TensorLayout):
                     ctx.pin_layout(layout, reason)
     if uncalled:
-        warnings.warn(f"the example input left {len(uncalled)} parameters of never-called modules unused "
-                      f"({', '.join(uncalled[:4])}{' ...' if len(uncalled) > 4 else ''}); they are not pruned, and "
-                      "a path that uses them (e.g. a training-only head) may fail after pruning", stacklevel=4)
+        never = _never_run(uncalled, called)
+        pinned = _pin_across_branches(state, nodes, never)
+        kinds = {path: type(state.modules[path]).__name__ for path in never if path in state.modules}
+        listing = ", ".join(f"'{path}' ({kinds.get(path, '?')})" for path in never[:6]) + (" ..." if len(never) > 6 else "")
+        if pinned:
+            told = ("their input channels are pinned: every channel live where the forward branched on a tensor "
+                    f"value ({', '.join(pinned[:3])}) is kept, so the branch not taken still fits")
+        else:
+            told = ("nothing recorded shows which channels reach them (no branch on a tensor value was seen), so "
+                    "they are not pruned and a path that uses them (a training-only head?) may fail after pruning")
+        listing += f" (parameters {', '.join(uncalled[:4])}{' ...' if len(uncalled) > 4 else ''})"
+        warnings.warn(f"modules never run on the example inputs: {listing}; {told}. Pass example inputs that take "
+                      f"every path (ir.infer_labels(x, more_inputs=[...])) to prune them", stacklevel=4)
+
+
+STEERS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__"}
+
+
+def _pin_across_branches(state: PropagationState, nodes: list[fx.Node], never: list[str]) -> list[str]:
+    """Pin the channels live across each branch on a tensor value taken in a module that holds a
+    never-run module (``never``), and, after the branch, those of a width one of those modules has
+    (where their output may land); returns where those branches were."""
+    order = {node: i for i, node in enumerate(nodes)}
+    where = []
+    for steer in nodes:
+        name = steer.target if isinstance(steer.target, str) else getattr(steer.target, "__name__", "")
+        if name not in STEERS:
+            continue
+        stack = steer.meta.get("module_stack", ())
+        scope = stack[-1] if stack else ""
+        hidden = [path for path in never if not scope or path.startswith(scope + ".")]
+        if not hidden:
+            continue
+        label = f"'{name}' in '{scope or '<model>'}'"
+        where.append(label)
+        reason = (f"the forward branches on a tensor value ({label}) and {', '.join(hidden[:3])} never ran on the "
+                  "example inputs: channels live across the branch may flow into them")
+        ctx = RuleContext(state, steer)
+        widths = {size for path in hidden for p in state.modules[path].parameters() for size in p.shape}
+        for node in nodes:
+            inside = not scope or scope in node.meta.get("module_stack", ())
+            before = order[node] < order[steer]
+            if before and not any(order.get(user, -1) > order[steer] and (
+                    not scope or scope in user.meta.get("module_stack", ())) for user in node.users):
+                continue  # not live across the branch
+            if not before and not inside:
+                continue
+            layouts = state.layouts.get(node)
+            for layout in (layouts if isinstance(layouts, tuple) else (layouts,)):
+                if isinstance(layout, TensorLayout):  # after the branch: what the hidden modules may have written
+                    for atoms in layout.dims:
+                        if atoms is not None and (before or len(atoms) in widths):
+                            ctx.pin(atoms, reason)
+    return where
+
+
+def _channel_reads(state: PropagationState, size: Any) -> list[tuple[fx.Node, int, Any]]:
+    """The ``(node, dim, atoms)`` reads of channel-carrying dimensions a ShapeInt was computed from."""
+    reads = []
+    for name, dim in getattr(size, "sources", ()):
+        node = state.node_named.get(name)
+        layout = state.layouts.get(node) if node is not None else None
+        if isinstance(layout, TensorLayout) and dim < layout.ndim and layout.dims[dim] is not None:
+            reads.append((node, dim, layout.dims[dim]))
+    return reads
+
+
+def pin_compared_counts(state: PropagationState, traced: TracedGraph) -> None:
+    """Pin every channel count the model's Python compared with a number (``if y.shape[1] >= 8:``):
+    the branch would flip after pruning. A test for divisibility (``== 0``), or a comparison with a
+    module attribute or another channel count, follows pruning and pins nothing."""
+    for comparison in traced.comparisons:
+        other = comparison.other
+        if isinstance(other, AttributeInt) or (comparison.symbol in ("==", "!=") and other == 0):
+            continue
+        reads = _channel_reads(state, comparison.size)
+        if not reads or _channel_reads(state, other):
+            continue
+        for node, dim, atoms in reads:
+            stack = node.meta.get("module_stack", ())
+            reason = (f"Python in '{comparison.module_path or '<model>'}' compares the channel count "
+                      f"{int(comparison.size)} (dim {dim} of '{op_name(node)}' in '{stack[-1] if stack and stack[-1] else '<model>'}') "
+                      f"{comparison.symbol} {other}: the branch it takes would change after pruning")
+            state.atoms.pin(atoms, reason)

@@ -31,90 +31,10 @@ from torch.utils import _pytree as pytree
 
 from .errors import ModelExecutionError, TracingError
 from .modes import kept_training_flags
+from .recorded_ints import AttributeInt, ShapeInt, attribute_ints, comparisons_to
 
-
-class ShapeInt(int):
-    """An int read from a tensor's size, or computed from one.
-
-    A size argument that is a ShapeInt follows the tensor after pruning; a plain int
-    in the same place was written in ``forward`` and stays what it was. ``origin`` is
-    ``(node name, dim)`` when the int was read straight from a recorded tensor's size;
-    ``sources`` holds every such read it was computed from and ``attributes`` every module
-    attribute (:class:`AttributeInt`), so a rule can tell whose channels a size follows.
-    """
-
-    def __new__(cls, value: int, origin: tuple[str, int] | None = None, sources: frozenset = frozenset(),
-                attributes: frozenset = frozenset()):
-        obj = super().__new__(cls, value)
-        obj.origin, obj.attributes = origin, attributes
-        obj.sources = sources | {origin} if origin is not None else sources
-        return obj
-
-    def __reduce__(self):
-        return (ShapeInt, (int(self),))
-
-
-class AttributeInt(int):
-    """An int module attribute (every one is, while a model is traced), so that a size such as
-    ``reshape(B, L, 3, self.n_heads, -1)`` is known to be that attribute whatever its name."""
-
-    def __new__(cls, value: int, module_path: str, attribute: str, divisor: int = 1):
-        obj = super().__new__(cls, value)
-        obj.module_path, obj.attribute, obj.divisor = module_path, attribute, divisor  # value == attribute // divisor
-        return obj
-
-    def __reduce__(self):
-        return (int, (int(self),))
-
-    def __floordiv__(self, other):
-        """``self.channels // 2`` stays an attribute (a split of it follows pruning); other arithmetic does not."""
-        if type(other) is int and other > 0 and int(self) % other == 0:
-            return AttributeInt(int(self) // other, self.module_path, self.attribute, self.divisor * other)
-        return _combined(int.__floordiv__(self, other), (self, other))
-
-
-def _combined(result: Any, operands: tuple) -> Any:
-    """``result`` of int arithmetic on ``operands``: a ShapeInt (remembering what it was computed
-    from) when any operand was one, else a plain int."""
-    if type(result) is not int or not any(isinstance(o, ShapeInt) for o in operands):
-        return result
-    sources = frozenset().union(*(o.sources for o in operands if isinstance(o, ShapeInt)))
-    attributes = frozenset().union(*(o.attributes for o in operands if isinstance(o, ShapeInt)))
-    attributes |= {(o.module_path, o.attribute) for o in operands if isinstance(o, AttributeInt)}
-    return ShapeInt(result, None, sources, attributes)
-
-
-def _int_op(name: str):
-    int_op = getattr(int, name)
-
-    def op(self, *others):
-        return _combined(int_op(self, *others), (self,) + others)
-
-    op.__name__ = name
-    return op
-
-
-for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-              "__floordiv__", "__rfloordiv__", "__mod__", "__neg__", "__pos__", "__abs__"):
-    setattr(ShapeInt, _name, _int_op(_name))
-    if _name != "__floordiv__":
-        setattr(AttributeInt, _name, _int_op(_name))
-
-
-@contextlib.contextmanager
-def attribute_ints(model: nn.Module):
-    """Replace every plain int attribute of every module by an :class:`AttributeInt` for the
-    duration; an attribute that forward reassigned keeps its new value."""
-    replaced = [(module, name, value, AttributeInt(value, path, name)) for path, module in model.named_modules()
-                for name, value in list(vars(module).items()) if type(value) is int]
-    for module, name, _, marked in replaced:
-        module.__dict__[name] = marked
-    try:
-        yield
-    finally:
-        for module, name, value, marked in replaced:
-            if module.__dict__.get(name) is marked:
-                module.__dict__[name] = value
+__all__ = ["AttributeInt", "ShapeInt", "attribute_ints", "Comparison", "LeafModule", "LeafPolicy", "TracedGraph",
+           "Recorder", "recording", "trace_model"]
 
 
 class LeafModule:
@@ -187,13 +107,27 @@ class LeafPolicy:
 
 
 @dataclass
+class Comparison:
+    """The model's Python compared a recorded size with a number (``if x.shape[1] >= 8:``) in module
+    ``module_path`` ("" for the model's own forward): control flow that may flip after pruning."""
+
+    symbol: str
+    size: ShapeInt
+    other: Any
+    module_path: str
+
+
+@dataclass
 class TracedGraph:
-    """A recorded forward pass: the graph and what the channel analysis needs beside it."""
+    """Recorded forward passes: the graph and what the channel analysis needs beside it
+    (``paths``: how many example inputs were recorded into it, see ``recorded_paths``)."""
 
     graph: fx.Graph
     input_nodes: list[fx.Node]
     output_nodes: list[fx.Node]
     leaf_specs: dict[str, LeafModule]
+    comparisons: list[Comparison] = field(default_factory=list)
+    paths: int = 1
 
 
 _METADATA_GETTERS = {"dtype", "device", "requires_grad", "is_cuda", "ndim", "is_leaf", "grad_fn",
@@ -239,6 +173,14 @@ class Recorder(TorchFunctionMode):
         self.leaf_depth = 0
         self.leaf_inputs: list[tuple[tuple, dict]] = []
         self.leaf_specs: dict[str, LeafModule] = {}
+        self.comparisons: list[Comparison] = []
+        self.calling = 0  # inside a torch call: its own size checks are not the model's control flow
+
+    def compared(self, symbol: str, size: ShapeInt, other: Any) -> None:
+        """A ShapeInt was compared by the model's Python (see ``recorded_ints.comparisons_to``)."""
+        if not self.calling and not self.leaf_depth:
+            where = self.module_stack[-1] if self.module_stack else ""
+            self.comparisons.append(Comparison(symbol, size, other, where))
 
     # -- tensors <-> nodes -------------------------------------------------------------
     def bind_tensor(self, tensor: torch.Tensor, node: fx.Node) -> None:
@@ -300,7 +242,11 @@ class Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__":
             return self.property_access(func, args)
-        result = func(*args, **kwargs)
+        self.calling += 1
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            self.calling -= 1
         if self.leaf_depth:
             return result
         if name == "size":
@@ -416,7 +362,7 @@ def recording(model: nn.Module, recorder: "Recorder", args: tuple, kwargs: dict)
         for module in model.modules():
             if module is not model and recorder.leaf_policy.leaf_spec(module) is not None:
                 handles.append(module.register_forward_pre_hook(recorder.leaf_pre_hook, with_kwargs=True))
-        with recorder:
+        with recorder, comparisons_to(recorder.compared):
             yield recorder
     finally:
         for handle in handles:
@@ -447,4 +393,4 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPo
     input_nodes = list(recorder.graph.find_nodes(op="placeholder"))
     output_nodes = [recorder.node_of(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
     recorder.graph.output(tuple(output_nodes))
-    return TracedGraph(recorder.graph, input_nodes, output_nodes, recorder.leaf_specs), output
+    return TracedGraph(recorder.graph, input_nodes, output_nodes, recorder.leaf_specs, recorder.comparisons), output

@@ -90,6 +90,7 @@ _AFFINE_OPS = {
     F.group_norm: (2, 3, 1), F.layer_norm: (2, 3, None),
 }
 _WEIGHT_KWARG, _BIAS_KWARG = "weight", "bias"
+_CONTRACTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 def _argument(node: fx.Node, position: int, name: str):
@@ -140,6 +141,20 @@ def parameter_label_classes(index: ChannelIndex, labels: np.ndarray) -> dict[str
     collected: dict[str, list[np.ndarray]] = defaultdict(list)
     for binding in index.parameter_bindings:
         collected[binding.target.name].append(binding.classes)
+    result = {}
+    for name, arrays in collected.items():
+        classes = np.unique(np.concatenate(arrays))
+        result[name] = classes[labels[classes]]
+    return result
+
+
+def read_label_classes(index: ChannelIndex, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per parameter name: the label classes bound to its dimension 1 (a conv's or linear's weight:
+    its in-channels, the channels an op with it *reads*)."""
+    collected: dict[str, list[np.ndarray]] = defaultdict(list)
+    for binding in index.parameter_bindings:
+        if binding.target.dim == 1:
+            collected[binding.target.name].append(binding.classes)
     result = {}
     for name, arrays in collected.items():
         classes = np.unique(np.concatenate(arrays))
@@ -225,10 +240,13 @@ def producer_nodes(classes: dict[fx.Node, np.ndarray], tuples: set[fx.Node], der
 
 
 def gate_classes(nodes: list[fx.Node], classes: dict[fx.Node, np.ndarray], tuples: set[fx.Node],
-                 producers: dict[fx.Node, np.ndarray]) -> dict[str, np.ndarray]:
+                 producers: dict[fx.Node, np.ndarray],
+                 reads: dict[fx.Node, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per node name: the classes it gates, found by a backward pass that tracks, per
     producer, the classes that *leak* from it (reach a consumer or an output with no further
-    producer on the way)."""
+    producer on the way). A user that reads a class through its weight's input dimension and
+    produces it too (a conv applied to its own output, ``x + fc(x)``) consumes it: it leaks."""
+    reads = reads or {}
     # a leaf module is opaque: it may read a channel (an input projection) as well as
     # produce it, so a channel entering one is consumed there
     opaque = {n for n in nodes if n.op == "call_module"}
@@ -249,6 +267,8 @@ def gate_classes(nodes: list[fx.Node], classes: dict[fx.Node, np.ndarray], tuple
             leak = np.union1d(leak, np.setdiff1d(carried, user_classes, assume_unique=True))
             through = np.setdiff1d(passed, producers[user], assume_unique=True)
             leak = np.union1d(leak, np.intersect1d(through, leaks[user], assume_unique=True))
+            if user in reads:
+                leak = np.union1d(leak, np.intersect1d(passed, reads[user], assume_unique=True))
         leaks[node] = leak
         gated = np.intersect1d(producers[node], leak, assume_unique=True)
         if gated.size:
@@ -275,7 +295,13 @@ class GraphFacts:
         self.derived = derived_nodes(nodes, self.tuples)
         self.params = parameters_used(nodes, self.tuples, self.derived, model)
         producers = producer_nodes(classes, self.tuples, self.derived, self.params, self.parameter_classes)
-        self.gates = gate_classes(nodes, classes, self.tuples, producers)
+        read = read_label_classes(index, self.labels)
+        reads = {}
+        for node in nodes:  # the contractions: a conv or linear reads its weight's in-channels
+            weight = _argument(node, 1, _WEIGHT_KWARG) if node.target in _CONTRACTIONS else None
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target in read:
+                reads[node] = read[weight.target]
+        self.gates = gate_classes(nodes, classes, self.tuples, producers, reads)
         self.classes = {node.name: c for node, c in classes.items()}
         self.producers = {node.name: c for node, c in producers.items()}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
+import warnings
+
 import numpy as np
 
 from ..ir import PruningIR
@@ -26,6 +28,21 @@ NORMALIZERS = {
     "max": np.max,
     "l2": np.linalg.norm,
 }
+
+
+def _warn_if_unscored(ir: PruningIR) -> None:
+    """Warn when every score of the IR, or of a prunable group, is 0 or not finite: the selection
+    then follows tie order (channel order), not importance."""
+    groups = [group for group in ir.index.groups if group.prunable]
+    blank = [group.id for group in groups if not np.any(np.isfinite(group.scores) & (group.scores != 0))]
+    if not blank:
+        return
+    where = "every label of the IR" if len(blank) == len(groups) else \
+        f"every label of groups {', '.join(map(str, blank[:8]))}{' ...' if len(blank) > 8 else ''}"
+    warnings.warn(f"{where} scores 0 (or not finite), so labels are picked in channel order, not by importance: "
+                  "calibrate with a criterion first (LossAwareCriterion over a few batches); a zero-initialised "
+                  "layer (a fresh classification head) gives zero loss-aware scores, so train first or use "
+                  "MagnitudeCriterion", stacklevel=3)
 
 
 class LabelSelector(ABC):
@@ -74,6 +91,7 @@ class LabelSelector(ABC):
         if not isinstance(ir, PruningIR):
             raise TypeError(f"{type(self).__name__}.select expects a PruningIR or ir.snapshot(), "
                             f"got {type(ir).__name__}")
+        _warn_if_unscored(ir)
         plan = SelectionPlan(ir, self.constraint, floors=floors, removed_before=removed_before)
         if self.normalize is not None:
             self._normalize(plan)

@@ -1,0 +1,137 @@
+"""Ints that remember where they came from while a model is recorded.
+
+:class:`ShapeInt` is a size read from a recorded tensor (or computed from one), so a channel rule
+can tell a size that follows the channels from a literal written in ``forward``;
+:class:`AttributeInt` is an int module attribute, so a literal size that is in fact
+``self.num_heads`` follows pruning too. A comparison of a ShapeInt made by the model's own Python
+(``if x.shape[1] >= 8:``) is reported to the recorder listening (:func:`comparisons_to`): Python
+control flow on a channel count flips after pruning unless that count is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ShapeInt", "AttributeInt", "attribute_ints", "comparisons_to"]
+
+# Listeners of ShapeInt comparisons (the active recorder's); only the innermost one hears them.
+_LISTENERS: list[Callable[[str, "ShapeInt", Any], None]] = []
+
+
+class ShapeInt(int):
+    """An int read from a tensor's size, or computed from one.
+
+    A size argument that is a ShapeInt follows the tensor after pruning; a plain int
+    in the same place was written in ``forward`` and stays what it was. ``origin`` is
+    ``(node name, dim)`` when the int was read straight from a recorded tensor's size;
+    ``sources`` holds every such read it was computed from and ``attributes`` every module
+    attribute (:class:`AttributeInt`), so a rule can tell whose channels a size follows.
+    """
+
+    def __new__(cls, value: int, origin: tuple[str, int] | None = None, sources: frozenset = frozenset(),
+                attributes: frozenset = frozenset()):
+        obj = super().__new__(cls, value)
+        obj.origin, obj.attributes = origin, attributes
+        obj.sources = sources | {origin} if origin is not None else sources
+        return obj
+
+    def __reduce__(self):
+        return (ShapeInt, (int(self),))
+
+    __hash__ = int.__hash__
+
+
+class AttributeInt(int):
+    """An int module attribute (every one is, while a model is traced), so that a size such as
+    ``reshape(B, L, 3, self.n_heads, -1)`` is known to be that attribute whatever its name."""
+
+    def __new__(cls, value: int, module_path: str, attribute: str, divisor: int = 1):
+        obj = super().__new__(cls, value)
+        obj.module_path, obj.attribute, obj.divisor = module_path, attribute, divisor  # value == attribute // divisor
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    def __floordiv__(self, other):
+        """``self.channels // 2`` stays an attribute (a split of it follows pruning); other arithmetic does not."""
+        if type(other) is int and other > 0 and int(self) % other == 0:
+            return AttributeInt(int(self) // other, self.module_path, self.attribute, self.divisor * other)
+        return _combined(int.__floordiv__(self, other), (self, other))
+
+
+def _combined(result: Any, operands: tuple) -> Any:
+    """``result`` of int arithmetic on ``operands``: a ShapeInt (remembering what it was computed
+    from) when any operand was one, else a plain int."""
+    if type(result) is not int or not any(isinstance(o, ShapeInt) for o in operands):
+        return result
+    sources = frozenset().union(*(o.sources for o in operands if isinstance(o, ShapeInt)))
+    attributes = frozenset().union(*(o.attributes for o in operands if isinstance(o, ShapeInt)))
+    attributes |= {(o.module_path, o.attribute) for o in operands if isinstance(o, AttributeInt)}
+    return ShapeInt(result, None, sources, attributes)
+
+
+def _int_op(name: str):
+    int_op = getattr(int, name)
+
+    def op(self, *others):
+        return _combined(int_op(self, *others), (self,) + others)
+
+    op.__name__ = name
+    return op
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+              "__floordiv__", "__rfloordiv__", "__mod__", "__neg__", "__pos__", "__abs__"):
+    setattr(ShapeInt, _name, _int_op(_name))
+    if _name != "__floordiv__":
+        setattr(AttributeInt, _name, _int_op(_name))
+
+
+def _comparison(name: str, symbol: str):
+    compare = getattr(operator, name)
+
+    def op(self, other):
+        result = compare(int(self), int(other) if isinstance(other, int) else other)
+        if _LISTENERS and isinstance(other, (int, float)) and not isinstance(other, bool):
+            _LISTENERS[-1](symbol, self, other)
+        return result
+
+    op.__name__ = f"__{name}__"
+    return op
+
+
+for _name, _symbol in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!=")):
+    setattr(ShapeInt, f"__{_name}__", _comparison(_name, _symbol))
+
+
+@contextlib.contextmanager
+def comparisons_to(listener: Callable[[str, ShapeInt, Any], None]) -> Iterator[None]:
+    """Report every comparison of a :class:`ShapeInt` with a number to ``listener(symbol, size, other)``
+    for the duration (the recorder turns it off around the torch calls it runs)."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
+
+
+@contextlib.contextmanager
+def attribute_ints(model: nn.Module) -> Iterator[None]:
+    """Replace every plain int attribute of every module by an :class:`AttributeInt` for the
+    duration; an attribute that forward reassigned keeps its new value."""
+    replaced = [(module, name, value, AttributeInt(value, path, name)) for path, module in model.named_modules()
+                for name, value in list(vars(module).items()) if type(value) is int]
+    for module, name, _, marked in replaced:
+        module.__dict__[name] = marked
+    try:
+        yield
+    finally:
+        for module, name, value, marked in replaced:
+            if module.__dict__.get(name) is marked:
+                module.__dict__[name] = value
