@@ -5,10 +5,12 @@ builds the model from the config: a stale one cannot take the saved weights. ``s
 reads the new sizes from the modules (hidden size, heads, key/value heads, head size, MLP
 width), writes them into every copy of the config, and checks the result by building the model
 from the new config on the meta device: same tensors, same shapes, same float attributes
-(attention scaling, embedding scale). A config holds one value per field, so per-layer widths
-(global selection) or sizes a family derives (GPT-2's head size is ``n_embd / n_head``) may not
-be expressible: ``expressible`` says why, ``save_pretrained_pruned`` then also saves the
-per-layer shapes and ``load_pretrained_pruned`` applies them. transformers is imported lazily.
+(attention scaling, embedding scale), and by the config class's own validation (which
+``save_pretrained`` runs: LLaMA's wants ``hidden_size % num_attention_heads == 0``). A config
+holds one value per field, so per-layer widths (global selection) or sizes a family derives
+(GPT-2's head size is ``n_embd / n_head``) may not be expressible: ``expressible`` says why,
+``save_pretrained_pruned`` then also saves the per-layer shapes and ``load_pretrained_pruned``
+applies them. transformers is imported lazily.
 """
 
 from __future__ import annotations
@@ -200,6 +202,25 @@ def _rebuilt(model: nn.Module, config: Any) -> tuple[nn.Module | None, str]:
     return fresh, ""
 
 
+def _refused(original: Any, candidate: Any) -> str:
+    """Why the config class's own validation (run by ``save_pretrained`` / ``from_pretrained``) refuses
+    ``candidate`` when it accepts ``original``: LLaMA's asks for ``hidden_size % num_attention_heads == 0``
+    even with an explicit ``head_dim``. "" when it accepts it, or has no validation."""
+    validate = getattr(candidate, "validate", None)
+    if not callable(validate):
+        return ""
+    try:
+        validate()
+    except Exception as error:  # the class's validators raise their own error types
+        try:
+            original.validate()
+        except Exception:
+            return ""  # the original fails too: not the pruning's doing
+        cause = getattr(error, "__cause__", None) or error
+        return f"{type(candidate).__name__} refuses it ({cause})"
+    return ""
+
+
 def _plan(model: nn.Module) -> tuple[dict[str, Any], str, nn.Module | None]:
     """(the fields to write, why no config can describe the model or "", the model built from the new config)."""
     fields, varying = _derived_fields(model)
@@ -211,6 +232,7 @@ def _plan(model: nn.Module) -> tuple[dict[str, Any], str, nn.Module | None]:
         except (AttributeError, TypeError):  # a derived, read-only property (e.g. Falcon's head_dim)
             continue
     fresh, problem = _rebuilt(model, candidate)
+    problem = problem or _refused(model.config, candidate)
     attribute_map = getattr(model.config, "attribute_map", {}) or {}
     tried = ", ".join(f"{attribute_map.get(name, name)}={value}" for name, value in written.items())
     problems = [f"with {tried or 'the config unchanged'}, {problem}"] if problem else []

@@ -1,21 +1,122 @@
-"""Channel rules for attention: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``."""
+"""Channel rules for attention: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``.
+
+Grouped-query attention (``Hk`` key/value heads, each read by ``n = Hq / Hk`` query heads) has
+two removable units, and one channel position belongs to one label, so a trace picks one
+(:func:`gqa_unit`): ``"kv_groups"`` (default) ties each key/value head to its query heads (a
+label removes a whole group), ``"query_heads"`` keeps the key/value heads and ties query head
+``j`` of every group (a label removes one query head from each group: the layout stays
+grouped, ``num_key_value_groups`` follows). The key/value repeat is seen in SDPA's
+``enable_gqa`` and in ``expand`` / ``repeat_interleave`` sized by a group-size attribute.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import numpy as np
 import torch.fx as fx
 from torch import nn
 
 from ..channels import TensorLayout, dim_atoms
+from ..tracing import AttributeInt
 from .registry import RuleContext, channel_rule, module_rule
+
+__all__ = ["GQA_UNITS", "GROUP_SIZE_ATTRIBUTES", "gqa_unit", "set_gqa_unit", "current_gqa_unit"]
+
+GQA_UNITS = ("kv_groups", "query_heads")
+# Attributes holding the number of query heads per key/value head (HF: num_key_value_groups).
+GROUP_SIZE_ATTRIBUTES = ("num_key_value_groups", "num_queries_per_kv", "n_rep", "num_kv_groups")
+_SETTING = {"unit": "kv_groups"}
+_KEPT_WHOLE = "key/value heads are kept whole: the unit is query heads within each key/value group (gqa_unit)"
+
+
+def current_gqa_unit() -> str:
+    return _SETTING["unit"]
+
+
+def set_gqa_unit(unit: str) -> str:
+    """Make ``unit`` the grouped-query unit of labels inferred from now on; returns the previous one."""
+    if unit not in GQA_UNITS:
+        raise ValueError(f"gqa unit must be one of {GQA_UNITS}, got {unit!r}")
+    previous, _SETTING["unit"] = _SETTING["unit"], unit
+    return previous
+
+
+@contextlib.contextmanager
+def gqa_unit(unit: str) -> Iterator[None]:
+    """Labels inferred inside (``ir.infer_labels``, a criterion's first call) use ``unit`` for
+    grouped-query attention: ``"query_heads"`` (within each key/value group) or ``"kv_groups"``."""
+    previous = set_gqa_unit(unit)
+    try:
+        yield
+    finally:
+        set_gqa_unit(previous)
+
+
+def _bind_group_size(ctx: RuleContext, size: int, atoms: np.ndarray, attribute=None) -> None:
+    """Keep the group-size attribute (``size`` query heads per key/value head) in step with ``atoms``."""
+    if isinstance(attribute, AttributeInt):
+        ctx.bind_attribute(attribute.module_path, attribute.attribute, np.tile(atoms, attribute.divisor))
+        return
+    for path in reversed(ctx.module_stack):
+        names = [name for name, value in ctx.state.int_attributes(path, GROUP_SIZE_ATTRIBUTES).items()
+                 if value == size]
+        for name in names:
+            ctx.bind_attribute(path, name, atoms)
+        if names:
+            return
+
+
+def grouped_query_heads(ctx: RuleContext, query_atoms, kv_atoms, kv_heads: int, group_size: int):
+    """Atoms of the query heads of grouped-query attention (query head h reads key/value head
+    h // group_size), tied by the current :func:`gqa_unit`; a single key/value head leaves
+    every query head its own label in both units."""
+    if kv_heads == 1 or current_gqa_unit() == "query_heads":
+        ctx.pin(kv_atoms, _KEPT_WHOLE)
+        within = ctx.fresh(group_size)
+        _bind_group_size(ctx, group_size, within)
+        return ctx.tie([query_atoms, np.tile(within, kv_heads)], "query heads without channel identity")
+    repeated = None if kv_atoms is None else np.repeat(kv_atoms, group_size)
+    return ctx.tie([query_atoms, repeated], "query and key heads do not match")
+
+
+def repeated_key_value(ctx: RuleContext, dims: list, d: int, size) -> bool:
+    """``expand`` of a size-1 dim ``d`` after the key/value heads to ``size`` (a group-size attribute):
+    HF's ``repeat_kv``. With the ``query_heads`` unit (or a single key/value head) the heads are
+    kept and dim ``d`` gets the within-group atoms, so the following reshape tiles them over the
+    groups. Returns whether it applied (``dims`` are the output dims, updated)."""
+    if not (isinstance(size, AttributeInt) and size.attribute in GROUP_SIZE_ATTRIBUTES and d >= 1 and size > 1):
+        return False
+    if dims[d - 1] is not None and current_gqa_unit() != "query_heads":
+        return False
+    ctx.pin(dims[d - 1], _KEPT_WHOLE)
+    dims[d - 1] = None
+    dims[d] = ctx.fresh(int(size))
+    _bind_group_size(ctx, int(size), dims[d], size)
+    return True
+
+
+def grouped_repeat(ctx: RuleContext, dims: list, dim: int, kv_heads: int, repeats) -> bool:
+    """``repeat_interleave(kv, self.num_key_value_groups, dim)``: like :func:`repeated_key_value`,
+    the within-group atoms tiled over the key/value heads (``dims`` updated; whether it applied)."""
+    if not (isinstance(repeats, AttributeInt) and repeats.attribute in GROUP_SIZE_ATTRIBUTES and repeats > 1):
+        return False
+    if dims[dim] is not None and current_gqa_unit() != "query_heads":
+        return False
+    ctx.pin(dims[dim], _KEPT_WHOLE)
+    within = ctx.fresh(int(repeats))
+    _bind_group_size(ctx, int(repeats), within, repeats)
+    dims[dim] = np.tile(within, kv_heads)
+    return True
 
 
 @channel_rule("scaled_dot_product_attention")
 def scaled_dot_product_attention(ctx: RuleContext) -> TensorLayout:
     """q (..., Hq, L, E), k (..., Hk, S, E), v (..., Hk, S, Ev) -> (..., Hq, L, Ev).
 
-    Heads are batch dims: q, k and v heads are tied (with grouped-query attention, k/v
-    head j to q heads j*n..j*n+n-1). E is contracted between q and k, S between k and v.
+    Heads are batch dims: q, k and v heads are tied (grouped-query attention: see
+    :func:`grouped_query_heads`). E is contracted between q and k, S between k and v.
     """
     query, key, value = ctx.argument(0, "query"), ctx.argument(1, "key"), ctx.argument(2, "value")
     mask, scale = ctx.argument(3, "attn_mask"), ctx.argument(6, "scale")
@@ -29,8 +130,9 @@ def scaled_dot_product_attention(ctx: RuleContext) -> TensorLayout:
     for d in range(len(q_shape) - 2):
         query_atoms, key_atoms, value_atoms = (ctx.atoms_of(t, d) for t in (query, key, value))
         key_atoms = ctx.tie([key_atoms, value_atoms], "keys and values disagree on heads")
-        if q_shape[d] != k_shape[d] and k_shape[d] != 1 and q_shape[d] % k_shape[d] == 0:
-            key_atoms = None if key_atoms is None else np.repeat(key_atoms, q_shape[d] // k_shape[d])
+        if d == len(q_shape) - 3 and q_shape[d] != k_shape[d] and q_shape[d] % k_shape[d] == 0:
+            batch.append(grouped_query_heads(ctx, query_atoms, key_atoms, k_shape[d], q_shape[d] // k_shape[d]))
+            continue
         if k_shape[d] == 1 and q_shape[d] != 1:
             batch.append(query_atoms)
             continue

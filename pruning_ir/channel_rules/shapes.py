@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from ..channels import PINNED, TensorLayout, dim_atoms
 from ..tracing import AttributeInt, ShapeInt
+from .attention import grouped_repeat, repeated_key_value
 from .registry import RuleContext, channel_rule
 
 def _flat_sizes(args) -> list:
@@ -198,6 +199,8 @@ def expand(ctx: RuleContext) -> TensorLayout | None:
         if atoms is not None and in_shape[d] == out_shape[d + offset]:
             if ctx.size_follows(sizes[d + offset], atoms, f"the size of expanded dim {d + offset}"):
                 dims[d + offset] = atoms
+        elif in_shape[d] == 1 and layout is not None:  # HF repeat_kv: heads expanded by the group size
+            repeated_key_value(ctx, dims, d + offset, sizes[d + offset])
     return TensorLayout(tuple(dims), layout.dead_is_zero if layout else True)
 
 
@@ -225,6 +228,8 @@ def repeat_interleave(ctx: RuleContext) -> TensorLayout | None:
         ctx.pin_layout(layout, "repeat_interleave with tensor repeats or no dim")
         return TensorLayout.empty(len(ctx.out_shape))
     dims = list(layout.dims)
+    if grouped_repeat(ctx, dims, dim % len(dims), ctx.shape(source)[dim], repeats):  # grouped-query key/values
+        return layout.with_dims(dims)
     if dims[dim] is not None:
         dims[dim] = np.repeat(dims[dim], repeats)
     return layout.with_dims(dims)
