@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +31,6 @@ from tqdm.auto import tqdm
 
 from .criteria._distributed import all_reduce_sum, world_size
 from .errors import PruningIRError
-
-if TYPE_CHECKING:
-    from .ir import PruningIR
 
 __all__ = ["InputStatistics", "collect_statistics", "ConsumerStatistics"]
 
@@ -105,7 +102,7 @@ class InputStatistics:
         dtype: accumulation dtype (float64; float32 halves the memory on a GPU).
     """
 
-    def __init__(self, ir: "PruningIR", *, max_features: int = 4096, max_positions: int | None = 1024,
+    def __init__(self, ir: Any, *, max_features: int = 4096, max_positions: int | None = 1024,
                  second_moments: bool = True, exclude: Iterable[str] = (), dtype: torch.dtype = torch.float64,
                  seed: int = 0, verbose: bool = False):
         if max_positions is not None and max_positions < 1:
@@ -408,7 +405,7 @@ class InputStatistics:
                 f"{len(self.skipped)} without statistics>")
 
 
-def collect_statistics(ir: "PruningIR", **options: Any) -> InputStatistics:
+def collect_statistics(ir: Any, **options: Any) -> InputStatistics:
     """``with collect_statistics(ir) as stats: ...``: the input statistics of ``ir``'s consumers,
     gathered during the forward passes run in the block (see :class:`InputStatistics`)."""
     return InputStatistics(ir, **options)

@@ -27,7 +27,7 @@ class ChannelCountBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x).mean((2, 3))
         x = x + self.mlp(x)
-        if x.shape[1] >= 16:
+        if x.shape[1] % 16 == 0:
             return self.head(x)
         return self.small_head(x[:, :8])
 

@@ -167,7 +167,7 @@ class KnapsackLabelSelector(LabelSelector):
                 self.history.append(record)
                 bar.update(1)
                 bar.set_postfix(latency_calls=oracle.calls)
-                self._say(bar, self._describe(record, plan))
+                self._say(bar, self.describe_iteration(record, plan))
                 if measured is None:    # the function cannot measure it: solve again without it
                     unmeasurable.append(counts)
                     continue
@@ -191,9 +191,9 @@ class KnapsackLabelSelector(LabelSelector):
                     centres.add(counts.tobytes())
         finally:
             bar.close()
-        return self._best(plan, oracle, feasible, closest, converged)
+        return self.best_selection(plan, oracle, feasible, closest, converged)
 
-    def _best(self, plan: SelectionPlan, oracle: LatencyOracle, feasible: list,
+    def best_selection(self, plan: SelectionPlan, oracle: LatencyOracle, feasible: list,
               closest: tuple[float, np.ndarray] | None, converged: bool) -> tuple[np.ndarray, float]:
         """The feasible selection with the most score: measured, or completed by binary search.
 
@@ -308,7 +308,7 @@ class KnapsackLabelSelector(LabelSelector):
         return None
 
     # -- reporting ------------------------------------------------------------------------------
-    def _describe(self, record: KnapsackIteration, plan: SelectionPlan) -> str:
+    def describe_iteration(self, record: KnapsackIteration, plan: SelectionPlan) -> str:
         total = plan.kept_score(plan.base_counts())
         kept = f"{record.kept_score / total:.4f}" if total else f"{record.kept_score:.4g}"
         measured = "unmeasurable" if record.measured is None else (

@@ -170,7 +170,7 @@ def select_with_table(selector: "KnapsackLabelSelector", plan: SelectionPlan, or
         record = KnapsackIteration(iteration, aim, predicted * aim / budget * nudge, measured,
                                    plan.kept_score(counts), int(counts.sum()), oracle.calls)
         selector.history.append(record)
-        say(selector._describe(record, plan))
+        say(selector.describe_iteration(record, plan))
         key = counts.tobytes()
         if measured is None:
             nudge *= 1.02   # cannot measure it: ask for a little less pruning
@@ -192,4 +192,4 @@ def select_with_table(selector: "KnapsackLabelSelector", plan: SelectionPlan, or
         seen.add(key)
         current = counts
     table.save()
-    return selector._best(plan, oracle, feasible, closest, converged)
+    return selector.best_selection(plan, oracle, feasible, closest, converged)
