@@ -15,6 +15,7 @@ from . import masking
 from .errors import InvalidLabelsError, LabelsNotInferredError, PruningError, PruningIRError
 from .huggingface import sync_config
 from .labels import ChannelIndex, DependencyGroup, Label
+from .channel_rules import GQA_UNITS
 from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
 from .pruning import prune_model, slice_plans
@@ -41,18 +42,26 @@ class PruningIR:
     smaller. Pruning replaces parameters: pass the optimizer to ``prune(..., optimizer=)`` to
     move it onto the pruned model, or build a new one from ``ir.model.parameters()`` (an
     optimizer made before and not passed keeps the old, full-size tensors).
+
+    ``gqa_unit`` (grouped-query attention, read when labels are inferred): ``"kv_groups"``
+    (default) labels a key/value head with its query heads, ``"query_heads"`` labels query head
+    ``j`` of every key/value group, keeping the key/value heads (8/2 -> 6/2 heads).
     """
 
     LeafModule = LeafModule
 
-    def __init__(self, model: nn.Module, *, leaf_modules: Iterable[Any] | None = None, soft_tracing: bool = True):
+    def __init__(self, model: nn.Module, *, leaf_modules: Iterable[Any] | None = None, soft_tracing: bool = True,
+                 gqa_unit: str = "kv_groups"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PruningIR expects an nn.Module, got {type(model).__name__}")
         if isinstance(model, torch.jit.ScriptModule):
             raise TypeError(f"PruningIR cannot see inside a TorchScript model ({type(model).__name__}, from "
                             "torch.jit.script or torch.jit.trace): its forward is compiled, so no channel can be "
                             "traced or removed; pass the original nn.Module and script the pruned one afterwards")
+        if gqa_unit not in GQA_UNITS:
+            raise ValueError(f"gqa_unit must be one of {GQA_UNITS}, got {gqa_unit!r}")
         self._model = model
+        self.gqa_unit = gqa_unit
         self._leaf_policy = LeafPolicy.from_argument(leaf_modules, BUILTIN_LEAF_TYPES)
         self.soft_tracing = soft_tracing
         self._index: ChannelIndex | None = None
@@ -95,7 +104,7 @@ class PruningIR:
         self._check_usable()
         examples = examples_of(args, kwargs, more_inputs)
         traced, output = trace_paths(self._model, examples, self._leaf_policy, strict=not self.soft_tracing)
-        state = propagate(self._model, traced)
+        state = propagate(self._model, traced, self.__dict__.get("gqa_unit", "kv_groups"))
         self._index = ChannelIndex.from_propagation(state)
         self._example_inputs = (args, kwargs)
         self._more_example_inputs = examples[1:]  # the prune-time check runs on the first example

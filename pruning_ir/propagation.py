@@ -40,9 +40,10 @@ def _check_layout(node: fx.Node, layout: Any, rule_name: str) -> None:
             f"the output shape {tuple(shape)} of node {node.name}; please report it")
 
 
-def propagate(model: nn.Module, traced: TracedGraph) -> PropagationState:
-    """Run every node's channel rule in graph order and pin what reaches the model outputs."""
-    state = PropagationState(model)
+def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "kv_groups") -> PropagationState:
+    """Run every node's channel rule in graph order and pin what reaches the model outputs
+    (``gqa_unit``: the label of grouped-query attention, see ``channel_rules.attention``)."""
+    state = PropagationState(model, gqa_unit)
     state.node_named = {node.name: node for node in traced.graph.nodes}  # sizes name the node they were read from
     for node in traced.graph.nodes:
         if node.op == "placeholder" or node.meta.get("external"):

@@ -1,4 +1,4 @@
-"""Grouped-query attention at two grains (``pruning_ir.channel_rules.gqa_unit``).
+"""Grouped-query attention at two grains (``PruningIR(model, gqa_unit=...)``).
 
 ``"query_heads"``: a label is query head ``j`` of every key/value group, so removing it keeps the
 layout grouped (8/2 heads -> 6/2); ``"kv_groups"`` (default): a label is a key/value head with its
@@ -20,7 +20,6 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from pruning_ir import PruningIR, UniformLabelSelector  # noqa: E402
-from pruning_ir.channel_rules import current_gqa_unit, gqa_unit, set_gqa_unit  # noqa: E402
 from pruning_ir.huggingface import expressible, load_pretrained_pruned, save_pretrained_pruned  # noqa: E402
 from zoo import seeded_build  # noqa: E402
 
@@ -72,8 +71,7 @@ def _uniform(ir: PruningIR, share: float) -> list:
 
 
 def _infer(model: nn.Module, unit: str, **kwargs) -> PruningIR:
-    with gqa_unit(unit):
-        return PruningIR(model).infer_labels(_inputs(), **kwargs)
+    return PruningIR(model, gqa_unit=unit).infer_labels(_inputs(), **kwargs)
 
 
 def _check_exact_and_reloadable(model: nn.Module, ir: PruningIR, labels: list, tmp_path, heads: int, kv: int,
@@ -212,14 +210,11 @@ def test_both_units_compose_in_two_steps(tmp_path):
     assert not torch.equal(_logits(pruned, _inputs()), _logits(reference, _inputs()))  # zeroed in place
 
 
-def test_the_unit_is_a_scoped_setting():
-    assert current_gqa_unit() == "kv_groups"
-    with gqa_unit("query_heads"):
-        assert current_gqa_unit() == "query_heads"
-    assert current_gqa_unit() == "kv_groups"
+def test_the_unit_is_an_option_of_the_ir():
+    assert PruningIR(nn.Linear(2, 2)).gqa_unit == "kv_groups"
+    assert PruningIR(nn.Linear(2, 2), gqa_unit="query_heads").gqa_unit == "query_heads"
     with pytest.raises(ValueError, match="query_heads"):
-        set_gqa_unit("heads")
-    assert current_gqa_unit() == "kv_groups"
+        PruningIR(nn.Linear(2, 2), gqa_unit="heads")
 
 
 class HandWrittenGQA(nn.Module):
@@ -246,8 +241,7 @@ def test_hand_written_repeat_interleave(unit, labels_per_layer, kept):
     torch.manual_seed(0)
     model = nn.Sequential(HandWrittenGQA(), HandWrittenGQA()).eval()
     x = torch.randn(2, 5, 32)
-    with gqa_unit(unit):
-        ir = PruningIR(model).infer_labels(x)
+    ir = PruningIR(model, gqa_unit=unit).infer_labels(x)
     groups = [g for g in ir.groups if g.prunable and any(".q.weight[0]" in name for name in g.parameters)]
     assert [len(g.classes) for g in groups] == [labels_per_layer] * 2 and all(g.exact for g in groups)
     labels = [group.labels[0] for group in groups]

@@ -5,13 +5,12 @@ Where each op's rule lives:
 - ``layers``: conv, transposed conv, linear, matmul/addmm, batch/instance/group/layer norm, embedding, PReLU.
 - ``shapes``: view/reshape/flatten, permute/transpose, expand/repeat, cat/stack, split/chunk, indexing.
 - ``spatial``: pooling, interpolate, pad, pixel shuffle, channel shuffle.
-- ``attention``: scaled_dot_product_attention, nn.MultiheadAttention, grouped-query attention's unit (``gqa_unit``).
+- ``attention``: scaled_dot_product_attention, nn.MultiheadAttention, grouped-query attention's two units (``GQA_UNITS``).
 - ``recurrent``: LSTM/GRU/RNN.
 """
 
 from . import attention, elementwise, layers, recurrent, shapes, spatial  # noqa: F401  (registration)
-from .attention import current_gqa_unit, gqa_unit, set_gqa_unit
+from .attention import GQA_UNITS
 from .registry import RuleContext, channel_rule, find_rule, module_rule, registered_ops
 
-__all__ = ["RuleContext", "channel_rule", "module_rule", "find_rule", "registered_ops", "gqa_unit", "set_gqa_unit",
-           "current_gqa_unit"]
+__all__ = ["RuleContext", "channel_rule", "module_rule", "find_rule", "registered_ops", "GQA_UNITS"]

@@ -2,7 +2,7 @@
 
 Grouped-query attention (``Hk`` key/value heads, each read by ``n = Hq / Hk`` query heads) has
 two removable units, and one channel position belongs to one label, so a trace picks one
-(:func:`gqa_unit`): ``"kv_groups"`` (default) ties each key/value head to its query heads (a
+(``PruningIR(model, gqa_unit=...)``, read from the propagation state): ``"kv_groups"`` (default) ties each key/value head to its query heads (a
 label removes a whole group), ``"query_heads"`` keeps the key/value heads and ties query head
 ``j`` of every group (a label removes one query head from each group: the layout stays
 grouped, ``num_key_value_groups`` follows). The key/value repeat is seen in SDPA's
@@ -10,9 +10,6 @@ grouped, ``num_key_value_groups`` follows). The key/value repeat is seen in SDPA
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import numpy as np
 import torch.fx as fx
@@ -22,36 +19,12 @@ from ..channels import TensorLayout, dim_atoms
 from ..tracing import AttributeInt
 from .registry import RuleContext, channel_rule, module_rule
 
-__all__ = ["GQA_UNITS", "GROUP_SIZE_ATTRIBUTES", "gqa_unit", "set_gqa_unit", "current_gqa_unit"]
+__all__ = ["GQA_UNITS", "GROUP_SIZE_ATTRIBUTES"]
 
 GQA_UNITS = ("kv_groups", "query_heads")
 # Attributes holding the number of query heads per key/value head (HF: num_key_value_groups).
 GROUP_SIZE_ATTRIBUTES = ("num_key_value_groups", "num_queries_per_kv", "n_rep", "num_kv_groups")
-_SETTING = {"unit": "kv_groups"}
 _KEPT_WHOLE = "key/value heads are kept whole: the unit is query heads within each key/value group (gqa_unit)"
-
-
-def current_gqa_unit() -> str:
-    return _SETTING["unit"]
-
-
-def set_gqa_unit(unit: str) -> str:
-    """Make ``unit`` the grouped-query unit of labels inferred from now on; returns the previous one."""
-    if unit not in GQA_UNITS:
-        raise ValueError(f"gqa unit must be one of {GQA_UNITS}, got {unit!r}")
-    previous, _SETTING["unit"] = _SETTING["unit"], unit
-    return previous
-
-
-@contextlib.contextmanager
-def gqa_unit(unit: str) -> Iterator[None]:
-    """Labels inferred inside (``ir.infer_labels``, a criterion's first call) use ``unit`` for
-    grouped-query attention: ``"query_heads"`` (within each key/value group) or ``"kv_groups"``."""
-    previous = set_gqa_unit(unit)
-    try:
-        yield
-    finally:
-        set_gqa_unit(previous)
 
 
 def _bind_group_size(ctx: RuleContext, size: int, atoms: np.ndarray, attribute=None) -> None:
@@ -70,9 +43,9 @@ def _bind_group_size(ctx: RuleContext, size: int, atoms: np.ndarray, attribute=N
 
 def grouped_query_heads(ctx: RuleContext, query_atoms, kv_atoms, kv_heads: int, group_size: int):
     """Atoms of the query heads of grouped-query attention (query head h reads key/value head
-    h // group_size), tied by the current :func:`gqa_unit`; a single key/value head leaves
+    h // group_size), tied by the IR's ``gqa_unit``; a single key/value head leaves
     every query head its own label in both units."""
-    if kv_heads == 1 or current_gqa_unit() == "query_heads":
+    if kv_heads == 1 or ctx.state.gqa_unit == "query_heads":
         ctx.pin(kv_atoms, _KEPT_WHOLE)
         within = ctx.fresh(group_size)
         _bind_group_size(ctx, group_size, within)
@@ -88,7 +61,7 @@ def repeated_key_value(ctx: RuleContext, dims: list, d: int, size) -> bool:
     groups. Returns whether it applied (``dims`` are the output dims, updated)."""
     if not (isinstance(size, AttributeInt) and size.attribute in GROUP_SIZE_ATTRIBUTES and d >= 1 and size > 1):
         return False
-    if dims[d - 1] is not None and current_gqa_unit() != "query_heads":
+    if dims[d - 1] is not None and ctx.state.gqa_unit != "query_heads":
         return False
     ctx.pin(dims[d - 1], _KEPT_WHOLE)
     dims[d - 1] = None
@@ -102,7 +75,7 @@ def grouped_repeat(ctx: RuleContext, dims: list, dim: int, kv_heads: int, repeat
     the within-group atoms tiled over the key/value heads (``dims`` updated; whether it applied)."""
     if not (isinstance(repeats, AttributeInt) and repeats.attribute in GROUP_SIZE_ATTRIBUTES and repeats > 1):
         return False
-    if dims[dim] is not None and current_gqa_unit() != "query_heads":
+    if dims[dim] is not None and ctx.state.gqa_unit != "query_heads":
         return False
     ctx.pin(dims[dim], _KEPT_WHOLE)
     within = ctx.fresh(int(repeats))

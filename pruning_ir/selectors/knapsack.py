@@ -13,20 +13,20 @@ one per group.
 
 from __future__ import annotations
 
-from ..checks import check_share
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_share
 from ..errors import LatencyMeasurementError
 from ..latency import TableLatency
 from .base import LabelSelector
 from .binary_search import check_reachable, shortest_feasible_prefix
 from .constraint import ChannelConstraint
+from .iteration import KnapsackIteration
 from .latency_table import LatencyTable
 from .multiple_choice import select_with_table
 from .oracle import LatencyOracle, check_function, check_target
@@ -34,19 +34,6 @@ from .plan import SelectionPlan
 from .solver import Linearization, solve_knapsack
 
 __all__ = ["KnapsackLabelSelector", "KnapsackIteration"]
-
-
-@dataclass(frozen=True)
-class KnapsackIteration:
-    """What one iteration aimed at, estimated and measured (kept in ``selector.history``)."""
-
-    iteration: int
-    aim: float
-    estimated: float
-    measured: float | None       # None: the latency function could not measure the selection
-    kept_score: float
-    removed_labels: int
-    latency_calls: int
 
 
 class KnapsackLabelSelector(LabelSelector):

@@ -14,7 +14,7 @@ measured latency lies within the tolerance below the target or ``max_iterations`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from ortools.sat.python import cp_model
@@ -22,12 +22,10 @@ from tqdm.auto import tqdm
 
 from ..errors import LatencyMeasurementError
 from .binary_search import check_reachable
+from .iteration import KnapsackIteration
 from .latency_table import GroupTable, LatencyTable
 from .oracle import LatencyOracle
 from .plan import SelectionPlan
-
-if TYPE_CHECKING:
-    from .knapsack import KnapsackLabelSelector
 
 __all__ = ["solve_multiple_choice", "select_with_table"]
 
@@ -126,10 +124,9 @@ def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, bu
     return np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64)
 
 
-def select_with_table(selector: "KnapsackLabelSelector", plan: SelectionPlan, oracle: LatencyOracle,
+def select_with_table(selector: Any, plan: SelectionPlan, oracle: LatencyOracle,
                       table: LatencyTable) -> tuple[np.ndarray, float]:
     """The iteration of :class:`KnapsackLabelSelector` on a latency table: (counts, measured latency)."""
-    from .knapsack import KnapsackIteration
 
     target, tolerance = selector.target_latency, selector.tolerance
     aim = target * (1 - tolerance / 2)
