@@ -121,7 +121,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
           params: float | None = None, latency: float | None = None, ratio: float | None = None,
           data: Iterable[Any] | None = None, loss: Callable[[Any, Any], torch.Tensor] | None = None,
           forward: Callable[[Any, Any], torch.Tensor] | None = None, rounds: int = 5,
-          constraint: ChannelConstraint | None = None, inplace: bool = False, return_report: bool = False,
+          constraint: ChannelConstraint | None = None, leaf_modules: Iterable[Any] | None = None,
+          gqa_unit: str = "kv_groups", inplace: bool = False, return_report: bool = False,
           verbose: bool = True) -> nn.Module | tuple[nn.Module, PruneReport]:
     """Prune ``model`` to one budget and return the smaller model (the same class).
 
@@ -139,6 +140,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
             None); ``model`` is a callable that runs the model: call it, nothing else.
         rounds: scoring rounds with data (one shot without).
         constraint: the widths each group may keep (``ChannelConstraint(step=8)`` for fast kernels).
+        leaf_modules, gqa_unit: as for :class:`PruningIR` (modules kept whole; the grouped-query unit).
         inplace: prune ``model`` itself (less memory; the per-group report has no costs then).
         return_report: also return a :class:`PruneReport`.
         verbose: progress bars; False silences everything (warnings go to the report's notes).
@@ -170,7 +172,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
     with _recorded_warnings(notes, verbose):
         with _timed(timings, "labels"):  # traced as calibration calls the model, so its graph matches theirs
             args, kwargs = (inputs, {}) if data is None else _first_call(model, data, loss, forward, device)
-            ir = PruningIR(model).infer_labels(*args, **kwargs)
+            ir = PruningIR(model, leaf_modules=leaf_modules, gqa_unit=gqa_unit).infer_labels(*args, **kwargs)
             original = [(g, g.labels) for g in ir.groups if g.prunable]
         with _timed(timings, "measure before"):
             macs_before, params_before = count_macs(model, *inputs), parameter_count(model)

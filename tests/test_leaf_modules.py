@@ -122,3 +122,15 @@ class _no_warning:
     def __exit__(self, *exc):
         self._catcher.__exit__(*exc)
         return False
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_the_one_call_keeps_the_leaf(with_data):
+    import pruning_ir
+    torch.manual_seed(0)
+    model = TokenModel()
+    ids, targets = tokens()
+    options = dict(data=[(ids, targets)], loss=F.cross_entropy, rounds=2) if with_data else {}
+    pruned = pruning_ir.prune(model, ids, ratio=0.5, verbose=False, **options,
+                              leaf_modules=[PruningIR.LeafModule(model.embed, prunable_output=False)])
+    assert_hidden_kept(pruned)
