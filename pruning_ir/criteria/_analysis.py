@@ -136,11 +136,12 @@ def sites_by_node(index: ChannelIndex) -> defaultdict[str, list[ChannelSite]]:
     return sites
 
 
-def parameter_label_classes(index: ChannelIndex, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per parameter name: the label classes bound to any of its dimensions."""
+def parameter_label_classes(index: ChannelIndex, labels: np.ndarray, dim: int | None = None) -> dict[str, np.ndarray]:
+    """Per parameter name: the label classes bound to any of its dimensions (``dim``: to that one only)."""
     collected: dict[str, list[np.ndarray]] = defaultdict(list)
     for binding in index.parameter_bindings:
-        collected[binding.target.name].append(binding.classes)
+        if dim is None or binding.target.dim == dim:
+            collected[binding.target.name].append(binding.classes)
     result = {}
     for name, arrays in collected.items():
         classes = np.unique(np.concatenate(arrays))
@@ -151,15 +152,7 @@ def parameter_label_classes(index: ChannelIndex, labels: np.ndarray) -> dict[str
 def read_label_classes(index: ChannelIndex, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Per parameter name: the label classes bound to its dimension 1 (a conv's or linear's weight:
     its in-channels, the channels an op with it *reads*)."""
-    collected: dict[str, list[np.ndarray]] = defaultdict(list)
-    for binding in index.parameter_bindings:
-        if binding.target.dim == 1:
-            collected[binding.target.name].append(binding.classes)
-    result = {}
-    for name, arrays in collected.items():
-        classes = np.unique(np.concatenate(arrays))
-        result[name] = classes[labels[classes]]
-    return result
+    return parameter_label_classes(index, labels, dim=1)
 
 
 def tuple_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
