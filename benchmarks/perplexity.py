@@ -48,7 +48,7 @@ from harness.machine import environment  # noqa: E402
 from llm_scale import write_section  # noqa: E402
 
 SHARES = (0.20, 0.35, 0.50)
-METHODS = ("loss_aware", "loss_aware_rounds", "wanda", "flap", "magnitude", "torch_pruning")
+METHODS = ("loss_aware", "loss_aware_rounds", "wanda", "wanda_query_heads", "flap", "magnitude", "torch_pruning")
 FULL = {"hidden": 256, "intermediate": 688, "layers": 4, "heads": 8, "kv_heads": 4, "seq": 128, "batch": 16,
         "train_steps": 200, "lr": 3e-3, "finetune_steps": 15, "finetune_batch": 8, "finetune_lr": 5e-4,
         "calibration_batches": 4, "calibration_batch": 8, "test_windows": 256}
@@ -198,14 +198,15 @@ def attention_mlp_params(model: torch.nn.Module) -> int:
 
 
 # -- pruning_ir recipes -----------------------------------------------------------------------------
-def _heads_and_mlp_selector(share: float, split: tuple[int, int, int]):
+def _heads_and_mlp_selector(share: float, split: tuple[int, int, int, int]):
     """Uniform selection over the head and MLP groups that removes ``share`` of their parameters: heads go in
-    whole key/value groups (``split``: attention and MLP parameters per layer, key/value heads), so the MLP share
+    the attention group's labels (``split``: attention parameters per layer, those the head labels hold, MLP
+    parameters, head labels per layer: key/value groups, or query heads within each group), so the MLP share
     makes up the rounding; the hidden-size group (the embedding's) keeps its labels."""
     from pruning_ir import UniformLabelSelector
-    attention, mlp, kv_heads = split
-    heads = math.floor(share * kv_heads + 0.5) / kv_heads
-    channels = min(max((share * (attention + mlp) - heads * attention) / mlp, 0.0), 0.95)
+    attention, removable, mlp, labels = split
+    heads = math.floor(share * labels + 0.5) / labels
+    channels = min(max((share * (attention + mlp) - heads * removable) / mlp, 0.0), 0.95)
 
     class HeadsAndMLP(UniformLabelSelector):
         def select(self, ir, **kwargs):
@@ -222,7 +223,13 @@ def prune_ours(method: str, model: nn.Module, share: float, calibration: list[to
                split: tuple[int, int, int]) -> nn.Module:
     from pruning_ir import (ActivationCriterion, LossAwareCriterion, MagnitudeCriterion, PruningIR,
                             prune_in_rounds)
-    ir = PruningIR(model)
+    ir = PruningIR(model, gqa_unit="query_heads" if method.endswith("_query_heads") else "kv_groups")
+    if method.endswith("_query_heads"):   # query heads within each key/value group: k/v and their rows kept
+        attention, _, mlp, _ = split
+        attn = model.layers[0].self_attn
+        removable = attn.q_proj.weight.numel() + attn.o_proj.weight.numel()
+        split, method = (attention, removable, mlp, attn.num_heads // attn.num_key_value_heads), method[:-len(
+            "_query_heads")]
     if method == "loss_aware_rounds":
         def calibrate(collector):
             for ids in calibration:
@@ -294,7 +301,8 @@ def run(p: dict, verbose: bool = True) -> dict:
     calibration = batches(train_data, p["calibration_batches"], p["calibration_batch"], p["seq"], seed=1)
     example = train_data[:16].unsqueeze(0)
     layer = model.layers[0]
-    split = (sum(q.numel() for q in layer.self_attn.parameters()), sum(q.numel() for q in layer.mlp.parameters()),
+    attention_params = sum(q.numel() for q in layer.self_attn.parameters())
+    split = (attention_params, attention_params, sum(q.numel() for q in layer.mlp.parameters()),
              layer.self_attn.num_key_value_heads)
     rows = []
     for share in SHARES:
