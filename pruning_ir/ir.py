@@ -232,14 +232,15 @@ class PruningIR:
             self._check_labels(labels)
         classes = np.array([label.class_id for label in labels], dtype=np.int64)
         removed = index.removal_mask(classes)
+        pins: list[tuple[np.ndarray, str]] = []   # groups the check keeps: pinned in the returned IR
         if verify and removed.any():
-            removed = self._verified(removed, inplace, strict)
+            removed, pins = self._verified(removed, inplace, strict)
         plans = slice_plans(index, removed)
         move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
         refit = None if reconstruct is None else reconstruct.prepare(plain, index, removed)  # from unpruned weights
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
-        kept_index = index.without(removed)
+        kept_index = index.without(removed, pins)
         if refit is not None:
             refit(model, kept_index)  # writes the refit weights (a created bias is bound in kept_index)
         sync_config(model, stacklevel=3)  # a transformers model's config gets the pruned sizes, or a warning
@@ -250,28 +251,33 @@ class PruningIR:
             self._consumed = True
         return pruned
 
-    def _verified(self, removed: np.ndarray, inplace: bool, strict: bool) -> np.ndarray:
-        """``removed`` without the groups whose removal breaks the model on its example inputs."""
+    def _verified(self, removed: np.ndarray, inplace: bool,
+                  strict: bool) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
+        """``removed`` without the groups whose removal breaks the model on its example inputs, and
+        those groups' classes with the reason, to pin in the pruned IR."""
         signature = self.__dict__.get("_output_signature")
         if signature is None or self._example_inputs is None or self.masked:
-            return removed  # loaded from an older file, or masked (GradualPruner checks its own masks)
+            return removed, []  # loaded from an older file, or masked (GradualPruner checks its own masks)
         check = RemovalCheck(self._model, self._index, self._example_inputs, signature,
                              self.__dict__.get("_verifies_on_meta"))
         self._verifies_on_meta = check.on_meta  # the model's ops do not change between prunes of this IR
         if not check.on_meta and inplace:
             warnings.warn("prune(inplace=True): the model does not run on shape-only (meta) tensors, so the "
                           "removal was not verified before it was written; prune a copy to verify it", stacklevel=3)
-            return removed
+            return removed, []
         culprits = check.culprits(removed, real_copy_allowed=not inplace)
         if not culprits:
-            return removed
+            return removed, []
         listing = "\n".join(f"  {culprit}" for culprit in culprits)
         if strict:
             raise PruningError(f"removing these labels would break the model on its example inputs; the groups "
                                f"responsible:\n{listing}\n(nothing was changed)")
         warnings.warn(f"prune(): {len(culprits)} groups keep their labels because removing them breaks the model "
                       f"on its example inputs (please report it):\n{listing}", stacklevel=3)
-        return without_culprits(removed, culprits, self._index)
+        groups = {group.id: group for group in self._index.groups}
+        pins = [(groups[c.group].classes.copy(), f"prune() found that removing it breaks the model on its example "
+                 f"inputs: {c.reason}") for c in culprits]
+        return without_culprits(removed, culprits, self._index), pins
 
     # -- soft masks (pruning_ir.masking) ---------------------------------------------------
     def mask(self, labels: Iterable[Label]) -> None:

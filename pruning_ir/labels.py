@@ -276,8 +276,9 @@ class ChannelIndex:
                 return f"all {len(site.classes)} channels of the output of {site.node} in '{site.module_path}'"
         return None
 
-    def without(self, removed: np.ndarray) -> "ChannelIndex":
-        """The index of the pruned model: every array keeps only the surviving positions."""
+    def without(self, removed: np.ndarray, pins: list[tuple[np.ndarray, str]] = ()) -> "ChannelIndex":
+        """The index of the pruned model: every array keeps only the surviving positions;
+        ``pins``: (classes, reason) pairs pinned from now on (groups prune() found it must keep)."""
 
         def keep(classes: np.ndarray) -> np.ndarray:
             return classes[~removed[classes]]
@@ -286,5 +287,8 @@ class ChannelIndex:
         attributes = [ClassBinding(b.target, keep(b.classes)) for b in self.attribute_bindings]
         sites = [ChannelSite(s.node, s.module_path, s.dim, keep(s.classes)) for s in self.sites]
         sites = [s for s in sites if len(s.classes)]
-        return ChannelIndex(self.class_count, parameters, attributes, sites, self.pinned,
-                            self.pin_reasons, self.inexact, self.class_scores.copy())
+        pinned = self.pinned.copy()
+        for classes, _ in pins:
+            pinned[classes] = True
+        return ChannelIndex(self.class_count, parameters, attributes, sites, pinned,
+                            self.pin_reasons + list(pins), self.inexact, self.class_scores.copy())

@@ -54,6 +54,11 @@ def test_verification_keeps_the_groups_that_break_it_and_says_why():
         pruned = ir.prune(labels=labels)
     assert pruned.model(image).shape == ir.model(image).shape
     assert pruned.model.stem.out_channels == 16 and pruned.model.mlp[0].out_features == 16  # the MLP is pruned
+    # the returned IR pins the group it kept, with the reason: selecting again does not pick it
+    stem = next(group for group in pruned.groups if "stem" in group.modules)
+    assert not stem.prunable and any("breaks the model" in reason for reason in stem.unprunable_reasons)
+    again = pruned.prune(labels=UniformLabelSelector(0.5).select(pruned))
+    assert again.model.stem.out_channels == 16 and again.model(image).shape == ir.model(image).shape
 
 
 @pytest.mark.parametrize("inplace", [False, True])
