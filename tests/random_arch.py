@@ -12,6 +12,7 @@ tensors) and builds it into a :class:`RandomNet` that runs on a 2x3x8x8 input. O
 * ``attn``  - hand-written multi-head attention over the pixels as tokens, in every head layout of
   ``reference_patterns.HandAttention``, back to an image with sizes read from the input
 * ``mix``   - token mixing through transposes: a Linear over the pixel positions
+* ``branch``- Python steered by a channel count: ``conv(x) if x.shape[1] >= k else x``
 
 Every tensor that no later op consumes (a leaf) feeds the head: pool (or not) -> flatten ->
 concatenate -> ``nn.Linear``, so no op is dead code. The spec's ``repr`` is the program itself.
@@ -226,7 +227,27 @@ class TokenMix:
         return f"{self.name} = token_mix({self.src})"
 
 
-Op = Conv | Add | Cat | Split | SelfApply | Attend | TokenMix
+@dataclass(frozen=True)
+class Branch:
+    """``name = conv(src) if src.shape[1] >= threshold else src``: Python steered by a channel count
+    (pruning must not flip the recorded branch: the compared count is pinned)."""
+
+    name: str
+    src: str
+    threshold: int
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.src,)
+
+    def out_shapes(self, shapes: Shapes) -> Shapes:
+        return {self.name: shapes[self.src]}
+
+    def __str__(self) -> str:
+        return f"{self.name} = conv({self.src}) if {self.src}.shape[1] >= {self.threshold} else {self.src}"
+
+
+Op = Conv | Add | Cat | Split | SelfApply | Attend | TokenMix | Branch
 
 
 @dataclass(frozen=True)
@@ -314,6 +335,8 @@ class RandomNet(nn.Module):
                                     for op in spec.ops if isinstance(op, SelfApply)})
         self.attns = nn.ModuleDict({op.name: HandAttention(shapes[op.src][0], op.heads, op.head_dim, op.layout)
                                     for op in spec.ops if isinstance(op, Attend)})
+        self.branches = nn.ModuleDict({op.name: ConvBNAct(shapes[op.src][0], shapes[op.src][0], 1, 1, 1, nn.ReLU)
+                                       for op in spec.ops if isinstance(op, Branch)})
         self.mixes = nn.ModuleDict({op.name: nn.Linear(shapes[op.src][1] ** 2, shapes[op.src][1] ** 2)
                                     for op in spec.ops if isinstance(op, TokenMix)})
         self.leaves = spec.leaves()
@@ -335,6 +358,9 @@ class RandomNet(nn.Module):
                 B, C, H, W = x.shape
                 y = self.attns[op.name](x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, C, H, W)
                 env[op.name] = (x + y if op.residual else y).contiguous()
+            elif isinstance(op, Branch):
+                x = env[op.src]
+                env[op.name] = self.branches[op.name](x) if x.shape[1] >= op.threshold else x
             elif isinstance(op, TokenMix):
                 x = env[op.src]
                 tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
@@ -408,6 +434,12 @@ def _attend(draw: st.DrawFn, name: str, shapes: Shapes) -> Attend:
 
 
 @st.composite
+def _branch(draw: st.DrawFn, name: str, shapes: Shapes) -> Branch:
+    src = draw(st.sampled_from(_recent_first(shapes)))
+    return Branch(name, src, threshold=draw(st.integers(1, shapes[src][0])))  # the conv branch runs when traced
+
+
+@st.composite
 def _token_mix(draw: st.DrawFn, name: str, shapes: Shapes) -> TokenMix:
     return TokenMix(name, draw(st.sampled_from(_recent_first(shapes))))
 
@@ -456,7 +488,7 @@ def arch_specs(draw: st.DrawFn, min_nodes: int = 2, max_nodes: int = 8) -> ArchS
     for i in range(1, num_nodes):
         name = f"n{i}"
         choices = [_conv(name, shapes), _split(name, shapes), _self_apply(name, shapes), _attend(name, shapes),
-                   _token_mix(name, shapes)]
+                   _token_mix(name, shapes), _branch(name, shapes)]
         for cls, same_channels in ((Add, True), (Cat, False)):
             if pairs := _pairs(shapes, same_channels):
                 choices.append(_binary(cls, name, pairs))
