@@ -167,12 +167,8 @@ class Split:
         return f"{targets} = {call}"
 
 
-@dataclass(frozen=True)
-class SelfApply:
-    """``name = conv(conv(src))``: one 3x3 conv (channels -> channels) applied to its own output."""
-
-    name: str
-    src: str
+class _SameShape:
+    """An op of one input (``src``) whose output has the input's shape."""
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -181,12 +177,20 @@ class SelfApply:
     def out_shapes(self, shapes: Shapes) -> Shapes:
         return {self.name: shapes[self.src]}
 
+
+@dataclass(frozen=True)
+class SelfApply(_SameShape):
+    """``name = conv(conv(src))``: one 3x3 conv (channels -> channels) applied to its own output."""
+
+    name: str
+    src: str
+
     def __str__(self) -> str:
         return f"{self.name} = conv(conv({self.src}))  # the same module twice"
 
 
 @dataclass(frozen=True)
-class Attend:
+class Attend(_SameShape):
     """``name = [src +] image(attn(tokens(src)))``: pixels as tokens, ``HandAttention`` in ``layout``."""
 
     name: str
@@ -196,52 +200,31 @@ class Attend:
     layout: str
     residual: bool
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
-
-    def out_shapes(self, shapes: Shapes) -> Shapes:
-        return {self.name: shapes[self.src]}
-
     def __str__(self) -> str:
         call = f"attn_{self.layout}(heads={self.heads}, head_dim={self.head_dim})({self.src})"
         return f"{self.name} = {self.src + ' + ' if self.residual else ''}{call}"
 
 
 @dataclass(frozen=True)
-class TokenMix:
+class TokenMix(_SameShape):
     """``name = mix(src.flatten(2).transpose(1, 2).transpose(1, 2)).transpose(1, 2)...``: a Linear
     over the pixel positions, reached and left through transposes."""
 
     name: str
     src: str
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
-
-    def out_shapes(self, shapes: Shapes) -> Shapes:
-        return {self.name: shapes[self.src]}
-
     def __str__(self) -> str:
         return f"{self.name} = token_mix({self.src})"
 
 
 @dataclass(frozen=True)
-class Branch:
+class Branch(_SameShape):
     """``name = conv(src) if src.shape[1] >= threshold else src``: Python steered by a channel count
     (pruning must not flip the recorded branch: the compared count is pinned)."""
 
     name: str
     src: str
     threshold: int
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.src,)
-
-    def out_shapes(self, shapes: Shapes) -> Shapes:
-        return {self.name: shapes[self.src]}
 
     def __str__(self) -> str:
         return f"{self.name} = conv({self.src}) if {self.src}.shape[1] >= {self.threshold} else {self.src}"
