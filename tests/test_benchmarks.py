@@ -109,6 +109,20 @@ def test_gradual_smoke():
     assert all(0.2 < value <= 0.3 + 1e-9 for value in kept)
 
 
+def test_perplexity_smoke():
+    """benchmarks/perplexity.py --quick: every recipe removes its share of the attention and MLP parameters
+    (within a few points; Torch-Pruning's ratio is bisected) and gets a finite perplexity."""
+    script = os.path.join(BENCHMARKS, "perplexity.py")
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    methods = {row["method"] for row in rows}
+    assert {"loss_aware", "wanda", "wanda_query_heads", "flap", "torch_pruning"} <= methods
+    for row in rows:
+        assert abs(row["removed"] - row["share"]) < 0.05, row
+        assert 1.0 < row["perplexity"] < float("inf")
+
+
 def _run_criteria_script(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
     """benchmarks/criteria.py --quick (the 50% ratio only), one seed, with ``arguments``."""
     return subprocess.run([sys.executable, os.path.join(BENCHMARKS, "criteria.py"), "--quick", "--seeds", "0",
