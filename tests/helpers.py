@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import torch
 from torch.utils import _pytree as pytree
@@ -74,3 +75,10 @@ def assert_prunes_and_runs(model: torch.nn.Module, *inputs, fraction: float = 0.
         outputs = tensors(pruned.model(*inputs, **kwargs))
     assert [o.shape for o in outputs] == [r.shape for r in reference]
     return pruned
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address (for a gloo process group in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

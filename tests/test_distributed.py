@@ -4,7 +4,6 @@ on different data shards end with identical scores, equal to one process that se
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import free_port
 from pruning_ir import PruningIR
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion, measure_removal_costs
 
@@ -57,17 +57,11 @@ def _worker(rank: int, port: int, out_dir: str, joint: bool) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("joint", [False, True], ids=["single", "joint"])
 def test_scores_are_all_reduced_across_ranks(tmp_path, joint):
     """Single-label sums, and with joint scores the per-group outer products too."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), joint), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), joint), nprocs=WORLD_SIZE, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(WORLD_SIZE)]
     assert np.array_equal(ranks[0], ranks[1])  # every rank selects the same labels
     threads = torch.get_num_threads()
@@ -105,7 +99,7 @@ def _measuring_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_measured_costs_are_averaged_across_ranks(tmp_path):
     """measure_removal_costs on two shards: both ranks get the scores of the loss over all the data."""
-    mp.spawn(_measuring_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_measuring_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(WORLD_SIZE)]
     assert np.array_equal(ranks[0], ranks[1])
     threads = torch.get_num_threads()

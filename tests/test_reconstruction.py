@@ -5,7 +5,6 @@ re-estimation, rounds, masks and torch.distributed."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from torch import nn
 from pruning_ir import (PruningIR, Reconstruction, UniformLabelSelector, collect_statistics, prune_in_rounds,
                         tune_batchnorm_statistics)
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion
-from helpers import pick_labels
+from helpers import free_port, pick_labels
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -431,15 +430,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_statistics_are_all_reduced_across_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(WORLD_SIZE)]
     single = _collected(_batches())
     assert sorted(ranks[0]) == sorted(single)
