@@ -5,7 +5,6 @@ Llama that still runs; under torch.distributed the sums are all-reduced."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import free_port
 from pruning_ir import ActivationCriterion, GlobalScoreLabelSelector, LossAwareCriterion, PruningIR, UniformLabelSelector
 from pruning_ir.criteria import ActivationCriterion as FromCriteria
 
@@ -217,10 +217,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_sums_are_all_reduced_across_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npy") for r in range(2)]
     assert np.array_equal(ranks[0], ranks[1])
     np.testing.assert_allclose(ranks[0], _distributed_scores(_batches((2, 5, 6), 4)), rtol=1e-9)
