@@ -43,15 +43,15 @@ class PruningIR:
     move it onto the pruned model, or build a new one from ``ir.model.parameters()`` (an
     optimizer made before and not passed keeps the old, full-size tensors).
 
-    ``gqa_unit`` (grouped-query attention, read when labels are inferred): ``"kv_groups"``
-    (default) labels a key/value head with its query heads, ``"query_heads"`` labels query head
-    ``j`` of every key/value group, keeping the key/value heads (8/2 -> 6/2 heads).
+    ``gqa_unit`` (grouped-query attention, read when labels are inferred): ``"query_heads"``
+    (default) labels query head ``j`` of every key/value group, keeping the key/value heads
+    (8/2 -> 6/2 heads); ``"kv_groups"`` labels a key/value head with all its query heads.
     """
 
     LeafModule = LeafModule
 
     def __init__(self, model: nn.Module, *, leaf_modules: Iterable[Any] | None = None, soft_tracing: bool = True,
-                 gqa_unit: str = "kv_groups"):
+                 gqa_unit: str = "query_heads"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"PruningIR expects an nn.Module, got {type(model).__name__}")
         if isinstance(model, torch.jit.ScriptModule):

@@ -40,7 +40,7 @@ def _check_layout(node: fx.Node, layout: Any, rule_name: str) -> None:
             f"the output shape {tuple(shape)} of node {node.name}; please report it")
 
 
-def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "kv_groups") -> PropagationState:
+def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "query_heads") -> PropagationState:
     """Run every node's channel rule in graph order and pin what reaches the model outputs
     (``gqa_unit``: the label of grouped-query attention, see ``channel_rules.attention``)."""
     state = PropagationState(model, gqa_unit)

@@ -20,7 +20,7 @@ __all__ = ["PropagationState", "named_tensor"]
 class PropagationState:
     """Layouts of the nodes visited so far, and the facts rules stated about them."""
 
-    def __init__(self, model: nn.Module, gqa_unit: str = "kv_groups"):
+    def __init__(self, model: nn.Module, gqa_unit: str = "query_heads"):
         self.model = model
         self.gqa_unit = gqa_unit   # grouped-query attention's label unit (channel_rules.attention)
         self.modules: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))

@@ -1,7 +1,7 @@
 """Grouped-query attention at two grains (``PruningIR(model, gqa_unit=...)``).
 
-``"query_heads"``: a label is query head ``j`` of every key/value group, so removing it keeps the
-layout grouped (8/2 heads -> 6/2); ``"kv_groups"`` (default): a label is a key/value head with its
+``"query_heads"`` (default): a label is query head ``j`` of every key/value group, so removing it
+keeps the layout grouped (8/2 heads -> 6/2); ``"kv_groups"``: a label is a key/value head with its
 query heads. On tiny Llama, Mistral, Qwen2, Qwen3 and Gemma with several query/key-value ratios,
 removing zeroed labels must leave the outputs unchanged, ``generate`` must give the same tokens with
 and without the KV cache, and the config must describe the result (``from_pretrained`` rebuilds it).
@@ -159,6 +159,17 @@ def test_a_uniform_share_maps_to_query_heads_per_group_or_to_whole_groups():
         assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == expected
 
 
+def test_by_default_a_uniform_share_never_takes_half_of_a_layers_attention():
+    """The default unit is the query head within its group: 0.35 removes 1 of 4 query heads per group."""
+    model = _build("llama", 8, 2)
+    ir = PruningIR(model).infer_labels(_inputs())
+    groups = _attention_groups(ir)
+    assert [len(group.classes) for group in groups] == [4, 4]
+    pruned = ir.prune(labels=_uniform(ir, 0.35)).model
+    assert [(layer.self_attn.q_proj.out_features, layer.self_attn.k_proj.out_features)
+            for layer in pruned.model.layers] == [(48, 16), (48, 16)]  # 6 query heads, 2 key/value heads of 8
+
+
 def test_uniform_pruning_of_everything_with_query_heads_stays_expressible(tmp_path):
     model = _build("llama", 8, 2)
     ir = _infer(model, "query_heads")
@@ -211,7 +222,8 @@ def test_both_units_compose_in_two_steps(tmp_path):
 
 
 def test_the_unit_is_an_option_of_the_ir():
-    assert PruningIR(nn.Linear(2, 2)).gqa_unit == "kv_groups"
+    assert PruningIR(nn.Linear(2, 2)).gqa_unit == "query_heads"
+    assert PruningIR(nn.Linear(2, 2), gqa_unit="kv_groups").gqa_unit == "kv_groups"
     assert PruningIR(nn.Linear(2, 2), gqa_unit="query_heads").gqa_unit == "query_heads"
     with pytest.raises(ValueError, match="query_heads"):
         PruningIR(nn.Linear(2, 2), gqa_unit="heads")

@@ -2,10 +2,10 @@
 
 Grouped-query attention (``Hk`` key/value heads, each read by ``n = Hq / Hk`` query heads) has
 two removable units, and one channel position belongs to one label, so a trace picks one
-(``PruningIR(model, gqa_unit=...)``, read from the propagation state): ``"kv_groups"`` (default) ties each key/value head to its query heads (a
-label removes a whole group), ``"query_heads"`` keeps the key/value heads and ties query head
-``j`` of every group (a label removes one query head from each group: the layout stays
-grouped, ``num_key_value_groups`` follows). The key/value repeat is seen in SDPA's
+(``PruningIR(model, gqa_unit=...)``, read from the propagation state): ``"query_heads"``
+(default) keeps the key/value heads and ties query head ``j`` of every group (a label removes
+one query head from each group: the layout stays grouped, ``num_key_value_groups`` follows);
+``"kv_groups"`` ties each key/value head to its query heads (a label removes a whole group). The key/value repeat is seen in SDPA's
 ``enable_gqa`` and in ``expand`` / ``repeat_interleave`` sized by a group-size attribute.
 """
 
