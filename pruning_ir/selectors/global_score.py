@@ -25,7 +25,8 @@ class GlobalScoreLabelSelector(LabelSelector):
     weight norms are not, and want ``normalize="mean"`` (see :class:`LabelSelector`, which also
     says what normalizing costs). Labels leave in chunks the constraint allows; a chunk that
     would exceed the count is skipped (with the rest of its group), so at most that many labels
-    are removed.
+    are removed. Groups tied by ``same_across_layers`` leave as one unit: their k-th labels go
+    together, ranked by the mean of their scores, and count as that many labels.
     """
 
     def __init__(self, n_or_ratio: int | float, constraint: ChannelConstraint | None = None, *,
@@ -63,10 +64,9 @@ class GlobalScoreLabelSelector(LabelSelector):
         for step in plan.steps(counts):
             if step.index in blocked:
                 continue
-            size = step.stop - step.start
-            if removed + size > budget:
+            if removed + step.size > budget:
                 blocked.add(step.index)
                 continue
-            counts[step.index] = step.stop
-            removed += size
+            counts[list(step.members)] = step.stop
+            removed += step.size
         return plan.repair(counts)

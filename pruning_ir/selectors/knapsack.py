@@ -209,7 +209,7 @@ class KnapsackLabelSelector(LabelSelector):
         score = best()[0]
         base = plan.base_counts()
         steps = plan.steps(base)
-        removed = np.cumsum([0.0] + [float(plan.groups[s.index].scores[s.start:s.stop].sum()) for s in steps])
+        removed = np.cumsum([0.0] + [plan.step_score(s) for s in steps])
         better = np.flatnonzero(plan.kept_score(base) - removed > score)
         if better.size:
             complete(base, steps[:int(better.max())])
@@ -259,21 +259,22 @@ class KnapsackLabelSelector(LabelSelector):
         """
         radius = float(np.clip(2 * abs(aim - latency) / latency, self.MIN_TRUST_RADIUS, 1.0))
         savings = np.zeros(len(plan.groups))
-        choices = []
-        for index, g in enumerate(plan.groups):
-            here = int(current[index])
+        choices: list[np.ndarray] = [np.array([int(c)]) for c in current]
+        for members in plan.units():   # tied groups are probed together, one call, the saving shared
+            index = members[0]
+            g, here = plan.groups[index], int(current[index])
             probe = self._probe_count(g.counts, here, len(g.labels), shrink=aim < latency)
             try:
                 if probe is None:
                     raise LatencyMeasurementError("nothing to probe")
                 counts = current.copy()
-                counts[index] = probe
+                counts[list(members)] = probe
                 probed = oracle(counts)
             except LatencyMeasurementError:
-                choices.append(np.array([here]))   # unknown saving: the group stays where it is
-                continue
-            savings[index] = max((latency - probed) / (probe - here), 0.0)
-            choices.append(self._trust_region(g.counts, here, len(g.labels), radius))
+                continue   # unknown saving: the groups stay where they are
+            for gi in members:
+                savings[gi] = max((latency - probed) / (probe - here), 0.0) / len(members)
+                choices[gi] = self._trust_region(g.counts, here, len(g.labels), radius)
         return Linearization(current.copy(), latency, savings, choices)
 
     @staticmethod

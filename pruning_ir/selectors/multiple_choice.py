@@ -9,6 +9,7 @@ each solution is measured on the real model; the budget is then corrected from t
 measured/predicted pairs seen so far (interpolating between the two that bracket the aim, else
 their ratio), the rows are re-estimated around the new widths, and the loop repeats until the
 measured latency lies within the tolerance below the target or ``max_iterations`` is spent.
+Groups the constraint ties (``same_across_layers``) share one grid and take the same choice.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ _INNER_ROUNDS = 3                # re-solves on re-estimated rows before measuri
 
 def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Sequence[int]], capacity: int, *,
                           at_least_one_of: Sequence[Sequence[tuple[int, int]]] = (), time_limit: float = 60.0,
-                          relative_gap: float = 0.0, prefer_heavier: bool = True) -> list[int] | None:
+                          relative_gap: float = 0.0, prefer_heavier: bool = True,
+                          same_choice: Sequence[Sequence[int]] = ()) -> list[int] | None:
     """One choice per group maximizing the total value with the total weight <= ``capacity``.
 
     ``values[g][j]``/``weights[g][j]``: integers of choice ``j`` of group ``g``.
     ``at_least_one_of``: lists of (group, choice) pairs, at least one of each list chosen (a
-    tensor that must keep a channel). ``prefer_heavier`` breaks ties in value towards more
-    weight (closer to the budget: equal or zero scores still give a usable selection). One
-    worker and a fixed seed keep it deterministic. Returns the chosen index per group, or
+    tensor that must keep a channel). ``same_choice``: lists of groups with as many choices
+    each, which must all take the same choice index (tied groups). ``prefer_heavier`` breaks
+    ties in value towards more weight (closer to the budget: equal or zero scores still give a
+    usable selection). One worker and a fixed seed keep it deterministic. Returns the chosen index per group, or
     None if no choice fits (or none was found in ``time_limit`` seconds).
     """
     if len(values) != len(weights) or any(len(v) != len(w) or not len(v) for v, w in zip(values, weights)):
@@ -59,6 +62,12 @@ def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Seq
     model.add(total_weight <= int(capacity))
     for pairs in at_least_one_of:
         model.add_bool_or([choices[g][j] for g, j in pairs])
+    for tied in same_choice:
+        if len({len(choices[g]) for g in tied}) > 1:
+            raise ValueError(f"same_choice groups {list(tied)} have different numbers of choices")
+        for g in tied[1:]:
+            for mine, first in zip(choices[g], choices[tied[0]]):
+                model.add(mine == first)
     value = sum(int(v) * x for row, vs in zip(choices, values) for x, v in zip(row, vs))
     if prefer_heavier:
         spread = sum(int(max(ws)) - int(min(ws)) for ws in weights) + 1
@@ -110,6 +119,10 @@ def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, bu
                   time_limit: float) -> np.ndarray | None:
     """Counts keeping the most score with the table's separable estimate around ``center`` <= ``budget``."""
     grids = [bound.grid(gi, int(center[gi])) for gi in range(len(plan.groups))]
+    for members in plan.ties:   # tied groups span one grid, so that they can take the same choice
+        shared = np.unique(np.concatenate([grids[gi] for gi in members]))
+        for gi in members:
+            grids[gi] = shared
     rows = bound.rows(center, grids)
     here = [int(np.flatnonzero(grid == center[gi])[0]) for gi, grid in enumerate(grids)]
     fixed = bound.predict(center) - sum(row[j] for row, j in zip(rows, here))
@@ -118,7 +131,7 @@ def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, bu
     weights = [[round(t * scale) for t in row] for row in rows]
     capacity = int(np.floor((budget - fixed) * scale))
     chosen = solve_multiple_choice(values, weights, capacity, at_least_one_of=_cover_constraints(plan, grids),
-                                   time_limit=time_limit, relative_gap=1e-4)
+                                   time_limit=time_limit, relative_gap=1e-4, same_choice=plan.ties)
     if chosen is None:
         return None
     return np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64)

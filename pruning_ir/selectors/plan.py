@@ -5,7 +5,8 @@ A selection is a vector of removal counts, one per prunable group: group ``g`` l
 knows which counts the channel constraint allows, which counts would empty a tensor
 (``ir.check_labels`` would refuse them), the network-wide order in which chunks of labels
 leave, and how to turn counts back into labels. Counts, unlike label sets, are cheap to
-compare, hash and cache.
+compare, hash and cache. Groups the constraint ties (``same_across_layers``) share one list of
+allowed counts, always hold equal counts, and leave the network-wide order together.
 """
 
 from __future__ import annotations
@@ -38,12 +39,23 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class Step:
-    """Removing labels ``start..stop-1`` (in removal order) of group ``index``: one chunk."""
+    """Removing labels ``start..stop-1`` (in removal order) of group ``index``, and of the groups
+    tied to it (``members``, ``index`` first): one chunk."""
 
     index: int
     start: int
     stop: int
     mean_score: float
+    members: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            object.__setattr__(self, "members", (self.index,))
+
+    @property
+    def size(self) -> int:
+        """Labels the chunk removes, over all its groups."""
+        return (self.stop - self.start) * len(self.members)
 
 
 class SelectionPlan:
@@ -69,6 +81,27 @@ class SelectionPlan:
             if floor:
                 at_least = g.counts[g.counts >= floor]
                 g.counts = at_least if at_least.size else g.counts[-1:]
+        if constraint.keep:
+            constraint.check_keep(prunable)
+        position = {g.group.id: i for i, g in enumerate(self.groups)}
+        self.ties = [[position[group.id] for group in tied] for tied in constraint.tied_groups(prunable)]
+        self._tie_counts()
+
+    def _tie_counts(self) -> None:
+        """Give the groups of each tied class the counts all of them allow; raise if there is none."""
+        for members in self.ties:
+            common = self.groups[members[0]].counts
+            for gi in members[1:]:
+                common = np.intersect1d(common, self.groups[gi].counts)
+            if common.size == 0:
+                shown = "; ".join(f"group {self.groups[gi].group.id}: {self.groups[gi].counts.tolist()}"
+                                  for gi in members[:4])
+                raise ValueError(f"the tied groups {[self.groups[gi].group.id for gi in members]} "
+                                 f"(same_across_layers) allow no common number of labels to remove ({shown}): "
+                                 "floors or earlier prunes that differ across layers, or a tensor that must keep a "
+                                 "channel in one layer only; prune without same_across_layers")
+            for gi in members:
+                self.groups[gi].counts = common.astype(np.int64)
 
     # -- counts -----------------------------------------------------------------------------
     @property
@@ -110,20 +143,34 @@ class SelectionPlan:
         """
         counts = self.base_counts() if counts is None else counts
         steps = []
-        for index, g in enumerate(self.groups):
+        for members in self.units():
+            index = members[0]
+            g = self.groups[index]
             allowed = g.counts[g.counts >= counts[index]]
             floor = -np.inf
             for start, stop in zip(allowed[:-1], allowed[1:]):
-                floor = max(floor, float(g.scores[start:stop].mean()))  # guard against rounding
-                steps.append(Step(index, int(start), int(stop), floor))
+                mean = float(np.mean([self.groups[gi].scores[start:stop].mean() for gi in members]))
+                floor = max(floor, mean)  # guard against rounding
+                steps.append(Step(index, int(start), int(stop), floor, members))
         steps.sort(key=lambda s: (s.mean_score, self.groups[s.index].group.id, s.start))
         return steps
+
+    def units(self) -> list[tuple[int, ...]]:
+        """The groups that move together: each tied class, and every other group alone (in group order)."""
+        tied = {members[0]: tuple(members) for members in self.ties}
+        inside = {gi for members in self.ties for gi in members}
+        return [tied.get(gi, (gi,)) for gi in range(len(self.groups)) if gi in tied or gi not in inside]
+
+    def step_score(self, step: Step) -> float:
+        """The total score a chunk removes, over all its groups."""
+        return sum(float(self.groups[gi].scores[step.start:step.stop].sum()) for gi in step.members)
 
     def apply(self, counts: np.ndarray, steps: list[Step]) -> np.ndarray:
         """``counts`` after taking ``steps`` (a prefix of :meth:`steps`), repaired if needed."""
         result = counts.copy()
         for step in steps:
-            result[step.index] = max(result[step.index], step.stop)
+            for gi in step.members:
+                result[gi] = max(result[gi], step.stop)
         return self.repair(result)
 
     # -- tensors that must keep a channel ---------------------------------------------------
@@ -169,7 +216,8 @@ class SelectionPlan:
         return self._cover_sets
 
     def repair(self, counts: np.ndarray) -> np.ndarray:
-        """Shrink removals until no tensor made of several groups' labels is emptied."""
+        """Shrink removals until no tensor made of several groups' labels is emptied, and tied
+        groups hold equal counts (the fewest removed among them: removing less empties nothing)."""
         counts = counts.copy()
         for members in self._cover_sets:
             if any(rank >= counts[gi] for gi, rank in members):
@@ -177,4 +225,6 @@ class SelectionPlan:
             gi, rank = max(members, key=lambda m: (counts[m[0]], m[1]))
             allowed = self.groups[gi].counts
             counts[gi] = int(allowed[allowed <= rank].max(initial=0))
+        for members in self.ties:
+            counts[members] = counts[members].min()
         return counts

@@ -9,7 +9,8 @@ prefix sum at the count: one boolean per allowed count, exactly one true (the pr
 constraints x[i+1] => x[i] folded into a multiple-choice knapsack, which is smaller and has
 a tight LP relaxation). Without it, every label is a boolean the solver picks freely.
 A small secondary objective prefers removing less latency, so that equal (or all-zero)
-scores still give a selection close to the budget.
+scores still give a selection close to the budget. Groups the constraint ties
+(``same_across_layers``) get equal count variables.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def solve_knapsack(plan: SelectionPlan, linear: Linearization, budget: float, re
             model.add_bool_or(keeps)
         else:
             model.add(sum(removed[gi][rank] for gi, rank in members) <= len(members) - 1)
+    for members in plan.ties:   # same_across_layers: tied groups remove the same number of labels
+        for gi in members[1:]:
+            model.add(counts[gi] == counts[members[0]])
     if len(forbidden):
         model.add_forbidden_assignments(counts, [tuple(int(c) for c in f) for f in forbidden])
     needed = math.ceil((linear.latency - budget) * latency_scale - 1e-9) + saved_now
