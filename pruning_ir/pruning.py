@@ -1,14 +1,18 @@
 """Pruning: physically remove labels from a model, through the IR's index maps.
 
-Everything is computed before anything is written (new tensors, new attribute values,
-consistency checks), so a failure leaves the model untouched. With ``inplace=False`` the
-model is deep-copied with the already-sliced tensors planted in the copy's memo, so the
-full-size tensors that get pruned are never duplicated.
+Everything is checked before anything is written (new attribute values, consistency checks;
+the IR verifies the shapes on a meta copy first). With ``inplace=False`` the model is
+deep-copied with the already-sliced tensors planted in the copy's memo, so the full-size
+tensors that get pruned are never duplicated. With ``inplace=True`` tensors are replaced one
+at a time, each old tensor freed before the next is sliced (peak memory: the model plus the
+removed positions), and the removed positions are kept until the end so that a failure while
+writing (out of memory, an interrupt) puts every tensor back as it was.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import defaultdict
 
 import numpy as np
@@ -85,21 +89,71 @@ def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inpl
     ``plans`` is ``slice_plans(index, removed)``."""
     attributes = _new_attribute_values(index, removed)
     modules = dict(model.named_modules(remove_duplicate=False))
-    originals = {}
+    first_name: dict[int, str] = {}   # tied tensors (one tensor under several names) are sliced once
     for name in plans:
         path, _, attribute = name.rpartition(".")
-        originals[name] = getattr(modules[path], attribute)
-    replacements = {id(originals[name]): sliced_tensor(originals[name], plan) for name, plan in plans.items()}
+        first_name.setdefault(id(getattr(modules[path], attribute)), name)
     if inplace:
+        _replace_one_at_a_time(model, modules, {key: (name, plans[name]) for key, name in first_name.items()})
         target = model
-        holder_map = tensor_holders(model)
-        for key, new in replacements.items():
-            for module, name, is_parameter in holder_map[key]:
-                (module._parameters if is_parameter else module._buffers)[name] = new
     else:
-        memo = {key: new for key, new in replacements.items()}
+        memo = {}
+        for key, name in first_name.items():
+            path, _, attribute = name.rpartition(".")
+            memo[key] = sliced_tensor(getattr(modules[path], attribute), plans[name])
         target = copy.deepcopy(model, memo)
         modules = dict(target.named_modules(remove_duplicate=False))
     for (path, attribute), (value, tuple_index) in attributes.items():
         _set_attribute(modules[path], attribute, value, tuple_index)
     return target
+
+
+def _replace_one_at_a_time(model: nn.Module, modules: dict[str, nn.Module],
+                           work: dict[int, tuple[str, list[tuple[int, np.ndarray]]]]) -> None:
+    """Slice and replace each tensor in turn (the old one is freed unless the caller holds it);
+    on any failure, rebuild the replaced tensors from their kept and removed positions."""
+    holder_map = tensor_holders(model)
+    done: list[tuple[list, torch.Tensor, list, weakref.ref]] = []   # holders, new tensor, removed parts, old
+    try:
+        for key, (name, plan) in work.items():
+            path, _, attribute = name.rpartition(".")
+            old = getattr(modules[path], attribute)
+            new, removed_parts = sliced_tensor(old, plan), _removed_parts(old, plan)
+            _put(holder_map[key], new)
+            done.append((holder_map[key], new, removed_parts, weakref.ref(old)))
+            del old
+    except BaseException:
+        for holders, new, removed_parts, old in reversed(done):
+            original = old()   # still alive when someone else holds it (an optimizer): put that object back
+            _put(holders, original if original is not None else _unsliced(new, removed_parts))
+        raise
+
+
+def _put(holders: list[tuple[nn.Module, str, bool]], tensor: torch.Tensor) -> None:
+    for module, name, is_parameter in holders:
+        (module._parameters if is_parameter else module._buffers)[name] = tensor
+
+
+def _removed_parts(tensor: torch.Tensor, plan: list[tuple[int, np.ndarray]]) -> list:
+    """What :func:`sliced_tensor` drops, step by step: (dim, kept, dropped positions, dropped values)."""
+    parts, data = [], tensor.detach()
+    for dim, keep in plan:
+        dropped = np.setdiff1d(np.arange(data.shape[dim]), keep)
+        parts.append((dim, keep, dropped, data.index_select(dim, torch.as_tensor(dropped, device=data.device))))
+        data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+    return parts
+
+
+def _unsliced(tensor: torch.Tensor, parts: list) -> torch.Tensor:
+    """The tensor before :func:`sliced_tensor`: kept and dropped positions put back in place."""
+    data = tensor.detach()
+    for dim, keep, dropped, values in reversed(parts):
+        shape = list(data.shape)
+        shape[dim] = len(keep) + len(dropped)
+        full = data.new_empty(shape)
+        full.index_copy_(dim, torch.as_tensor(keep, device=data.device), data)
+        full.index_copy_(dim, torch.as_tensor(dropped, device=data.device), values)
+        data = full
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(data, requires_grad=tensor.requires_grad)
+    return data
