@@ -71,10 +71,12 @@ class PruningIR:
         self._masked_classes: np.ndarray | None = None
 
     @classmethod
-    def _derived(cls, source: "PruningIR", model: nn.Module, index: ChannelIndex) -> "PruningIR":
+    def _derived(cls, source: "PruningIR", model: nn.Module, index: ChannelIndex,
+                 created: list[str]) -> "PruningIR":
         """An IR of ``model`` (pruned from ``source``'s): same leaf policy and graph, no masks."""
         derived = cls.__new__(cls)
         derived.__dict__.update(source.__dict__)
+        derived._created_parameters = source.created_parameters + tuple(created)
         derived._model = model
         derived._index = index
         derived._leaf_policy = source._leaf_policy.moved_to(source._model, model)
@@ -87,6 +89,12 @@ class PruningIR:
     def model(self) -> nn.Module:
         """The model this IR describes (the pruned one, for an IR returned by prune())."""
         return self._model
+
+    @property
+    def created_parameters(self) -> tuple[str, ...]:
+        """Parameters prune(reconstruct=...) created on this model (a bias on a layer built without one);
+        ``save_pruned(ir, ...)`` records them so ``load_pruned`` can rebuild them."""
+        return self.__dict__.get("_created_parameters", ())
 
     @property
     def labels_inferred(self) -> bool:
@@ -215,7 +223,8 @@ class PruningIR:
         (``mask()``) are baked first: the result holds no masks and equals the masked model
         without the removed channels. ``optimizer`` (built on this model's parameters) is moved
         onto the pruned model, its state (momentum, Adam's moments) sliced like the parameters,
-        so training goes on without rebuilding it (``pruning_ir.optimizer_state``).
+        so training goes on without rebuilding it (``pruning_ir.optimizer_state``); a bias created by
+        ``reconstruct`` joins the param group of its layer's weight.
         ``reconstruct`` (a ``pruning_ir.Reconstruction`` over input statistics of this IR) refits the
         layers that read removed channels, so they lose less of their output (``pruning_ir.reconstruction``).
         """
@@ -241,12 +250,15 @@ class PruningIR:
         refit = None if reconstruct is None else reconstruct.prepare(plain, index, removed)  # from unpruned weights
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
         kept_index = index.without(removed, pins)
+        created: list[str] = []   # parameters the refit adds (a bias on a layer built without one)
         if refit is not None:
+            names = {name for name, _ in model.named_parameters()}
             refit(model, kept_index)  # writes the refit weights (a created bias is bound in kept_index)
+            created = [name for name, _ in model.named_parameters() if name not in names]
         sync_config(model, stacklevel=3)  # a transformers model's config gets the pruned sizes, or a warning
         if move is not None:
-            move_optimizer(optimizer, move, model)
-        pruned = PruningIR._derived(self, model, kept_index)
+            move_optimizer(optimizer, move, model, created)
+        pruned = PruningIR._derived(self, model, kept_index, created)
         if inplace:
             self._consumed = True
         return pruned

@@ -6,11 +6,14 @@ pruned model instead: each parameter of its groups becomes the pruned model's pa
 same name, and every state tensor of that parameter's shape (SGD's momentum, Adam's moments)
 keeps the same positions, so training resumes as if the removed channels had never existed.
 Hyper-parameters, scalar state (Adam's step) and learning-rate schedulers are untouched.
+A parameter pruning creates (the bias ``prune(reconstruct=...)`` gives a layer built without one)
+joins the param group of its module's weight with fresh state, so training updates it too.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -79,10 +82,16 @@ def plan_optimizer_copy(optimizer: torch.optim.Optimizer, model: nn.Module) -> O
     return plan_optimizer_move(optimizer, model, whole)
 
 
-def move_optimizer(optimizer: torch.optim.Optimizer, move: OptimizerMove, pruned_model: nn.Module) -> None:
-    """Point ``optimizer`` at ``pruned_model``'s parameters, with the state ``plan_optimizer_move`` sliced."""
+def move_optimizer(optimizer: torch.optim.Optimizer, move: OptimizerMove, pruned_model: nn.Module,
+                   created: Iterable[str] = ()) -> None:
+    """Point ``optimizer`` at ``pruned_model``'s parameters, with the state ``plan_optimizer_move`` sliced.
+
+    ``created``: names of parameters the pruning created (``PruningIR.created_parameters``); each joins
+    the group holding its module's weight, with no state yet (as if it were new), so ``step()`` trains
+    it; one whose module's weight the optimizer does not hold (a frozen layer) stays out of it.
+    """
     pruned = dict(pruned_model.named_parameters(remove_duplicate=False))
-    state = {}
+    state, groups = {}, []
     for group, moved in zip(optimizer.param_groups, move):
         parameters = []
         for candidates, sliced in moved:
@@ -90,5 +99,13 @@ def move_optimizer(optimizer: torch.optim.Optimizer, move: OptimizerMove, pruned
             if sliced is not None:
                 state[parameter] = sliced
             parameters.append(parameter)
+        groups.append(parameters)
+    for name in created:
+        path, _, _ = name.rpartition(".")
+        weight = pruned.get(f"{path}.weight" if path else "weight")
+        joins = next((parameters for parameters in groups if any(p is weight for p in parameters)), None)
+        if joins is not None and all(p is not pruned[name] for p in joins):
+            joins.append(pruned[name])
+    for group, parameters in zip(optimizer.param_groups, groups):
         group["params"] = parameters
     optimizer.state = defaultdict(dict, state)

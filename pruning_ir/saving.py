@@ -4,7 +4,9 @@ A dill-saved IR pickles code, so loading one runs whatever it contains. ``save_p
 instead writes two data files into a folder:
 
 - ``pruning_config.json``: per module, the shapes of its parameters and buffers and its
-  integer size attributes (``out_channels``, ``num_heads``, ...), as pruning left them;
+  integer size attributes (``out_channels``, ``num_heads``, ...), as pruning left them, and
+  the parameters pruning created (a bias ``prune(reconstruct=...)`` gave a layer built without
+  one: module path, name, shape), which loading creates before it loads the weights;
 - ``weights.pt`` (a state dict that loads with ``torch.load(..., weights_only=True)``) or,
   with ``weights_format="safetensors"``, ``model.safetensors``.
 
@@ -21,7 +23,7 @@ import functools
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .errors import PrunedModelFormatError, PruningIRError
 from .pruning import tensor_holders
-from .saving_checks import (FORMAT, FORMAT_VERSION, LoadPlan, check_weights, is_size, model_class,
+from .saving_checks import (FIRST_VERSION, FORMAT, FORMAT_VERSION, LoadPlan, check_weights, is_size, model_class,
                             plan_configuration)
 
 __all__ = ["save_pruned", "load_pruned", "PrunedModelFormatError", "CONFIG_FILE", "TORCH_WEIGHTS_FILE",
@@ -50,9 +52,16 @@ def _as_json(value: Any) -> Any:
     return [_as_json(item) for item in value] if isinstance(value, (tuple, list)) else value
 
 
-def channel_configuration(model: nn.Module) -> dict[str, Any]:
-    """The JSON-ready sizes of every module: parameter and buffer shapes and size attributes."""
-    modules = {}
+def channel_configuration(model: nn.Module, created: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON-ready sizes of every module: parameter and buffer shapes and size attributes, and the
+    ``created`` parameters (``PruningIR.created_parameters``) the model still holds."""
+    modules, records = {}, []
+    paths = dict(model.named_modules())
+    for name in created:
+        path, _, attribute = name.rpartition(".")
+        parameter = paths[path]._parameters.get(attribute) if path in paths else None
+        if parameter is not None:
+            records.append({"module": path, "name": attribute, "shape": list(parameter.shape)})
     for path, module in model.named_modules():
         entry = {
             "type": type(module).__qualname__,
@@ -61,7 +70,9 @@ def channel_configuration(model: nn.Module) -> dict[str, Any]:
             "attributes": {name: _as_json(value) for name, value in _size_attributes(module).items()},
         }
         modules[path] = {key: value for key, value in entry.items() if value or key == "type"}
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model_class": model_class(model), "modules": modules}
+    config = {"format": FORMAT, "version": FORMAT_VERSION if records else FIRST_VERSION,  # older readers read 1
+              "model_class": model_class(model), "modules": modules}
+    return {**config, "created_parameters": records} if records else config
 
 
 def _unwrap(model: Any) -> nn.Module:
@@ -83,21 +94,26 @@ def _write_temporary(folder: str, name: str, write: Callable[[str], Any]) -> str
     return temporary
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike, *, weights_format: str = "torch") -> str:
+def save_pruned(model: Any, path: str | os.PathLike, *, weights_format: str = "torch") -> str:
     """Write ``model`` (or a PruningIR's model) to the folder ``path``; returns the folder.
+
+    Save the IR that ``prune(reconstruct=...)`` returned when it created biases: the IR knows them
+    (``created_parameters``) and the file records them; its bare model's look built in, and
+    ``load_pruned`` refuses that file, saying so.
 
     ``weights_format``: ``"torch"`` (``weights.pt``, loadable with ``weights_only=True``) or
     ``"safetensors"`` (``model.safetensors``; needs the ``safetensors`` package). Files are
     written under temporary names and renamed once all are complete: a failed save leaves
     the folder as it was.
     """
+    created = () if isinstance(model, nn.Module) else tuple(getattr(model, "created_parameters", ()))
     model = _unwrap(model)
     if weights_format not in ("torch", "safetensors"):
         raise ValueError(f"weights_format must be 'torch' or 'safetensors', got {weights_format!r}")
     if torch_prune.is_pruned(model):
         raise PruningIRError("the model still has soft masks (weight_orig / weight_mask): make them physical with "
                              "ir.prune(labels=ir.masked_labels()) or remove them with ir.unmask() before saving")
-    text = json.dumps(channel_configuration(model), indent=1)
+    text = json.dumps(channel_configuration(model, created), indent=1)
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
     if weights_format == "torch":
@@ -182,7 +198,8 @@ def _write(model: nn.Module, plan: LoadPlan, state: dict[str, Any] | None) -> No
     """Write ``plan`` (and the checked ``state``) into ``model``; restore it if anything fails.
 
     New tensors are all built off the model first. Resized tensors are then replaced in
-    every holder (tied ones stay tied); the others keep their identity and get new data.
+    every holder (tied ones stay tied); the others keep their identity and get new data;
+    created parameters take the empty slot (a bias of None) of their module.
     """
     resized = plan.resized()
     replacements: dict[int, torch.Tensor] = {}
@@ -203,6 +220,14 @@ def _write(model: nn.Module, plan: LoadPlan, state: dict[str, Any] | None) -> No
                 replacements[id(tensor)] = _like_tensor(tensor, data)
             else:
                 new_data.append((tensor, data))
+    created = []
+    for key, (module, name, shape) in plan.created.items():  # typed and placed like the layer's weight
+        weight = module.weight
+        data = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        if state is not None:
+            with torch.no_grad():
+                data.copy_(state.pop(key))
+        created.append((module, name, nn.Parameter(data, requires_grad=weight.requires_grad)))
     for key, shape in resized.items():  # no weights (apply_channel_configuration): empty tensors
         if key not in replacements:
             tensor = plan.tensors[key]
@@ -218,6 +243,9 @@ def _write(model: nn.Module, plan: LoadPlan, state: dict[str, Any] | None) -> No
         for tensor, data in new_data:
             undo.append(functools.partial(_set_data, tensor, tensor.data))
             tensor.data = data
+        for module, name, parameter in created:
+            undo.append(functools.partial(module._parameters.__setitem__, name, module._parameters[name]))
+            module._parameters[name] = parameter
         for module, name, value in plan.attributes.values():
             undo.append(_restorer(module, name))
             setattr(module, name, value)

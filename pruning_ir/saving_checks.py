@@ -3,8 +3,9 @@
 A saved folder is data from anywhere, so nothing in it is trusted: ``plan_configuration``
 turns the JSON configuration into a ``LoadPlan`` (new tensor shapes, new attribute
 values) and refuses anything pruning could not have written (growing a tensor, a
-non-size attribute, a method name, a bool); ``check_weights`` then requires the weights
-to be exactly the state dict the planned model has. Every refusal is a
+non-size attribute, a method name, a bool) and every created parameter but a bias on a
+Linear or convolution built without one; ``check_weights`` then requires the weights to be
+exactly the state dict the planned model has. Every refusal is a
 ``PrunedModelFormatError`` naming the module, the tensor or attribute, and why.
 """
 
@@ -23,9 +24,11 @@ from .errors import PrunedModelFormatError
 from .pruning import tensor_holders
 
 FORMAT = "pruning_ir.pruned_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest version read; 2 adds created_parameters, files without any are written as 1
+FIRST_VERSION = 1
 MAX_DIMENSION = 2 ** 31
 ENTRY_KEYS = {"type", "parameters", "buffers", "attributes"}
+CREATED_KEYS = {"module", "name", "shape"}
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FEATURE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -78,6 +81,7 @@ class LoadPlan:
     shapes: dict[int, list[int]] = field(default_factory=dict)
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
     attributes: dict[tuple[int, str], tuple[nn.Module, str, Any]] = field(default_factory=dict)
+    created: dict[str, tuple[nn.Module, str, list[int]]] = field(default_factory=dict)  # by state-dict key
 
     def shape(self, tensor: torch.Tensor) -> list[int]:
         return self.shapes.get(id(tensor), list(tensor.shape))
@@ -126,8 +130,9 @@ def check_header(config: Any, where: str) -> None:
     if version > FORMAT_VERSION:
         _fail(f"{where} has format version {version}; this pruning_ir reads up to {FORMAT_VERSION}: "
               f"upgrade pruning_ir")
-    if version != FORMAT_VERSION:
-        _fail(f"{where} has the unknown format version {version} (this pruning_ir reads {FORMAT_VERSION})")
+    if version < FIRST_VERSION:
+        _fail(f"{where} has the unknown format version {version} (this pruning_ir reads {FIRST_VERSION} to "
+              f"{FORMAT_VERSION})")
 
 
 def _checked_shape(shape: Any, tensor: torch.Tensor, what: str) -> list[int]:
@@ -203,6 +208,7 @@ def plan_configuration(model: nn.Module, config: Any, where: str = "the configur
         _fail(f"the model's modules differ from the saved ones: unexpected {_short(unknown[:5])} (not in the model), "
               f"missing {absent[:5]} (was it built with the same arguments?)")
     plan, first_at = LoadPlan(), {}
+    created = _planned_creations(config.get("created_parameters", []), modules)
     for path, entry in saved.items():
         module, name_of = modules[path], path or "<model>"
         if not isinstance(entry, dict) or not set(entry) <= ENTRY_KEYS:
@@ -211,13 +217,21 @@ def plan_configuration(model: nn.Module, config: Any, where: str = "the configur
             _fail(f"module {name_of} is {type(module).__qualname__} here but {_short(entry.get('type'))} in the saved "
                   f"configuration")
         for kind, store in (("parameters", module._parameters), ("buffers", module._buffers)):
-            shapes = entry.get(kind, {})
-            present = {name for name, tensor in store.items() if tensor is not None}
+            shapes, new = entry.get(kind, {}), created.get(path, {}) if kind == "parameters" else {}
+            present = {name for name, tensor in store.items() if tensor is not None} | set(new)
             if not isinstance(shapes, dict) or set(shapes) != present:
                 _fail(f"module {name_of} has {kind} {sorted(present)} here but "
-                      f"{sorted(shapes) if isinstance(shapes, dict) else _short(shapes)} in the saved configuration")
+                      f"{sorted(shapes) if isinstance(shapes, dict) else _short(shapes)} in the saved configuration"
+                      f"{_created_hint(module, shapes, present)}")
             for name, shape in shapes.items():
-                tensor, label = store[name], f"{path}.{name}" if path else name
+                label = f"{path}.{name}" if path else name
+                if name in new:
+                    if shape != new[name]:
+                        _fail(f"{label} is created with shape {new[name]}, but module {name_of} gives it "
+                              f"{_short(shape)}")
+                    plan.created[label] = (module, name, new[name])
+                    continue
+                tensor = store[name]
                 checked = _checked_shape(shape, tensor, f"module {name_of}: {kind[:-1]} {name}")
                 if plan.shapes.setdefault(id(tensor), checked) != checked:
                     _fail(f"{label} is tied to {first_at[id(tensor)]} (one tensor), but the configuration gives "
@@ -233,6 +247,51 @@ def plan_configuration(model: nn.Module, config: Any, where: str = "the configur
                 plan.attributes[(id(module), name)] = (module, name, new)
     check_consistency(model, plan)
     return plan
+
+
+CREATES_BIAS = (nn.Linear,) + CONVOLUTIONS  # the layers prune(reconstruct=...) may give a bias
+
+
+def _planned_creations(entries: Any, modules: dict[str, nn.Module]) -> dict[str, dict[str, list[int]]]:
+    """The parameters the configuration creates, by module path: only what prune(reconstruct=...)
+    creates, a bias of shape [n] on a Linear or convolution the model built without one, once."""
+    if not isinstance(entries, list):
+        _fail(f"created_parameters must be a list, got {_short(entries)}")
+    created: dict[str, dict[str, list[int]]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or set(entry) != CREATED_KEYS:
+            _fail(f"created_parameters: each entry is an object with keys {sorted(CREATED_KEYS)}, got {_short(entry)}")
+        path, name, shape = entry["module"], entry["name"], entry["shape"]
+        module = modules.get(path) if isinstance(path, str) else None
+        if module is None:
+            _fail(f"created_parameters names the module {_short(path)}, which the model does not have")
+        where = f"module {path or '<model>'} ({type(module).__qualname__})"
+        if not isinstance(module, CREATES_BIAS):
+            _fail(f"created_parameters creates {_short(name)} on {where}: pruning creates a parameter only on a "
+                  f"Linear or a convolution")
+        if name != "bias":
+            _fail(f"created_parameters creates {_short(name)} on {where}: pruning only ever creates a bias")
+        if module._parameters.get("bias") is not None or "bias" in module._buffers or "bias" in vars(module):
+            _fail(f"created_parameters creates a bias on {where}, which already has one: only a bias the model "
+                  f"was built without is created (was it built with the same arguments?)")
+        if "bias" not in module._parameters:
+            _fail(f"created_parameters creates a bias on {where}, which has no place for one (bias=None)")
+        if name in created.get(path, {}):
+            _fail(f"created_parameters creates the bias of {where} twice")
+        if not isinstance(shape, list) or len(shape) != 1 or type(shape[0]) is not int \
+                or not 1 <= shape[0] <= MAX_DIMENSION:
+            _fail(f"created_parameters gives the bias of {where} the shape {_short(shape)}: a bias has the shape "
+                  f"[out channels]")
+        created.setdefault(path, {})[name] = shape
+    return created
+
+
+def _created_hint(module: nn.Module, shapes: Any, present: set[str]) -> str:
+    """Why a saved bias may be missing from the model: prune(reconstruct=...) created it, unrecorded."""
+    if isinstance(module, CREATES_BIAS) and isinstance(shapes, dict) and set(shapes) - present == {"bias"}:
+        return (" (a bias created by prune(reconstruct=...) is rebuilt only when the file records it: save the IR "
+                "that prune() returned, save_pruned(ir, path), not its model)")
+    return ""
 
 
 def _expected_shapes(module: nn.Module, value: Callable[[str], Any]) -> tuple[tuple[str, ...], dict]:
@@ -278,7 +337,7 @@ def _expected_shapes(module: nn.Module, value: Callable[[str], Any]) -> tuple[tu
 
 def check_consistency(model: nn.Module, plan: LoadPlan) -> None:
     """Every known module the plan changes keeps its tensor shapes and size attributes in agreement."""
-    touched = {id(module): module for module, _, _ in plan.attributes.values()}
+    touched = {id(module): module for module, _, _ in [*plan.attributes.values(), *plan.created.values()]}
     holders = tensor_holders(model)
     for key in plan.resized():
         touched.update({id(holder): holder for holder, _, _ in holders[key]})
@@ -296,13 +355,14 @@ def check_consistency(model: nn.Module, plan: LoadPlan) -> None:
         except (TypeError, ValueError, ZeroDivisionError) as error:
             _fail(f"module {where} ({type(module).__qualname__}): its size attributes do not compute ({error})")
         given = ", ".join(f"{name}={plan.value(module, name)!r}" for name in names)
+        created = {name: shape for holder, name, shape in plan.created.values() if holder is module}
         for name, want in expected.items():
             if isinstance(want, str):
                 _fail(f"module {where} ({type(module).__qualname__}): {name} must be {want}, but {given}")
-            tensor = tensors.get(name)
-            if tensor is not None and plan.shape(tensor) != want:
+            shape = plan.shape(tensors[name]) if name in tensors else created.get(name)
+            if shape is not None and shape != want:
                 _fail(f"module {where} ({type(module).__qualname__}) is inconsistent after loading: {name} would "
-                      f"have shape {plan.shape(tensor)}, but {given} make it {want}")
+                      f"have shape {shape}, but {given} make it {want}")
         if isinstance(module, nn.RNNBase):
             for name in ("weight_ih_l0", "weight_ih_l0_reverse"):
                 if tensors.get(name) is not None and plan.shape(tensors[name])[1] != plan.value(module, "input_size"):
@@ -312,8 +372,8 @@ def check_consistency(model: nn.Module, plan: LoadPlan) -> None:
 
 
 def check_weights(model: nn.Module, plan: LoadPlan, state: Any, tied_may_be_missing: bool = False) -> dict[str, Any]:
-    """Require ``state`` to be exactly the planned model's state dict: same keys, planned shapes, and
-    floating values where the model's are floating. Returns it with tied aliases filled in when
+    """Require ``state`` to be exactly the planned model's state dict (with the created parameters): same
+    keys, planned shapes, and floating values where the model's are floating. Returns it with tied aliases filled in when
     ``tied_may_be_missing`` (safetensors stores a tied tensor once)."""
     if not isinstance(state, Mapping) or not all(isinstance(key, str) for key in state):
         _fail(f"the weights are not a state dict (a mapping of names to tensors): got {type(state).__name__}")
@@ -324,6 +384,9 @@ def check_weights(model: nn.Module, plan: LoadPlan, state: Any, tied_may_be_miss
         for key, value in expected.items():
             if key not in state and id(value) in present and isinstance(value, torch.Tensor):
                 state[key] = state[present[id(value)]]
+    shapes = {key: plan.shape(value) for key, value in expected.items() if isinstance(value, torch.Tensor)}
+    for key, (module, _, shape) in plan.created.items():  # a created bias: typed like its layer's weight
+        expected[key], shapes[key] = module.weight, shape
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         _fail(f"the weights do not match the model: missing {missing[:10]}"
@@ -335,9 +398,9 @@ def check_weights(model: nn.Module, plan: LoadPlan, state: Any, tied_may_be_miss
         loaded = state[key]
         if not isinstance(loaded, torch.Tensor):
             _fail(f"the weights hold a {type(loaded).__name__} for {key}, not a tensor")
-        if list(loaded.shape) != plan.shape(current):
+        if list(loaded.shape) != shapes[key]:
             _fail(f"the weights do not match the configuration: {key} has shape {list(loaded.shape)} in the "
-                  f"weights, {plan.shape(current)} expected")
+                  f"weights, {shapes[key]} expected")
         if (loaded.is_floating_point(), loaded.is_complex()) != (current.is_floating_point(), current.is_complex()):
             kind = "floating point" if current.is_floating_point() else "not floating point"
             _fail(f"the weights hold {key} as {loaded.dtype}, but the model's {key} is {kind} ({current.dtype})")
