@@ -100,11 +100,12 @@ def fold_names(names: Sequence[str], max_rows: int | None = MAX_ROWS) -> list[tu
     size = next(k for k in range(1, len(names) + 1)
                 if sum(math.ceil(len(family) / k) for family in families) <= max_rows)
     rows = []
-    for family in families:
+    for (parent, _), family in zip(parents, families):
         for start in range(0, len(family), size):
             chunk = family[start:start + size]
             positions = [position for _, members in chunk for position in members]
-            label = chunk[0][0] if len(chunk) == 1 else _span(chunk[0][0], chunk[-1][0])
+            label = (chunk[0][0] if len(chunk) == 1 else parent if parent and len(chunk) == len(family)
+                     else _span(chunk[0][0], chunk[-1][0]))
             rows.append((label if len(positions) == 1 else f"{label} x{len(positions)}", positions))
     return rows
 
