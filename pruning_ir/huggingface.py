@@ -33,7 +33,8 @@ __all__ = ["is_transformers_model", "sync_config", "expressible", "save_pretrain
 SHAPES_FOLDER = "pruning_ir"
 """Subfolder of a ``save_pretrained_pruned`` checkpoint holding the per-layer shapes (``save_pruned``)."""
 
-ATTENTION = ("self_attn", "self_attention", "attention", "attn", "SelfAttention")
+ATTENTION = ("self_attn", "self_attention", "attention", "attn", "SelfAttention", "EncDecAttention", "crossattention",
+             "encoder_attn", "cross_attn")
 QUERY = ("q_proj", "query", "q")
 KEY = ("k_proj", "key", "k")
 FUSED_QKV = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
@@ -92,41 +93,76 @@ def _head_size(attention: nn.Module) -> int | None:
     return None
 
 
-def _layer_sizes(layer: nn.Module) -> dict[str, int]:
-    """What one decoder/encoder layer holds now: residual width, heads, key/value heads, head size, MLP width."""
+def _attentions(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The attention modules of one layer, outermost matches only (T5's decoder block has two)."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, module in layer.named_modules():
+        inside = any(path.startswith(outer + ".") for outer, _ in found)
+        if path and not inside and any(path == name or path.endswith("." + name) for name in ATTENTION):
+            found.append((path, module))
+    return found
+
+
+def _attention_sizes(attention: nn.Module) -> dict[str, int]:
+    """Heads, key/value heads, head size and output width of one attention module."""
     sizes: dict[str, int] = {}
-    attention_path, attention = _find(layer, ATTENTION)
-    head_dim = _head_size(attention) if attention is not None else None
-    if attention is not None and head_dim:
-        output = _find(attention, OUTPUT)[1]
-        query_width = _width(output, "in") or _width(_find(attention, QUERY)[1], "out")
-        if query_width:
-            sizes.update(head_dim=head_dim, heads=query_width // head_dim)
-        if _width(output, "out"):
-            sizes["hidden"] = _width(output, "out")
-        key, fused = _find(attention, KEY)[1], _find(attention, FUSED_QKV)[1]
-        if _width(key, "out"):
-            sizes["kv_heads"] = _width(key, "out") // head_dim
-        elif _width(fused, "out") and query_width:
-            sizes["kv_heads"] = (_width(fused, "out") - query_width) // (2 * head_dim)
-    up = _width(_find(layer, MLP_UP, skip=attention_path or None)[1], "out")
-    gate_up = _width(_find(layer, MLP_GATE_UP, skip=attention_path or None)[1], "out")
-    if up or gate_up:
-        sizes["mlp"] = up or gate_up // 2
+    head_dim = _head_size(attention)
+    if not head_dim:
+        return sizes
+    output = _find(attention, OUTPUT)[1]
+    query_width = _width(output, "in") or _width(_find(attention, QUERY)[1], "out")
+    if query_width:
+        sizes.update(head_dim=head_dim, heads=query_width // head_dim)
+    if _width(output, "out"):
+        sizes["hidden"] = _width(output, "out")
+    key, fused = _find(attention, KEY)[1], _find(attention, FUSED_QKV)[1]
+    if _width(key, "out"):
+        sizes["kv_heads"] = _width(key, "out") // head_dim
+    elif _width(fused, "out") and query_width:
+        sizes["kv_heads"] = (_width(fused, "out") - query_width) // (2 * head_dim)
     return sizes
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    """The first ModuleList with ``config.num_hidden_layers`` entries (the model's layer stack)."""
-    count = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and count and len(module) == count:
-            return list(module)
-    return []
+def _layer_sizes(layer: nn.Module) -> list[dict[str, int]]:
+    """What one decoder/encoder layer holds now: residual width, heads, key/value heads, head size and
+    MLP width in the first entry, and one more entry per further attention module (cross-attention)."""
+    attentions = _attentions(layer)
+    entries = [_attention_sizes(module) for _, module in attentions] or [{}]
+    skip = attentions[0][0] if attentions else None
+    up = _width(_find(layer, MLP_UP, skip=skip)[1], "out")
+    gate_up = _width(_find(layer, MLP_GATE_UP, skip=skip)[1], "out")
+    if up or gate_up:
+        entries[0]["mlp"] = up or gate_up // 2
+    return entries
 
 
-def _disagreement(quantity: str, values: list[int | None]) -> str:
-    shown = ", ".join(f"layer {i} keeps {value}" for i, value in enumerate(values[:6]))
+def _layer_stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """The model's layer stacks: the outermost ModuleLists of ``config.num_hidden_layers`` (or, for an
+    encoder-decoder, ``num_decoder_layers``) entries, with their paths (T5: encoder.block, decoder.block)."""
+    counts = {getattr(model.config, name, None) for name in ("num_hidden_layers", "num_decoder_layers")} - {None}
+    stacks: list[tuple[str, list[nn.Module]]] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(outer + ".") for outer, _ in stacks):
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) in counts:
+            stacks.append((path, list(module)))
+    return stacks
+
+
+def _per_layer(model: nn.Module) -> list[tuple[str, dict[str, int]]]:
+    """(name, sizes) of every layer, and of every further attention module of a layer."""
+    stacks = _layer_stacks(model)
+    entries = []
+    for path, layers in stacks:
+        for i, layer in enumerate(layers):
+            name = f"layer {i}" if len(stacks) == 1 else f"{path} {i}"
+            names = [name] + [f"{name} {attention}" for attention, _ in _attentions(layer)[1:]]
+            entries.extend(zip(names, _layer_sizes(layer)))
+    return entries
+
+
+def _disagreement(quantity: str, values: list[tuple[str, int | None]]) -> str:
+    shown = ", ".join(f"{name} keeps {value}" for name, value in values[:6])
     return f"{QUANTITIES[quantity]} differ across layers ({shown}{', ...' if len(values) > 6 else ''})"
 
 
@@ -134,17 +170,14 @@ def _derived_fields(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
     """Config fields whose value the modules now contradict, with the values they hold, and the
     quantities that differ across layers (written nowhere: a config field has one value)."""
     config = model.config
-    per_layer = [_layer_sizes(layer) for layer in _layers(model)]
     uniform: dict[str, int] = {}
     varying = []
     for quantity in QUANTITIES:
-        values = [sizes.get(quantity) for sizes in per_layer]
-        if not values or None in values:
-            continue
-        if len(set(values)) > 1:
+        values = [(name, sizes[quantity]) for name, sizes in _per_layer(model) if quantity in sizes]
+        if len({value for _, value in values}) > 1:
             varying.append(_disagreement(quantity, values))
-        else:
-            uniform[quantity] = values[0]
+        elif values:
+            uniform[quantity] = values[0][1]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     embedding_width = _width(embeddings, "in") if isinstance(embeddings, nn.Embedding) else None  # (tokens, width)
     if embedding_width:

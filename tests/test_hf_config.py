@@ -1,9 +1,11 @@
 """After ``prune()``, a Hugging Face model's ``config`` describes the pruned model (``pruning_ir.huggingface``).
 
-Tiny models of twelve families (built from configs: no downloads) are pruned uniformly, with the
-hidden size (``all``) or without it (``keep_hidden``): the config must hold the new sizes,
-``save_pretrained`` + ``from_pretrained`` must rebuild the pruned model exactly, and ``generate``
-must give the same tokens with and without the KV cache. Where a config cannot express the
+Tiny models of eighteen families (``hf_models.FAMILIES``, built from configs: no downloads) are
+pruned uniformly, with the hidden size (``all``) or without it (``keep_hidden``): the config must
+hold the new sizes, ``save_pretrained`` + ``from_pretrained`` must rebuild the pruned model
+exactly, and ``generate`` must give the same tokens with and without the KV cache. Removing
+zeroed heads and MLP channels changes no output, and a global selection (widths per layer)
+round-trips through ``save_pretrained_pruned`` in every family. Where a config cannot express the
 pruned model, ``prune`` warns, the config keeps its stale fields, the from_pretrained round trip
 is an ``xfail(strict=True)`` naming why, and ``save_pretrained_pruned`` / ``load_pretrained_pruned``
 round-trip it instead.
@@ -27,33 +29,12 @@ from pruning_ir import GlobalScoreLabelSelector, PruningIR, UniformLabelSelector
 from pruning_ir.errors import PrunedModelFormatError  # noqa: E402
 from pruning_ir.huggingface import (SHAPES_FOLDER, expressible, load_pretrained_pruned,  # noqa: E402
                                     save_pretrained_pruned, sync_config)
+from hf_models import FAMILIES, family_inputs  # noqa: E402
 from zoo import seeded_build  # noqa: E402
 
-VOCAB = 100
-COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64, attn_implementation="sdpa")
-LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **COMMON)
 T = transformers
-
-FAMILIES = {  # name: (model class, config); 2 layers, hidden 32, 4 heads of 8 channels
-    "llama": (T.LlamaForCausalLM, lambda: T.LlamaConfig(**LLAMA_LIKE)),
-    "mistral": (T.MistralForCausalLM, lambda: T.MistralConfig(**LLAMA_LIKE)),
-    "qwen2": (T.Qwen2ForCausalLM, lambda: T.Qwen2Config(**LLAMA_LIKE)),
-    "qwen3": (T.Qwen3ForCausalLM, lambda: T.Qwen3Config(head_dim=8, **LLAMA_LIKE)),
-    "gemma": (T.GemmaForCausalLM, lambda: T.GemmaConfig(head_dim=8, **LLAMA_LIKE)),
-    "phi3": (T.Phi3ForCausalLM, lambda: T.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **LLAMA_LIKE)),
-    "mixtral": (T.MixtralForCausalLM, lambda: T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
-                                                              **LLAMA_LIKE)),
-    "gpt2": (T.GPT2LMHeadModel, lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                     bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
-                                                     attn_implementation="sdpa")),
-    "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_attention_heads=4,
-                                                  word_embed_proj_dim=32, pad_token_id=1, **COMMON)),
-    "neox": (T.GPTNeoXForCausalLM, lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=64,
-                                                           num_attention_heads=4, **COMMON)),
-    "falcon": (T.FalconForCausalLM, lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                           num_attention_heads=4, attn_implementation="sdpa")),
-    "bert": (T.BertModel, lambda: T.BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, **COMMON)),
-}
+# The grouped-query unit is a key/value head with its query heads here (the cases below count heads that way).
+GQA_UNIT = "kv_groups"
 
 # (family, scenario): the config fields after prune(), and why no config can express it ("" when one can; when
 # none can, the config is left as it was: it still builds the unpruned model, which load_pruned resizes).
@@ -95,18 +76,38 @@ CASES = {
                       "BERT derives the head size as hidden_size / num_attention_heads: 32 / 3 heads does not build "
                       "(its hidden size is not prunable)"),
     ("bert", "mlp"): (dict(hidden_size=32, num_attention_heads=4, intermediate_size=48), ""),
+    ("olmo2", "all"): (dict(hidden_size=24, intermediate_size=48, head_dim=8, **GQA_HEADS), ""),
+    ("olmo2", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, **GQA_HEADS), ""),
+    ("granite", "all"): (dict(hidden_size=24, intermediate_size=48, head_dim=8, embedding_multiplier=2.0,
+                              residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, **GQA_HEADS), ""),
+    ("granite", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, attention_multiplier=0.2, **GQA_HEADS),
+                                 ""),
+    ("gemma2", "all"): (dict(hidden_size=32, intermediate_size=64, **ORIGINAL_HEADS),
+                        "Gemma2 scales its embeddings by sqrt(hidden_size) (scalar_embed_scale), fixed at build time: "
+                        "a config with hidden_size=24 would rescale them"),
+    ("gemma2", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, head_dim=8, attn_logit_softcapping=5.0,
+                                     **GQA_HEADS), ""),
+    ("gemma3", "all"): (dict(hidden_size=32, intermediate_size=64, **ORIGINAL_HEADS),
+                        "Gemma3 scales its embeddings by sqrt(hidden_size) (scalar_embed_scale), fixed at build time: "
+                        "a config with hidden_size=24 would rescale them"),
+    ("gemma3", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, head_dim=8, **GQA_HEADS), ""),
+    # T5's encoder output (encoder_last_hidden_state) is a model output, so d_model is never pruned; heads
+    # (self- and cross-attention, the relative attention bias with them) and d_ff are; d_kv stays 8
+    ("t5", "all"): (dict(d_model=32, d_kv=8, d_ff=48, num_heads=3, num_layers=2, num_decoder_layers=2), ""),
+    ("vit", "all"): (dict(hidden_size=24, num_attention_heads=3, intermediate_size=48), ""),
+    ("vit", "keep_hidden"): (dict(hidden_size=32, num_attention_heads=3, head_dim=8, intermediate_size=48), ""),
 }
-REASON_TEXT = {"gemma": "scalar_embed_scale", "gpt2": "divisible by num_heads", "opt": "divisible by num_heads",
-               "neox": "scaling", "falcon": "inv_norm_factor",
-               "bert": "not a multiple of the number of attention heads"}
+REASON_TEXT = {"gemma": "scalar_embed_scale", "gemma2": "scalar_embed_scale", "gemma3": "scalar_embed_scale",
+               "gpt2": "divisible by num_heads", "opt": "divisible by num_heads", "neox": "scaling",
+               "falcon": "inv_norm_factor", "bert": "not a multiple of the number of attention heads"}
 
 
-def _inputs() -> torch.Tensor:
-    return torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+def _inputs(family: str = "llama") -> dict[str, torch.Tensor]:
+    return family_inputs(family)
 
 
 def _build(family: str) -> nn.Module:
-    model_class, config = FAMILIES[family]
+    model_class, config = FAMILIES[family][:2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return seeded_build(lambda: model_class(config()))()
@@ -129,7 +130,7 @@ def _pruned(family: str, scenario: str) -> tuple[nn.Module, nn.Module, list[str]
     """(original, pruned, messages of the warnings prune() gave, pruned without the config sync);
     built once per case, never modified."""
     original = _build(family)
-    ir = PruningIR(original).infer_labels(_inputs())
+    ir = PruningIR(original, gqa_unit=GQA_UNIT).infer_labels(**_inputs(family))
     labels = _labels(ir, original, scenario)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -140,9 +141,9 @@ def _pruned(family: str, scenario: str) -> tuple[nn.Module, nn.Module, list[str]
     return original, pruned, [str(w.message) for w in caught if "config cannot describe" in str(w.message)], unsynced
 
 
-def _output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        output = model.eval()(inputs)
+        output = model.eval()(**inputs)
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
 
@@ -151,15 +152,20 @@ def _sizes(model: nn.Module) -> dict[str, dict[str, int]]:
                    if isinstance(value, int) and not isinstance(value, bool)} for path, module in model.named_modules()}
 
 
-def _generate(model: nn.Module, inputs: torch.Tensor, use_cache: bool) -> torch.Tensor:
+def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], use_cache: bool) -> torch.Tensor:
+    """Greedy tokens (4 new) from the prompt ``input_ids`` (T5: the encoder's input)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return model.generate(inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache,
+        return model.generate(inputs["input_ids"], max_new_tokens=4, do_sample=False, use_cache=use_cache,
                               pad_token_id=model.config.eos_token_id or 0)
 
 
-def _is_causal(model: nn.Module) -> bool:
-    return hasattr(model, "generate") and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+def _generates(model: nn.Module) -> bool:
+    return type(model).can_generate()
+
+
+def _generated_length(model: nn.Module) -> int:
+    return 1 + 4 if model.config.is_encoder_decoder else 8 + 4  # T5 starts from decoder_start_token_id
 
 
 # Cases that pruning_ir itself cannot save and load yet (whatever the config says).
@@ -194,7 +200,7 @@ def test_prune_writes_the_pruned_sizes_into_the_config(family, scenario):
         assert not warned and why == ""
     # the original model's config is untouched, and the pruned model computes what it computed before the sync
     assert original.config.to_dict() == _build(family).config.to_dict()
-    torch.testing.assert_close(_output(pruned, _inputs()), _output(unsynced, _inputs()), atol=0, rtol=0)
+    torch.testing.assert_close(_output(pruned, _inputs(family)), _output(unsynced, _inputs(family)), atol=0, rtol=0)
     if reason:
         assert pruned.config.to_dict() == original.config.to_dict()
     assert sync_config(pruned, warn=False) == []  # already in sync
@@ -207,12 +213,12 @@ def test_save_pretrained_then_from_pretrained_rebuilds_the_pruned_model(family, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = type(pruned).from_pretrained(tmp_path).eval()
-    inputs = _inputs()
+    inputs = _inputs(family)
     torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
     assert _sizes(loaded) == _sizes(pruned)  # the pruned model is what from_pretrained builds, size attributes too
-    if _is_causal(pruned):
+    if _generates(pruned):
         with_cache = _generate(pruned, inputs, use_cache=True)
-        assert with_cache.shape == (2, 12)
+        assert with_cache.shape == (2, _generated_length(pruned))
         assert torch.equal(with_cache, _generate(pruned, inputs, use_cache=False))
         assert torch.equal(with_cache, _generate(loaded, inputs, use_cache=True))
 
@@ -220,7 +226,7 @@ def test_save_pretrained_then_from_pretrained_rebuilds_the_pruned_model(family, 
 @pytest.mark.parametrize("family, scenario", [_case_param(case, for_pair=True) for case in CASES])
 def test_save_pretrained_pruned_round_trips_every_case(family, scenario, tmp_path):
     _, pruned, _, _ = _pruned(family, scenario)
-    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    auto = getattr(transformers, FAMILIES[family].auto)
     save_pretrained_pruned(pruned, tmp_path)
     assert (tmp_path / "config.json").is_file()
     assert (tmp_path / SHAPES_FOLDER / "pruning_config.json").is_file() == bool(CASES[(family, scenario)][1])
@@ -228,9 +234,9 @@ def test_save_pretrained_pruned_round_trips_every_case(family, scenario, tmp_pat
         warnings.simplefilter("ignore")
         loaded = load_pretrained_pruned(auto, tmp_path)
     assert type(loaded) is type(pruned) and not loaded.training
-    inputs = _inputs()
+    inputs = _inputs(family)
     torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
-    if _is_causal(pruned):
+    if _generates(pruned):
         assert torch.equal(_generate(loaded, inputs, use_cache=True), _generate(pruned, inputs, use_cache=False))
 
 
@@ -246,7 +252,7 @@ def _layer_labels(ir: PruningIR, counts: dict[str, int]) -> list:
 def _globally_pruned() -> tuple[nn.Module, nn.Module]:
     """LLaMA with 16 MLP channels removed from layer 0 and 8 from layer 1, and one key/value head from layer 0."""
     original = _build("llama")
-    ir = PruningIR(original).infer_labels(_inputs())
+    ir = PruningIR(original, gqa_unit=GQA_UNIT).infer_labels(**_inputs())
     labels = _layer_labels(ir, {"layers.0.mlp": 16, "layers.1.mlp": 8, "layers.0.self_attn": 1})
     with pytest.warns(UserWarning, match="config cannot describe") as caught:
         pruned = ir.prune(labels=labels).model.eval()
@@ -282,7 +288,7 @@ def test_per_layer_widths_warn_are_not_expressible_and_round_trip_through_the_pr
 def test_a_per_layer_pruning_after_a_synced_one_round_trips(tmp_path):
     """The second pruning's save starts from the first one's config: the model must be what it builds."""
     _, first, _, _ = _pruned("llama", "all")
-    ir = PruningIR(copy.deepcopy(first)).infer_labels(_inputs())
+    ir = PruningIR(copy.deepcopy(first), gqa_unit=GQA_UNIT).infer_labels(**_inputs())
     with pytest.warns(UserWarning, match="MLP channels differ across layers"):
         second = ir.prune(labels=_layer_labels(ir, {"layers.0.mlp": 8})).model.eval()
     assert (second.config.hidden_size, second.config.intermediate_size) == (24, 48)
@@ -294,7 +300,7 @@ def test_a_per_layer_pruning_after_a_synced_one_round_trips(tmp_path):
 
 def test_global_selection_with_scores_is_reported_per_layer():
     original = _build("llama")
-    ir = PruningIR(original).infer_labels(_inputs())
+    ir = PruningIR(original, gqa_unit=GQA_UNIT).infer_labels(**_inputs())
     ir.set_scores(lambda label: float(label.channel) + (100.0 if "layers.1" in " ".join(label.group.modules) else 0))
     labels = [label for label in GlobalScoreLabelSelector(0.3).select(ir)
               if any(".mlp." in name for name in label.group.modules)]
@@ -332,7 +338,7 @@ def test_every_copy_of_the_config_is_synced():
     """A submodule holding its own copy of the config (T5's stacks do) gets the new sizes too."""
     model = _build("llama")
     model.model.config = copy.deepcopy(model.config)
-    ir = PruningIR(model).infer_labels(_inputs())
+    ir = PruningIR(model, gqa_unit=GQA_UNIT).infer_labels(**_inputs())
     pruned = ir.prune(labels=_labels(ir, model, "all")).model
     assert pruned.model.config is not pruned.config
     for config in (pruned.config, pruned.model.config):

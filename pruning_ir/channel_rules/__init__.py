@@ -4,12 +4,13 @@ Where each op's rule lives:
 - ``elementwise``: activations, add/sub/mul/div with broadcasting, reductions, softmax.
 - ``layers``: conv, transposed conv, linear, matmul/addmm, batch/instance/group/layer norm, embedding, PReLU.
 - ``shapes``: view/reshape/flatten, permute/transpose, expand/repeat, cat/stack, split/chunk, indexing.
+- ``factories``: new tensors: zeros_like and the like, torch.zeros/ones/full/empty/rand sized by module attributes.
 - ``spatial``: pooling, interpolate, pad, pixel shuffle, channel shuffle.
 - ``attention``: scaled_dot_product_attention, nn.MultiheadAttention, grouped-query attention's two units (``GQA_UNITS``).
 - ``recurrent``: LSTM/GRU/RNN.
 """
 
-from . import attention, elementwise, layers, recurrent, shapes, spatial  # noqa: F401  (registration)
+from . import attention, elementwise, factories, layers, recurrent, shapes, spatial  # noqa: F401  (registration)
 from .attention import GQA_UNITS
 from .registry import RuleContext, channel_rule, find_rule, module_rule, registered_ops
 

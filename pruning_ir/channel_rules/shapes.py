@@ -415,14 +415,3 @@ def positional(ctx: RuleContext) -> TensorLayout | None:
         ctx.pin_layout(ctx.layout(value), f"{ctx.op} reads or writes chosen positions")
     shape = ctx.node.meta.get("shape")
     return None if shape is None else TensorLayout.empty(len(shape))
-
-
-@channel_rule("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
-              "new_zeros", "new_ones", "new_full", "new_empty")
-def like(ctx: RuleContext) -> TensorLayout | None:
-    """``zeros_like(x)`` follows x's shape, so it follows x's channels too."""
-    layout = ctx.layout(ctx.argument(0, "input"))
-    if ctx.op.startswith("new_") or layout is None:
-        return TensorLayout.empty(len(ctx.out_shape))
-    return TensorLayout(layout.dims, ctx.op in ("zeros_like", "empty_like"))
-
