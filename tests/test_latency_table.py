@@ -22,8 +22,10 @@ from pruning_ir import ChannelConstraint, KnapsackLabelSelector, PruningIR, Tabl
 from pruning_ir.criteria import MagnitudeCriterion
 from pruning_ir.latency import bind, macs, measure_latency
 from pruning_ir.selectors import LatencyTable
+from pruning_ir.selectors.band import counts_of, settle_in_band
 from pruning_ir.selectors.latency_table import OpSignature, build_op, machine_key, module_arguments
 from pruning_ir.selectors.multiple_choice import solve_multiple_choice
+from pruning_ir.selectors.oracle import LatencyOracle
 from pruning_ir.selectors.plan import SelectionPlan
 
 
@@ -220,6 +222,113 @@ def test_table_latency_drives_the_multiple_choice_knapsack_on_a_real_cpu():
     pruned = ir.prune(labels=labels).model
     remeasured = min(measure_latency(pruned, x, warmup=3, repeats=10, statistic="min", threads=1) for _ in range(3))
     assert remeasured <= 1.15 * target   # loose: CI machines are noisy
+
+
+# -- settling in the band on the real model ---------------------------------------------------------
+class LuckyFirst:
+    """MACs, except that each pruned model's first measurement reads ``luck`` too low: what a
+    noisy machine does to the candidate a loop keeps (deterministic, so a test can be exact)."""
+
+    def __init__(self, x: torch.Tensor, unpruned: float, luck: float = 0.9):
+        self.x, self.unpruned, self.luck, self.seen = x, unpruned, luck, set()
+
+    def __call__(self, model: nn.Module) -> float:
+        value = macs(model, self.x)
+        key = tuple(tuple(p.shape) for p in model.parameters())
+        if value == self.unpruned or key in self.seen:
+            return value
+        self.seen.add(key)
+        return value * self.luck
+
+
+class Loaded:
+    """MACs times a load factor the test sets: another process starting mid-selection."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.load = x, 1.0
+
+    def __call__(self, model: nn.Module) -> float:
+        return macs(model, self.x) * self.load
+
+
+def band_case(function_of, true_share: float, step: int = 2):
+    """A selection that truly measures ``true_share`` of the unpruned MACs, the plan and an oracle
+    of ``function_of(x, unpruned)`` that has already measured it once (as a loop would have)."""
+    ir, x = scored_ir(), torch.randn(2, 3, 16, 16)
+    count = bind(macs, x)
+    full = count(ir.model)
+    constraint = ChannelConstraint(step=step)
+    labels = KnapsackLabelSelector(true_share * full, count, constraint=constraint, verbose=False, tolerance=0.01,
+                                   latency_table=MacsTable(x, threads=1, grid_points=24)).select(ir)
+    plan = SelectionPlan(ir, constraint)
+    function = function_of(x, full)
+    oracle = LatencyOracle(plan, function)
+    counts = counts_of(plan, labels)
+    oracle(plan.base_counts())
+    oracle(counts)
+    return ir, count, full, plan, oracle, counts, function
+
+
+def true_latency(ir, count, plan, counts) -> float:
+    return count(ir.prune(labels=plan.labels(counts)).model)
+
+
+@pytest.mark.parametrize("priced_by_table", [True, False])
+def test_a_lucky_selection_above_the_target_is_checked_and_stepped_into_the_band(priced_by_table):
+    ir, count, full, plan, oracle, counts, function = band_case(LuckyFirst, 0.53)
+    target = 0.5 * full
+    assert oracle(counts) <= target < true_latency(ir, count, plan, counts)   # the loop was fooled
+    table = MacsTable(torch.randn(2, 3, 16, 16), threads=1) if priced_by_table else None
+    result = settle_in_band(plan, oracle, counts, target, 0.05, table=table, max_checks=8)
+    achieved = true_latency(ir, count, plan, result.counts)
+    assert result.in_band and result.feasible and 0.95 * target <= achieved <= target
+    assert result.latency == pytest.approx(achieved, rel=1e-12)
+    assert result.checks[0].measured > target and result.checks[0].checked and len(result.checks) >= 2
+    assert result.latency_calls == sum(2 * 3 if r.iteration == 1 else 2 * 3 for r in result.checks)
+
+
+def test_a_selection_below_the_band_gets_labels_back():
+    ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: bind(macs, x), 0.42)
+    target = 0.5 * full
+    result = settle_in_band(plan, oracle, counts, target, 0.05, table=MacsTable(torch.randn(2, 3, 16, 16), threads=1))
+    assert result.in_band and 0.95 * target <= true_latency(ir, count, plan, result.counts) <= target
+    assert plan.kept_score(result.counts) > plan.kept_score(counts)
+    # a deterministic function is recognised on the first pair: one call per check after it
+    assert result.latency_calls == 2 + len(result.checks) - 1
+
+
+def test_load_that_changed_since_the_start_is_cancelled_by_the_unpruned_model():
+    ir, count, full, plan, oracle, counts, function = band_case(lambda x, full: Loaded(x), 0.49)
+    target = true_latency(ir, count, plan, counts) / 0.975   # the selection lies in the band
+    function.load = 1.3   # everything now reads 30% slower: measured alone, the selection misses the target
+    assert function(ir.prune(labels=plan.labels(counts)).model) > target
+    result = settle_in_band(plan, oracle, counts, target, 0.05, repeats=3)
+    assert np.array_equal(result.counts, counts) and result.in_band and len(result.checks) == 1
+    assert result.latency == pytest.approx(true_latency(ir, count, plan, counts), rel=1e-12)
+    assert result.latency_calls == 6 and result.checks[0].spread == pytest.approx(1.0)
+
+
+def test_without_a_selection_in_the_band_the_best_feasible_one_is_returned_and_named():
+    ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: bind(macs, x), 0.45, step=16)
+    reachable = sorted({true_latency(ir, count, plan, plan.repair(np.array(c)))
+                        for c in itertools.product(*(g.counts for g in plan.groups))})
+    target = next(b for a, b in zip(reachable, reachable[1:]) if a < 0.97 * b and b > 0.5 * full) * 0.995
+    with pytest.warns(RuntimeWarning, match="no checked selection lies in"):
+        result = settle_in_band(plan, oracle, counts, target, 0.01, table=MacsTable(torch.randn(2, 3, 16, 16)))
+    assert not result.in_band and result.feasible and result.latency <= target
+    assert "feasible selection keeping the most score" in result.message
+    assert result.latency == true_latency(ir, count, plan, result.counts)
+
+
+def test_settling_checks_its_arguments_and_leaves_an_unpruned_selection_alone():
+    ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: bind(macs, x), 0.5)
+    with pytest.raises(ValueError, match="repeats"):
+        settle_in_band(plan, oracle, counts, full, 0.05, repeats=0)
+    result = settle_in_band(plan, oracle, plan.base_counts(), 2 * full, 0.05)
+    assert result.counts.sum() == 0 and result.latency_calls == 0 and result.feasible
+    assert np.array_equal(counts_of(plan, plan.labels(counts)), counts)
+    with pytest.raises(ValueError, match="lowest-ranked"):
+        counts_of(plan, plan.groups[0].labels[1:3])
 
 
 # -- measure_latency ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """One iteration of a latency-budget knapsack, as ``KnapsackLabelSelector.history`` records it
-(its own module: both the linearized and the table-driven loops write it)."""
+(its own module: both the linearized and the table-driven loops write it, and so does the
+final check of the selection on the real model, ``band.settle_in_band``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ __all__ = ["KnapsackIteration"]
 
 @dataclass(frozen=True)
 class KnapsackIteration:
-    """What one iteration aimed at, estimated and measured (kept in ``selector.history``)."""
+    """What one iteration aimed at, estimated and measured (kept in ``selector.history``).
+
+    ``checked``: the measurement is a check of the real model (repeated in rotation with the
+    unpruned model), not a loop's single measurement; ``spread``: the largest over the smallest
+    pruned/unpruned ratio of that check's repeats (1.0 for a deterministic function), the noise
+    the check saw.
+    """
 
     iteration: int
     aim: float
@@ -19,3 +26,5 @@ class KnapsackIteration:
     kept_score: float
     removed_labels: int
     latency_calls: int
+    checked: bool = False
+    spread: float | None = None
