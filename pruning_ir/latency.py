@@ -17,7 +17,7 @@ import copy
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import LatencyMeasurementError
 from .modes import kept_training_flags
 
-__all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "bind", "BoundLatency",
-           "TableLatency"]
+__all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "compare_latency", "bind",
+           "BoundLatency", "TableLatency"]
 
 
 @contextlib.contextmanager
@@ -187,6 +187,32 @@ def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device =
         with _no_gc():
             times = _timed_runs(model, inputs, kwargs, device, repeats)
     return _STATISTICS[statistic](times)
+
+
+def compare_latency(models: Sequence[nn.Module], *inputs: Any, rounds: int = 5, device: str | torch.device = "cpu",
+                    warmup: int = 2, repeats: int = 5, statistic: str = "min", threads: int | None = None,
+                    **kwargs: Any) -> list[float]:
+    """Latency of each of ``models`` on the same inputs, measured in rotation: the fastest of
+    ``rounds`` rounds, each measuring every model once (``measure_latency`` with the other
+    options), the order reversed every other round.
+
+    On a shared machine load comes and goes within seconds; measured one after the other, two
+    models see different loads, measured in rotation they see the same, so the ratios between
+    the results (a speed-up, a share of the unpruned latency) hold even when the seconds drift.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"compare_latency needs rounds >= 1, got {rounds!r}")
+    models = list(models)
+    if not models:
+        raise ValueError("compare_latency needs at least one model")
+    best = [float("inf")] * len(models)
+    for round_ in range(rounds):
+        order = range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))
+        for index in order:
+            seconds = measure_latency(models[index], *inputs, device=device, warmup=warmup, repeats=repeats,
+                                      statistic=statistic, threads=threads, **kwargs)
+            best[index] = min(best[index], seconds)
+    return best
 
 
 class BoundLatency:

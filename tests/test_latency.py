@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_ir.latency import LatencyMeasurementError, bind, macs, measure_latency, parameter_count
+from pruning_ir.latency import LatencyMeasurementError, bind, compare_latency, macs, measure_latency, parameter_count
 
 
 def small_net() -> nn.Module:
@@ -81,3 +81,26 @@ def test_bind_gives_a_picklable_one_argument_function():
     assert function(small_net()) == macs(small_net(), x)
     assert "macs" in repr(function)
     assert bind(measure_latency, x, repeats=3)(small_net()) > 0
+
+
+def test_compare_latency_measures_in_rotation_and_checks_its_arguments():
+    order = []
+
+    class Probe(nn.Module):
+        def __init__(self, name: str):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            order.append(self.name)
+            return x
+
+    times = compare_latency([Probe("a"), Probe("b")], torch.randn(2), rounds=3, warmup=0, repeats=1, threads=1)
+    assert order == ["a", "b", "b", "a", "a", "b"] and len(times) == 2 and all(t >= 0 for t in times)
+    small, large = nn.Linear(64, 8), nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)])
+    fast, slow = compare_latency([small, large], torch.randn(1, 64), rounds=2, repeats=5)
+    assert 0 < fast < slow
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        compare_latency([small], torch.randn(1, 64), rounds=0)
+    with pytest.raises(ValueError, match="at least one model"):
+        compare_latency([], torch.randn(1, 64))
