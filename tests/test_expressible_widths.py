@@ -160,6 +160,50 @@ def test_the_one_call_api_passes_the_constraint_through():
     assert parameter_count(pruned) <= 0.7 * parameter_count(model)
 
 
+# -- head counts the config accepts ----------------------------------------------------------------
+GQA_8_2 = dict(TINY, num_attention_heads=8, head_dim=4)   # 4 query heads per key/value head: 4 labels a layer
+
+
+def _accepted_by_llama(group, kept: int) -> bool:
+    """LLaMA's config asks for hidden_size % num_attention_heads == 0; a label is one query head per
+    key/value head (gqa_unit="query_heads"), so ``kept`` labels are 2 * kept heads."""
+    if any(name.endswith("self_attn.q_proj.weight[0]") for name in group.parameters):
+        return GQA_8_2["hidden_size"] % (kept * GQA_8_2["num_key_value_heads"]) == 0
+    return True
+
+
+@pytest.mark.parametrize("kind", ["uniform", "global"])
+def test_allow_limits_head_counts_to_those_the_config_accepts(kind, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = seeded_build(lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**GQA_8_2)))()
+    ir = PruningIR(model).infer_labels(_inputs())
+    MagnitudeCriterion(ir).apply()
+    tied = dict(same_across_layers=True, keep="model.embed_tokens")
+    plain, allowed = ChannelConstraint(**tied), ChannelConstraint(**tied, allow=_accepted_by_llama)
+
+    def pruned(constraint: ChannelConstraint) -> nn.Module:
+        selector = UniformLabelSelector(0.25, constraint) if kind == "uniform" else \
+            GlobalScoreLabelSelector(0.3, constraint, normalize="mean")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ir.prune(labels=selector.select(ir)).model.eval()
+
+    ok, reason = expressible(pruned(plain))   # one of four query heads per key/value head goes: 6 heads
+    assert not ok and "refuses" in reason and "(6)" in reason
+    result = pruned(allowed)
+    heads = {layer.self_attn.q_proj.out_features // 4 for layer in result.model.layers}
+    assert len(heads) == 1 and 32 % min(heads) == 0
+    if kind == "uniform":   # removing 1 of 4 labels is refused; 0 and 2 are as near, and the fewer wins
+        assert heads == {8}
+    else:
+        assert max(heads) < 8
+    assert expressible(result) == (True, "")
+    result.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path)), _logits(result),
+                               rtol=0, atol=1e-5)
+
+
 # -- floors, earlier prunes and uniform selection compose ---------------------------------------------
 def _tied_ids(ir: PruningIR) -> list[list[int]]:
     return [[g.id for g in members] for members in ChannelConstraint(same_across_layers=True).tied_groups(ir.groups)]
@@ -287,6 +331,8 @@ def test_bad_arguments_give_clear_errors():
         ChannelConstraint(same_across_layers="yes")
     with pytest.raises(TypeError, match="keep"):
         ChannelConstraint(keep=[3])
+    with pytest.raises(TypeError, match="allow must be a function"):
+        ChannelConstraint(allow=3)
     _, ir = _scored("qwen2")
     with pytest.raises(ValueError, match="model.embed"):
         GlobalScoreLabelSelector(0.3, ChannelConstraint(keep="model.embed")).select(ir)

@@ -11,7 +11,7 @@ named modules' groups whole (``keep``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -53,7 +53,9 @@ class ChannelConstraint:
     its members leave together, valued by their mean score), the knapsacks add the equality.
     ``keep``: module paths (``"model.embed_tokens"``) whose groups keep every channel, e.g. the
     hidden size of a language model, inside any budget (filtering labels after selecting them
-    would miss the budget).
+    would miss the budget). ``allow``: ``allow(group, kept) -> bool``, whether a pruned ``group``
+    may keep ``kept`` channels (on top of the rest; an untouched group always may), for rules no
+    bound or step says: head counts a config accepts (docs/huggingface.md).
     """
 
     low: int | float = 1
@@ -61,6 +63,7 @@ class ChannelConstraint:
     step: int = 1
     same_across_layers: bool = False
     keep: tuple[str, ...] = ()
+    allow: Callable[[DependencyGroup, int], bool] | None = None
 
     def __post_init__(self) -> None:
         _check_bound("low", self.low)
@@ -74,6 +77,9 @@ class ChannelConstraint:
         if not isinstance(keep, Iterable) or not all(isinstance(path, str) and path for path in keep):
             raise TypeError(f"ChannelConstraint keep must be module paths (non-empty strings), got {self.keep!r}")
         object.__setattr__(self, "keep", tuple(keep))
+        if self.allow is not None and not callable(self.allow):
+            raise TypeError(f"ChannelConstraint allow must be a function (group, kept channels) -> bool, "
+                            f"got {self.allow!r}")
 
     def kept_whole(self, group: DependencyGroup) -> bool:
         """Whether ``group`` holds a module named in ``keep`` (it then loses no label)."""
@@ -110,10 +116,14 @@ class ChannelConstraint:
         removed = np.arange(labels + 1)
         kept = channels - removed
         allowed = (kept >= low) & (kept <= high) & ((kept % self.step == 0) | (removed == 0))
+        if self.allow is not None:
+            allowed = np.array([ok and (r == 0 or bool(self.allow(group, int(k))))
+                                for ok, r, k in zip(allowed, removed, kept)], dtype=bool)
         counts = removed[allowed]
         if counts.size == 0:
+            extra = " (and allowed by allow)" if self.allow is not None else ""
             raise ValueError(
                 f"{self} allows no width for group {group.id} ({channels} channels, {labels} prunable, "
                 f"modules {', '.join(group.modules[:3]) or '-'}): keeping between {low} and {high} "
-                f"channels in steps of {self.step} is impossible")
+                f"channels in steps of {self.step}{extra} is impossible")
         return counts
