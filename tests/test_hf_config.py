@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import warnings
 from unittest import mock
 
@@ -35,6 +36,9 @@ from zoo import seeded_build  # noqa: E402
 T = transformers
 # The grouped-query unit is a key/value head with its query heads here (the cases below count heads that way).
 GQA_UNIT = "kv_groups"
+# Falcon has a single key/value head (multi-query attention): its query heads are the unit. Under "kv_groups" the
+# repeat of that head (repeat_kv's expand) still pins them (channel_rules/attention.repeated_key_value).
+UNITS = {"falcon": "query_heads"}
 
 # (family, scenario): the config fields after prune(), and why no config can express it ("" when one can; when
 # none can, the config is left as it was: it still builds the unpruned model, which load_pruned resizes).
@@ -68,10 +72,10 @@ CASES = {
     ("neox", "keep_hidden"): (dict(hidden_size=32, num_attention_heads=4, intermediate_size=64),
                               "GPT-NeoX derives the head size as hidden_size / num_attention_heads (32 / 3 = 10, "
                               "not 8): attention scaling and shapes differ"),
-    ("falcon", "all"): (dict(hidden_size=32, ffn_hidden_size=128),
-                        "Falcon derives the head size as hidden_size / num_attention_heads (24 / 4 = 6, not 8; "
-                        "its query/key/value heads are pinned)"),
-    ("falcon", "keep_hidden"): (dict(hidden_size=32, ffn_hidden_size=96), ""),
+    ("falcon", "all"): (dict(hidden_size=24, num_attention_heads=3, ffn_hidden_size=96), ""),
+    ("falcon", "keep_hidden"): (dict(hidden_size=32, num_attention_heads=4, ffn_hidden_size=128),
+                                "Falcon derives the head size as hidden_size / num_attention_heads: 32 / 3 heads does "
+                                "not build"),
     ("bert", "all"): (dict(hidden_size=32, num_attention_heads=4, intermediate_size=64),
                       "BERT derives the head size as hidden_size / num_attention_heads: 32 / 3 heads does not build "
                       "(its hidden size is not prunable)"),
@@ -99,7 +103,7 @@ CASES = {
 }
 REASON_TEXT = {"gemma": "scalar_embed_scale", "gemma2": "scalar_embed_scale", "gemma3": "scalar_embed_scale",
                "gpt2": "divisible by num_heads", "opt": "divisible by num_heads", "neox": "scaling",
-               "falcon": "inv_norm_factor", "bert": "not a multiple of the number of attention heads"}
+               "falcon": "divisible by num_heads", "bert": "not a multiple of the number of attention heads"}
 
 
 def _inputs(family: str = "llama") -> dict[str, torch.Tensor]:
@@ -130,7 +134,7 @@ def _pruned(family: str, scenario: str) -> tuple[nn.Module, nn.Module, list[str]
     """(original, pruned, messages of the warnings prune() gave, pruned without the config sync);
     built once per case, never modified."""
     original = _build(family)
-    ir = PruningIR(original, gqa_unit=GQA_UNIT).infer_labels(**_inputs(family))
+    ir = PruningIR(original, gqa_unit=UNITS.get(family, GQA_UNIT)).infer_labels(**_inputs(family))
     labels = _labels(ir, original, scenario)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -168,21 +172,11 @@ def _generated_length(model: nn.Module) -> int:
     return 1 + 4 if model.config.is_encoder_decoder else 8 + 4  # T5 starts from decoder_start_token_id
 
 
-# Cases that pruning_ir itself cannot save and load yet (whatever the config says).
-PAIR_FAILS = {
-    ("falcon", "all"): "FalconLinear multiplies by its weight itself (input @ weight.T), so pruning the hidden size "
-                       "leaves its in_features/out_features stale (32, 128 for [48, 24] weights) and load_pruned's "
-                       "consistency check refuses them: a channel-rule gap for Linear subclasses, not a config one",
-}
-
-
-def _case_param(case: tuple[str, str], for_from_pretrained: bool = False, for_pair: bool = False):
+def _case_param(case: tuple[str, str], for_from_pretrained: bool = False):
     reason = CASES[case][1]
     marks = []
     if reason and for_from_pretrained:
         marks.append(pytest.mark.xfail(strict=True, reason=f"no config can express it: {reason}"))
-    if for_pair and case in PAIR_FAILS:
-        marks.append(pytest.mark.xfail(strict=True, reason=PAIR_FAILS[case]))
     return pytest.param(*case, id="-".join(case), marks=marks)
 
 
@@ -223,7 +217,7 @@ def test_save_pretrained_then_from_pretrained_rebuilds_the_pruned_model(family, 
         assert torch.equal(with_cache, _generate(loaded, inputs, use_cache=True))
 
 
-@pytest.mark.parametrize("family, scenario", [_case_param(case, for_pair=True) for case in CASES])
+@pytest.mark.parametrize("family, scenario", [_case_param(case) for case in CASES])
 def test_save_pretrained_pruned_round_trips_every_case(family, scenario, tmp_path):
     _, pruned, _, _ = _pruned(family, scenario)
     auto = getattr(transformers, FAMILIES[family].auto)
@@ -238,6 +232,76 @@ def test_save_pretrained_pruned_round_trips_every_case(family, scenario, tmp_pat
     torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
     if _generates(pruned):
         assert torch.equal(_generate(loaded, inputs, use_cache=True), _generate(pruned, inputs, use_cache=False))
+
+
+def _hidden_groups(ir: PruningIR, model: nn.Module) -> set[int]:
+    """The groups that hold the input embedding (the hidden size)."""
+    embedding = model.get_input_embeddings()
+    return {group.id for group in ir.groups if any(model.get_submodule(name) is embedding for name in group.modules)}
+
+
+def _is_attention(group) -> bool:
+    return any(part in name for name in group.modules for part in ("attn", "attention", "Attention"))
+
+
+# Families whose heads are pinned (Phi-3's fused query/key/value projection) or inexact (OLMo2 normalizes q and k over
+# all heads together) and whose MLP is not pruned (Mixtral's experts): what the exact selection below leaves.
+EXACT_PARTS = {"phi3": {"mlp"}, "olmo2": {"mlp"}, "mixtral": {"attention"}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_zeroed_heads_and_mlp_channels_changes_no_output(family):
+    """Every exact group (heads, MLP channels) loses a quarter of its labels: the pruned model computes
+    what the original computes with those channels zeroed."""
+    original = _build(family)
+    inputs = _inputs(family)
+    ir = PruningIR(original, gqa_unit=UNITS.get(family, GQA_UNIT)).infer_labels(**inputs)
+    exact = {group.id: group for group in ir.groups if group.prunable and group.exact}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unscored: labels in channel order; configs that cannot describe it
+        labels = [label for label in UniformLabelSelector(0.25).select(ir) if label.group.id in exact]
+        pruned = ir.prune(labels=labels).model
+    parts = {"attention" if _is_attention(exact[label.group.id]) else "mlp" for label in labels}
+    assert parts == EXACT_PARTS.get(family, {"attention", "mlp"})
+    before = _output(original, inputs)
+    ir.zero_labels(labels)
+    zeroed = _output(original, inputs)
+    assert (zeroed - before).abs().max() > 1e-4  # the zeroed channels mattered
+    torch.testing.assert_close(_output(pruned, inputs), zeroed, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in original.parameters())
+
+
+def _layer_index(group) -> int:
+    """The first layer number in the group's first module path (0 when none: the embedding)."""
+    found = re.search(r"\.(\d+)(\.|$)", group.modules[0])
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_global_selection_keeps_per_layer_widths_and_round_trips_through_the_pruned_pair(family, tmp_path):
+    """Scores that rank layer 0 below layer 1 make a global selection prune layer 0 only (the hidden size
+    kept): no config describes it, prune() says which widths differ, and save_pretrained_pruned /
+    load_pretrained_pruned rebuild it; generate agrees with and without the KV cache."""
+    original = _build(family)
+    inputs = _inputs(family)
+    ir = PruningIR(original, gqa_unit=UNITS.get(family, GQA_UNIT)).infer_labels(**inputs)
+    ir.set_scores(lambda label: label.channel / label.group.channel_count + _layer_index(label.group))
+    hidden = _hidden_groups(ir, original)
+    labels = [label for label in GlobalScoreLabelSelector(0.25).select(ir) if label.group.id not in hidden]
+    assert labels and {_layer_index(label.group) for label in labels} == {0}
+    with pytest.warns(UserWarning, match="differ across layers") as caught:
+        pruned = ir.prune(labels=labels).model.eval()
+    assert len([w for w in caught if "config cannot describe" in str(w.message)]) == 1
+    assert not expressible(pruned)[0]
+    save_pretrained_pruned(pruned, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_pretrained_pruned(getattr(transformers, FAMILIES[family].auto), tmp_path)
+    torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
+    if _generates(pruned):
+        with_cache = _generate(pruned, inputs, use_cache=True)
+        assert torch.equal(with_cache, _generate(pruned, inputs, use_cache=False))
+        assert torch.equal(with_cache, _generate(loaded, inputs, use_cache=True))
 
 
 def _layer_labels(ir: PruningIR, counts: dict[str, int]) -> list:

@@ -135,10 +135,31 @@ def matmul_dims(ctx: RuleContext, left, right) -> list:
     return dims
 
 
+def _transposed_weight(ctx: RuleContext, value) -> fx.Node | None:
+    """The 2-D parameter behind ``value`` when it is that parameter transposed (``self.weight.T``,
+    ``.t()``, ``.transpose(0, 1)``), else None."""
+    if not isinstance(value, fx.Node) or not value.args:
+        return None
+    source = value.args[0]
+    transposed = (value.target is getattr and value.args[1:] in (("T",), ("mT",))) or value.target == "t" or (
+        value.target == "transpose" and set(value.args[1:]) in ({0, 1}, {-1, -2}, {0, -1}, {1, -2}))
+    if transposed and ctx.parameter_name(source) is not None and len(ctx.shape(source)) == 2:
+        return source
+    return None
+
+
 @channel_rule("matmul", "mm", "bmm")
 def matmul(ctx: RuleContext) -> TensorLayout:
+    """``left @ right``. A Linear subclass computing ``input @ self.weight.T`` (Falcon's FalconLinear)
+    keeps its ``in_features`` / ``out_features`` in step, as ``linear`` does."""
     left, right = ctx.argument(0, "input"), ctx.argument(1, "other", ctx.argument(1, "mat2"))
-    return TensorLayout(tuple(matmul_dims(ctx, left, right)), dead_is_zero=True)
+    dims = matmul_dims(ctx, left, right)
+    weight = _transposed_weight(ctx, right)
+    if weight is not None:
+        reads = ctx.atoms_of(left, -1) is not None
+        bind_sizes(ctx, weight, in_features=ctx.atoms_of(weight, 1) if reads else None,
+                   out_features=ctx.atoms_of(weight, 0))
+    return TensorLayout(tuple(dims), dead_is_zero=True)
 
 
 @channel_rule("rmatmul")

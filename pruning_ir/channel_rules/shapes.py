@@ -276,11 +276,15 @@ def _split_pieces(ctx: RuleContext, atoms: np.ndarray, sizes: list[int], size_ar
         if size_argument is None or ctx.size_follows(size_argument, pieces[0], "the split size"):
             ctx.union(pieces[1:].ravel(), pieces[:-1].ravel())
             return [pieces[0]] * len(sizes)
-    elif not equal and all(isinstance(s, (ShapeInt, AttributeInt)) for s in size_argument):
+    elif not equal and any(isinstance(s, (ShapeInt, AttributeInt)) for s in size_argument):
+        # Falcon's split([self.num_heads, 1, 1]): a piece of literal size keeps its channels
         bounds = np.cumsum([0] + sizes)
         pieces = [atoms[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         first_of: dict = {}  # pieces sized by the same attribute keep equal sizes
         for i, size in enumerate(size_argument):
+            if not isinstance(size, (ShapeInt, AttributeInt)):
+                ctx.pin(pieces[i], f"split piece {i} has the literal size {size}")
+                continue
             if isinstance(size, AttributeInt):
                 key = (size.module_path, size.attribute, size.divisor)
                 if key in first_of:
