@@ -185,6 +185,10 @@ def test_prune_writes_the_pruned_sizes_into_the_config(family, scenario):
     original, pruned, warned, unsynced = _pruned(family, scenario)
     fields, reason = CASES[(family, scenario)]
     assert {name: getattr(pruned.config, name) for name in fields} == fields
+    # the vocabulary (ViT: the classes) is never pruned, in the embedding or in the output
+    assert _output(pruned, _inputs(family)).shape == _output(original, _inputs(family)).shape
+    if isinstance(original.get_input_embeddings(), nn.Embedding):
+        assert pruned.get_input_embeddings().num_embeddings == original.get_input_embeddings().num_embeddings
     ok, why = expressible(pruned)
     assert ok == (not reason), why
     if reason:
