@@ -26,8 +26,8 @@ from pruning_ir import PruningIR, prune  # noqa: E402
 from pruning_ir.criteria import MagnitudeCriterion  # noqa: E402
 from pruning_ir.huggingface import expressible  # noqa: E402
 from pruning_ir.latency import bind, macs, parameter_count  # noqa: E402
-from pruning_ir.selectors import (ChannelConstraint, GlobalScoreLabelSelector, KnapsackLabelSelector,  # noqa: E402
-                                  UniformLabelSelector)
+from pruning_ir.selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint,  # noqa: E402
+                                  GlobalScoreLabelSelector, KnapsackLabelSelector, UniformLabelSelector)
 from pruning_ir.selectors.multiple_choice import solve_multiple_choice  # noqa: E402
 from pruning_ir.selectors.plan import SelectionPlan  # noqa: E402
 from pruning_ir.selectors.solver import Linearization, solve_knapsack  # noqa: E402
@@ -149,6 +149,20 @@ def test_without_the_constraint_the_same_selection_differs_across_layers(family,
     assert len(set(_widths(pruned))) > 1
     ok, reason = expressible(pruned)
     assert not ok and "differ across layers" in reason
+
+
+@pytest.mark.parametrize("kind", ["binary_search", "knapsack_any_order"])
+def test_the_other_latency_selectors_keep_equal_widths_too(kind):
+    model, ir = _scored("qwen2")
+    budget = 0.6 * parameter_count(model)
+    selector = BinarySearchLatencyLabelSelector(budget, parameter_count, TIED["qwen2"], normalize="mean") \
+        if kind == "binary_search" else \
+        KnapsackLabelSelector(budget, parameter_count, strict_label_order=False, constraint=TIED["qwen2"],
+                              verbose=False, normalize="mean")
+    pruned = ir.prune(labels=selector.select(ir)).model
+    assert len(set(_widths(pruned))) == 1 and _widths(pruned) != _widths(model)
+    assert parameter_count(pruned) <= budget
+    assert expressible(pruned) == (True, "")
 
 
 def test_the_one_call_api_passes_the_constraint_through():

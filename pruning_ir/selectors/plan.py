@@ -147,10 +147,11 @@ class SelectionPlan:
             index = members[0]
             g = self.groups[index]
             allowed = g.counts[g.counts >= counts[index]]
+            # a tied class's k-th labels leave together: rank them by their mean score
+            scores = g.scores if len(members) == 1 else np.mean([self.groups[gi].scores for gi in members], axis=0)
             floor = -np.inf
             for start, stop in zip(allowed[:-1], allowed[1:]):
-                mean = float(np.mean([self.groups[gi].scores[start:stop].mean() for gi in members]))
-                floor = max(floor, mean)  # guard against rounding
+                floor = max(floor, float(scores[start:stop].mean()))  # guard against rounding
                 steps.append(Step(index, int(start), int(stop), floor, members))
         steps.sort(key=lambda s: (s.mean_score, self.groups[s.index].group.id, s.start))
         return steps
