@@ -6,9 +6,13 @@ positions, sizes and colours on noisy backgrounds; 6000 images, a quarter held o
 a small inverted-residual CNN (depthwise convolutions, batch norms) unlike the digits ResNet. Per task, seed and share of
 MACs removed (50/70/85%), every arm prunes the same trained model to the same MACs budget:
 
-* ``one_call``: ``pruning_ir.prune(model, example, macs=kept, data=loader, loss=cross_entropy)``;
+* ``one_call``: ``pruning_ir.prune(model, example, macs=kept, data=loader, loss=cross_entropy)``
+  (its default recipe, least-squares reconstruction in every round included);
+* ``one_call_no_reconstruction``: the same with ``reconstruct=None``;
 * ``four_steps``: the README's four steps with a knapsack to the budget (``LossAwareCriterion``
-  in eval mode over the calibration batches, ``KnapsackLabelSelector(macs)``, ``ir.prune``);
+  with its defaults over the same batches of 16, model in eval mode, ``KnapsackLabelSelector(macs)``,
+  ``ir.prune``); ``four_steps_eval``: the same with ``LossAwareCriterion(batch_statistics=False)``,
+  the criterion's behaviour before it scored in batch statistics by default;
 * ``tp_magnitude`` / ``tp_taylor``: Torch-Pruning's MetaPruner, uniform per layer, its ratio
   bisected to the budget (``harness.rival.tp_at_macs``; Taylor on the same calibration batches).
 
@@ -16,13 +20,15 @@ Columns: test accuracy right after pruning, after batch-norm re-estimation on th
 images, and after one epoch of fine-tuning (Adam, lr 3e-4); MACs kept. Reported: each arm, and
 the one call's difference to the best Torch-Pruning arm in points.
 
-    python benchmarks/one_call.py [--seeds 0 1] [--quick] [--json benchmarks/results/one_call.json]
+    python benchmarks/one_call.py [--seeds 0 1] [--tasks digits shapes] [--arms ...] [--quick] [--json PATH]
+    python benchmarks/one_call.py --summarize a.json b.json [--json merged.json]   # tables of earlier runs
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -131,22 +137,30 @@ def trained_task(task: str, seed: int, epochs: int | None = None):
 
 
 # -- the arms --------------------------------------------------------------------------------
-def one_call(model, x, y, kept: float, seed: int) -> nn.Module:
-    import pruning_ir
-    loader = list(batches(x, y, 16, seed=seed))
-    return pruning_ir.prune(model, x[:1], macs=kept, data=loader, loss=F.cross_entropy, verbose=False)
+BATCH = 16   # the batches every loss-aware arm of this benchmark calibrates on
 
 
-def four_steps(model, x, y, kept: float, seed: int) -> nn.Module:
-    from pruning_ir import KnapsackLabelSelector, LossAwareCriterion, PruningIR, bind
-    ir = PruningIR(copy.deepcopy(model).eval())
-    with LossAwareCriterion(ir) as score_collector:
-        calibration(x, y)(score_collector)
-    latency = bind(macs, x[:1])
-    labels = KnapsackLabelSelector(kept * latency(ir.model), latency, verbose=False).select(ir)
-    pruned = ir.prune(labels=labels).model
-    pruned.zero_grad(set_to_none=True)
-    return pruned
+def one_call_arm(reconstruct: str | None):
+    def arm(model, x, y, kept: float, seed: int) -> nn.Module:
+        import pruning_ir
+        loader = list(batches(x, y, BATCH, seed=seed))
+        return pruning_ir.prune(model, x[:1], macs=kept, data=loader, loss=F.cross_entropy, verbose=False,
+                                reconstruct=reconstruct)
+    return arm
+
+
+def four_steps_arm(**criterion_options):
+    def arm(model, x, y, kept: float, seed: int) -> nn.Module:
+        from pruning_ir import KnapsackLabelSelector, LossAwareCriterion, PruningIR, bind
+        ir = PruningIR(copy.deepcopy(model).eval())
+        with LossAwareCriterion(ir, **criterion_options) as score_collector:
+            calibration(x, y, BATCH)(score_collector)
+        latency = bind(macs, x[:1])
+        labels = KnapsackLabelSelector(kept * latency(ir.model), latency, verbose=False).select(ir)
+        pruned = ir.prune(labels=labels).model
+        pruned.zero_grad(set_to_none=True)
+        return pruned
+    return arm
 
 
 def torch_pruning(importance: str):
@@ -157,8 +171,12 @@ def torch_pruning(importance: str):
     return arm
 
 
-ARMS = {"one_call": one_call, "four_steps": four_steps, "tp_magnitude": torch_pruning("magnitude"),
-        "tp_taylor": torch_pruning("taylor")}
+ARMS = {"one_call": one_call_arm("least_squares"), "one_call_no_reconstruction": one_call_arm(None),
+        "four_steps": four_steps_arm(), "four_steps_eval": four_steps_arm(batch_statistics=False),
+        "tp_magnitude": torch_pruning("magnitude"), "tp_taylor": torch_pruning("taylor")}
+# differences reported as their own table: (arm, baseline) -> what the change does
+CHANGES = {("one_call", "one_call_no_reconstruction"): "least-squares reconstruction in the one call",
+           ("four_steps", "four_steps_eval"): "LossAwareCriterion scoring in batch statistics by default"}
 
 
 def evaluate(pruned: nn.Module, model: nn.Module, x, y, x_test, y_test, seed: int) -> dict:
@@ -171,14 +189,14 @@ def evaluate(pruned: nn.Module, model: nn.Module, x, y, x_test, y_test, seed: in
     return row
 
 
-def run(tasks: list[str], seeds: list[int], shares: tuple[float, ...], epochs: int) -> list[dict]:
+def run(tasks: list[str], seeds: list[int], shares: tuple[float, ...], epochs: int, arms: list[str]) -> list[dict]:
     rows = []
     for task in tasks:
         for seed in seeds:
             model, x, y, x_test, y_test = trained_task(task, seed, epochs)
             base = accuracy(model, x_test, y_test)
             for removed in shares:
-                for name, arm in ARMS.items():
+                for name, arm in ((name, ARMS[name]) for name in arms):
                     start = time.perf_counter()
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(seed)
@@ -210,16 +228,28 @@ def summary(rows: list[dict]) -> list[str]:
     for task, removed in keys:
         cells = [task, f"{removed:.0%}"]
         for column in ("bn", "ft1"):
-            ours = statistics.mean(r[column] for r in rows if (r["task"], r["removed"], r["arm"]) == (task, removed, "one_call"))
-            best = max(statistics.mean(r[column] for r in rows if (r["task"], r["removed"], r["arm"]) == (task, removed, a))
-                       for a in ("tp_magnitude", "tp_taylor"))
-            cells.append(f"{100 * (ours - best):+.1f}")
+            ours = _mean(rows, task, removed, "one_call", column)
+            rivals = [v for v in (_mean(rows, task, removed, a, column) for a in ("tp_magnitude", "tp_taylor"))
+                      if v is not None]
+            cells.append("-" if ours is None or not rivals else f"{100 * (ours - max(rivals)):+.1f}")
         diff.append(cells)
     lines += table(["task", "MACs removed", "after BN re-estimation", "after one epoch"], diff)
+    for (arm, baseline), what in CHANGES.items():
+        lines += ["", f"{arm} minus {baseline}: {what} (points, mean over seeds):", ""]
+        lines += table(["task", "MACs removed", "pruned", "bn", "ft1"], [
+            [task, f"{removed:.0%}"] + [f"{100 * (_mean(rows, task, removed, arm, c) - _mean(rows, task, removed, baseline, c)):+.1f}"
+                                        for c in ("pruned", "bn", "ft1")]
+            for task, removed in keys if _mean(rows, task, removed, arm, "bn") is not None
+            and _mean(rows, task, removed, baseline, "bn") is not None])
     bases = {task: statistics.mean(dict((r["seed"], r["base"]) for r in rows if r["task"] == task).values())
              for task in {r["task"] for r in rows}}
     lines += ["", "Unpruned: " + ", ".join(f"{task} {100 * b:.1f}%" for task, b in sorted(bases.items()))]
     return lines
+
+
+def _mean(rows: list[dict], task: str, removed: float, arm: str, column: str) -> float | None:
+    values = [r[column] for r in rows if (r["task"], r["removed"], r["arm"]) == (task, removed, arm)]
+    return statistics.mean(values) if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,11 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["digits", "shapes"])
     parser.add_argument("--epochs", type=int, default=None, help="default: 20 for digits, 15 for shapes")
     parser.add_argument("--quick", action="store_true", help="one seed, 50% only, 3 training epochs")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--json", default=os.path.join(RESULTS, "one_call.json"))
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON "
+                        "files (merged; --json writes the merge)")
     args = parser.parse_args(argv)
+    if args.summarize:
+        runs = [json.load(open(path)) for path in args.summarize]
+        rows = [row for run_ in runs for row in run_["rows"]]
+        print("\n".join(summary(rows)))
+        if args.json:
+            write_json(args.json, {**runs[0], "seeds": sorted({r["seed"] for r in rows}), "rows": rows})
+        return 0
     seeds, shares, epochs = (args.seeds[:1], (0.5,), 3) if args.quick else (args.seeds, SHARES_REMOVED, args.epochs)
     torch.set_num_threads(1)
-    rows = run(args.tasks, seeds, shares, epochs)
+    rows = run(args.tasks, seeds, shares, epochs, args.arms)
     print("\n".join(summary(rows)))
     if args.json and not args.quick:
         write_json(args.json, {"seeds": seeds, "epochs": epochs, "finetune_lr": FINETUNE_LR, "rows": rows})

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -30,6 +31,7 @@ from .labels import DependencyGroup, Label
 from .latency import bind, measure_latency, parameter_count, to_device
 from .latency import macs as count_macs
 from .modes import kept_training_flags
+from .reconstruction import METHODS, Reconstruction
 from .rounds import prune_in_rounds
 from .selectors import ChannelConstraint, KnapsackLabelSelector, UniformLabelSelector
 
@@ -122,8 +124,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
           data: Iterable[Any] | None = None, loss: Callable[[Any, Any], torch.Tensor] | None = None,
           forward: Callable[[Any, Any], torch.Tensor] | None = None, rounds: int = 5,
           constraint: ChannelConstraint | None = None, leaf_modules: Iterable[Any] | None = None,
-          gqa_unit: str = "kv_groups", inplace: bool = False, return_report: bool = False,
-          verbose: bool = True) -> nn.Module | tuple[nn.Module, PruneReport]:
+          gqa_unit: str = "query_heads", inplace: bool = False, return_report: bool = False,
+          verbose: bool = True, reconstruct: str | None = "least_squares") -> nn.Module | tuple[nn.Module, PruneReport]:
     """Prune ``model`` to one budget and return the smaller model (the same class).
 
     Args:
@@ -144,6 +146,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
         inplace: prune ``model`` itself (less memory; the per-group report has no costs then).
         return_report: also return a :class:`PruneReport`.
         verbose: progress bars; False silences everything (warnings go to the report's notes).
+        reconstruct: with data, each round refits the layers that read the removed channels from
+            their input statistics (``"least_squares"``, or ``"bias"``; ``pruning_ir.reconstruction``),
+            so the pruned model loses less before any gradient step; no bias is created, so the model
+            stays loadable with ``load_pruned``. None: no refit. Data-free pruning has no statistics.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune expects an nn.Module, got {type(model).__name__}")
@@ -157,6 +163,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
     if data is not None and iter(data) is data:
         raise TypeError("data must be re-iterable (a list or a DataLoader, not an iterator or generator): "
                         "it is read once per round and for the batch norms")
+    if reconstruct is not None and reconstruct not in METHODS:
+        raise ValueError(f"reconstruct must be one of {METHODS} or None, got {reconstruct!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     if isinstance(example_inputs, list):
@@ -184,7 +192,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
         norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
         tunable = bool(norms) and all(norm.track_running_stats for norm in norms)
         bn_each_round = not data_free and tunable
-        recipe = _recipe(kind, data_free, rounds, bool(norms), tunable, bn_each_round)
+        refit = None if data_free else reconstruct
+        recipe = _recipe(kind, data_free, rounds, bool(norms), tunable, bn_each_round, refit)
         if kind == "ratio":
             def factory(share: float) -> UniformLabelSelector:
                 return UniformLabelSelector(share, constraint=constraint)
@@ -201,7 +210,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
                 latency_function=None if kind == "ratio" else cost,
                 batchnorm_loader=data if bn_each_round else None, inplace=inplace,
                 batchnorm_forward=lambda m, batch: _loss(m, batch, loss, forward, device),
-                score_in_batch_statistics=bool(norms) and not data_free, verbose=verbose)
+                score_in_batch_statistics=bool(norms) and not data_free, verbose=verbose,
+                reconstruct=None if refit is None else partial(Reconstruction, method=refit, create_bias=False))
         with _timed(timings, "measure after"):
             result = pruned.model
             macs_after, params_after = count_macs(result, *inputs), parameter_count(result)
@@ -242,7 +252,8 @@ def _budget(**budgets: float | None) -> tuple[str, float]:
     return kind, check_share(f"{kind}= ({_BUDGETS[kind]}, as a fraction)", value, "(0, 1)")
 
 
-def _recipe(kind: str, data_free: bool, rounds: int, has_norms: bool, tunable: bool, bn_each_round: bool) -> str:
+def _recipe(kind: str, data_free: bool, rounds: int, has_norms: bool, tunable: bool, bn_each_round: bool,
+            refit: str | None) -> str:
     """A sentence saying which recipe runs."""
     selector = "UniformLabelSelector" if kind == "ratio" else f"KnapsackLabelSelector to the {kind} budget"
     if data_free:
@@ -250,6 +261,9 @@ def _recipe(kind: str, data_free: bool, rounds: int, has_norms: bool, tunable: b
         return f"data-free one shot: MagnitudeCriterion scores, {selector}{normalize}, no batch-norm re-estimation"
     scoring = "LossAwareCriterion scored in batch statistics" if has_norms else "LossAwareCriterion"
     text = f"prune_in_rounds x{rounds}: {scoring}, {selector} in each round"
+    if refit is not None:
+        how = "by least squares" if refit == "least_squares" else "by bias compensation"
+        text += f", the layers that read removed channels refit {how} (reconstruct={refit!r})"
     if bn_each_round:
         return text + ", batch norms re-estimated on data after every round (the last at the end)"
     return text + (", batch norms without running statistics left as they are" if has_norms else "")

@@ -37,11 +37,12 @@ from .criteria import Criterion, DataFreeCriterion, LossAwareCriterion
 from .errors import LabelsNotInferredError
 from .ir import PruningIR
 from .optimizer_state import move_optimizer, plan_optimizer_copy
-from .reconstruction import Reconstruction, collect_statistics
+from .reconstruction import METHODS, InputStatistics, Reconstruction, collect_statistics
 from .schedules import LinearSchedule, check_step
 from .selectors import LabelSelector
 
 CriterionFactory = Callable[[PruningIR], Criterion]
+ReconstructionFactory = Callable[[InputStatistics], Reconstruction]
 
 __all__ = ["prune_in_rounds"]
 
@@ -53,7 +54,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
                     batchnorm_loader: Iterable[Any] | None = None,
                     batchnorm_forward: Callable[[nn.Module, Any], Any] | None = None, inplace: bool = False,
                     optimizer: torch.optim.Optimizer | None = None, score_in_batch_statistics: bool = False,
-                    reconstruct: str | None = None, verbose: bool = True) -> PruningIR:
+                    reconstruct: str | ReconstructionFactory | None = None, verbose: bool = True) -> PruningIR:
     """Prune ``ir`` to ``target`` in ``rounds`` steps, re-scoring the partly pruned model before each.
 
     Args:
@@ -82,7 +83,9 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
             scores removals as the re-estimated model will see them; wants batches of 16 or more.
         reconstruct: ``"bias"`` or ``"least_squares"``: each round collects the input statistics of
             the model pruned so far during its calibration pass and refits the layers that read the
-            removed channels (``pruning_ir.reconstruction``); needs a data-driven criterion.
+            removed channels (``pruning_ir.reconstruction``); needs a data-driven criterion. For
+            options, a factory ``statistics -> Reconstruction``, such as
+            ``functools.partial(Reconstruction, method="least_squares", create_bias=False)``.
         verbose: a progress bar over the rounds.
 
     Returns the pruned IR, like ``ir.prune``: its model is the smaller model, without the
@@ -100,6 +103,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
     if data_free and not ir.labels_inferred:
         raise LabelsNotInferredError("prune_in_rounds with a data-free criterion runs no data: infer the labels "
                                      "first (ir.infer_labels(*example_inputs))")
+    reconstruction = _reconstruction(reconstruct)
     if reconstruct is not None and data_free:
         raise TypeError("prune_in_rounds(reconstruct=...) collects statistics during the calibration pass: "
                         "it needs a data-driven criterion and calibrate")
@@ -123,12 +127,28 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
             removed_before = {g.id: original_sizes[int(g.classes[0])] - len(g.classes)
                               for g in work.groups if g.prunable and len(g.classes)}
             labels = selector.select(work, removed_before=removed_before)
-            work = work.prune(labels=labels, inplace=True, optimizer=optimizer, reconstruct=None
-                              if statistics is None else Reconstruction(statistics, reconstruct))
+            work = work.prune(labels=labels, inplace=True, optimizer=optimizer,
+                              reconstruct=None if statistics is None else reconstruction(statistics))
             if batchnorm_loader is not None:
                 tune_batchnorm_statistics(work.model, batchnorm_loader, forward=batchnorm_forward, verbose=False)
         work.model.zero_grad(set_to_none=True)  # calibration sums over all rounds
         return work
+
+
+def _reconstruction(reconstruct: str | ReconstructionFactory | None) -> ReconstructionFactory | None:
+    """``statistics -> Reconstruction`` for ``reconstruct``, checked before any round runs."""
+    if reconstruct is None:
+        return None
+    if not callable(reconstruct) and reconstruct not in METHODS:
+        raise ValueError(f"reconstruct must be one of {METHODS}, None, or a factory statistics -> Reconstruction, "
+                         f"got {reconstruct!r}")
+
+    def factory(statistics: InputStatistics) -> Reconstruction:
+        made = reconstruct(statistics) if callable(reconstruct) else Reconstruction(statistics, reconstruct)
+        if not isinstance(made, Reconstruction):
+            raise TypeError(f"the reconstruct factory returned {type(made).__name__}, not a Reconstruction")
+        return made
+    return factory
 
 
 def _score(ir: PruningIR, criterion: CriterionFactory, calibrate: Callable[[Callable[..., Any]], None] | None,

@@ -5,6 +5,7 @@ the recipe it runs equal to the same recipe written out by hand; and clear error
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pruning_ir
-from pruning_ir import (KnapsackLabelSelector, PruneReport, PruningIR, UniformLabelSelector, bind, macs,
-                        parameter_count, prune_in_rounds, tune_batchnorm_statistics)
+from pruning_ir import (KnapsackLabelSelector, PruneReport, PruningIR, Reconstruction, UniformLabelSelector, bind,
+                        macs, parameter_count, prune_in_rounds, tune_batchnorm_statistics)
 from hf_models import HF_ZOO, VOCAB_SIZE
 from zoo import ZOO, BasicBlock, MobileNetV2, ResNet, seeded_build
 
@@ -75,7 +76,9 @@ def assert_report_agrees(report: PruneReport, model: nn.Module, pruned: nn.Modul
     assert len(labels) == report.labels_removed > 0
     rebuilt = dict(original.prune(labels=labels).model.named_parameters())
     kept = dict(pruned.named_parameters())
-    assert kept.keys() == rebuilt.keys() and all(torch.equal(kept[k], rebuilt[k]) for k in kept)
+    assert kept.keys() == rebuilt.keys() and all(kept[k].shape == rebuilt[k].shape for k in kept)
+    if "reconstruct=" not in report.recipe:                          # else the consumers were refit
+        assert all(torch.equal(kept[k], rebuilt[k]) for k in kept)
     for group, row in [(g, r) for g, r in zip(prunable, report.groups) if r.removed][:3]:
         alone = original.prune(labels=[group.labels[c] for c in row.channels]).model
         assert row.parameters_removed == parameter_count(model) - parameter_count(alone) > 0
@@ -108,12 +111,21 @@ def test_a_macs_budget_with_data_is_met_and_the_callers_model_is_untouched(name,
     assert_report_agrees(report, model, pruned, x, images()[0][0])
 
 
-def test_the_recipe_is_the_documented_one_written_out_by_hand():
+def refit(method: str | None):
+    """What the one call passes prune_in_rounds for ``reconstruct=method``: no bias is created."""
+    return None if method is None else partial(Reconstruction, method=method, create_bias=False)
+
+
+@pytest.mark.parametrize("reconstruct", ["least_squares", None])
+def test_the_recipe_is_the_documented_one_written_out_by_hand(reconstruct):
     """Same widths and weights as prune_in_rounds in batch statistics with a knapsack to the MACs
-    budget and batch norms re-estimated after every round; the statistics are those of the data."""
+    budget, the consumers refit by least squares in every round (the default; None: no refit) and
+    batch norms re-estimated after every round; the statistics are those of the data."""
     model, data = small_resnet(), images()
     x = images(1, 2, seed=5)[0][0]
-    pruned = pruning_ir.prune(model, x, macs=0.6, data=data, loss=F.cross_entropy, rounds=2, verbose=False)
+    pruned, report = pruning_ir.prune(model, x, macs=0.6, data=data, loss=F.cross_entropy, rounds=2, verbose=False,
+                                      return_report=True, **({} if reconstruct else {"reconstruct": None}))
+    assert ("refit by least squares (reconstruct='least_squares')" in report.recipe) == (reconstruct is not None)
 
     def calibrate(collector):
         for inputs, targets in data:
@@ -123,9 +135,10 @@ def test_the_recipe_is_the_documented_one_written_out_by_hand():
     by_hand = prune_in_rounds(PruningIR(model).infer_labels(data[0][0]),
                               lambda budget: KnapsackLabelSelector(budget, cost, verbose=False), 0.6 * cost(model),
                               calibrate, rounds=2, latency_function=cost, batchnorm_loader=data,
-                              score_in_batch_statistics=True, verbose=False).model
+                              score_in_batch_statistics=True, reconstruct=refit(reconstruct), verbose=False).model
     mine, theirs = pruned.state_dict(), by_hand.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs) and mine.keys() == theirs.keys()
+    assert mine.keys() == model.state_dict().keys()                  # no bias created: loadable as built
     retuned = tune_batchnorm_statistics(copy.deepcopy(pruned), data, verbose=False).state_dict()
     assert all(torch.equal(retuned[k], v) for k, v in mine.items())
 
@@ -177,7 +190,7 @@ def test_a_ratio_with_data_on_a_mobilenet_is_uniform_selection_in_rounds():
 
     ir = PruningIR(model).infer_labels(data[0][0])
     by_hand = prune_in_rounds(ir, UniformLabelSelector, 0.4, calibrate, rounds=2, batchnorm_loader=data,
-                              score_in_batch_statistics=True, verbose=False)
+                              score_in_batch_statistics=True, reconstruct=refit("least_squares"), verbose=False)
     mine, theirs = pruned.state_dict(), by_hand.model.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
     widths = [(len(g.classes), len(h.classes)) for g, h in zip(ir.groups, by_hand.groups) if g.prunable]
@@ -232,6 +245,7 @@ def test_a_latency_budget_is_measured_and_reported():
     ({"macs": 0.5, "loss": F.cross_entropy}, TypeError, "pass data= too"),
     ({"macs": 0.5, "data": iter([]), "loss": F.cross_entropy}, TypeError, "re-iterable"),
     ({"macs": 0.5, "rounds": 0}, ValueError, "rounds must be a positive int"),
+    ({"macs": 0.5, "reconstruct": "ridge"}, ValueError, r"reconstruct must be one of \('bias', 'least_squares'\)"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, error, match):
     model = small_resnet()

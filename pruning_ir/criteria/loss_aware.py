@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import PruningIRError
 from ..ir import PruningIR
 from ._analysis import GraphFacts, ParameterGate, SiteGate, label_mask
+from ._calibration import Pending, check_batch_statistics, drop_gradient, gate_term, scoring_statistics
 from ._distributed import all_reduce_sum, world_size
 from ._replay import ReplayPlan, run_recorded
 from ._taylor_sums import TaylorSums, score_layout
@@ -23,31 +24,6 @@ from .base import Criterion
 
 # joint="auto": groups up to this many labels get joint scores (an n x n float64 sum: 32 MiB at 2048)
 JOINT_AUTO_MAX_LABELS = 2048
-
-
-@dataclass(eq=False)
-class _Pending:
-    """An activation waiting for its gradient (one forward, one gate node)."""
-
-    tensor: torch.Tensor
-    version: int
-    gates: list[SiteGate]
-    value: torch.Tensor | None = None      # a copy, taken before an in-place op overwrote the tensor
-    storage: int = 0
-    handle: Any = field(default=None, repr=False)
-
-
-def _drop_gradient(parameter: torch.Tensor) -> None:
-    parameter.grad = None
-
-
-def _gate_term(value: torch.Tensor, grad: torch.Tensor, dim: int) -> torch.Tensor:
-    """sum(a * dL/da) over every dimension but ``dim`` (in float32 at least)."""
-    if value.dtype in (torch.float16, torch.bfloat16) or grad.dtype in (torch.float16, torch.bfloat16):
-        value, grad = value.float(), grad.float()
-    product = value * grad
-    dims = [d for d in range(product.dim()) if d != dim]
-    return product.sum(dims) if dims else product
 
 
 class LossAwareCriterion(Criterion):
@@ -113,6 +89,9 @@ class LossAwareCriterion(Criterion):
         keep_gradients: True (default, ENOT-compatible; ``GradualPruner`` relies on it): the calibration
             backward passes leave their ``.grad`` as usual. False: a parameter without ``.grad`` on entry
             gets none while the context is open (each is dropped as soon as it is accumulated).
+        batch_statistics: ``"auto"`` (default): a context whose first call has at least 16 samples,
+            on a model whose batch norms are all in eval mode, runs inside ``batch_statistics(model)``
+            (see below). True: every context does; False: the model runs as it is.
 
     Scores are written into the IR after every backward pass on CPU (when the context exits on
     accelerators or with joint scores, to avoid a synchronisation or an ordering per step).
@@ -120,12 +99,19 @@ class LossAwareCriterion(Criterion):
     the context exits, so every rank gets the scores of all the data (each rank's batches
     counted as batches) and selects the same labels; every rank must enter and leave the context.
     The model is run as the user runs it (train or eval mode, autocast, any batch size);
-    outputs, loss and gradients are those without the criterion.
+    outputs, loss and gradients are those without the criterion, except that by default
+    (``batch_statistics="auto"``), when the context's first call has 16 samples or more and the
+    model's batch norms are all frozen (eval mode), the context runs inside
+    ``batch_statistics(model)`` (modes and running statistics restored on exit): removals are
+    scored as the model normalizes once its batch norms are re-estimated
+    (``criteria/_calibration.py``; measured in ``benchmarks/RESULTS.md``). False: always as run.
     """
 
     def __init__(self, ir: PruningIR, snapshot_name: str = "main", *, reset: bool = True,
-                 implementation: str = "auto", joint: bool | str = "auto", keep_gradients: bool = True):
+                 implementation: str = "auto", joint: bool | str = "auto", keep_gradients: bool = True,
+                 batch_statistics: bool | str = "auto"):
         super().__init__(ir, snapshot_name)
+        self.batch_statistics = check_batch_statistics(batch_statistics)
         self.keep_gradients = keep_gradients
         if implementation not in ("auto", "activations"):
             raise ValueError(f"implementation must be 'auto' or 'activations', got {implementation!r}")
@@ -137,7 +123,7 @@ class LossAwareCriterion(Criterion):
         self._lock = threading.RLock()
         self._ready = False
         self._handles: list = []
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._storages: dict[int, list[int]] = {}
         self._keys = itertools.count()
         self._warned: set[str] = set()
@@ -160,8 +146,9 @@ class LossAwareCriterion(Criterion):
         self._open = False
         self._ready = False
         self._prior = None
+        self._norms: contextlib.ExitStack | None = None
         if not self.keep_gradients:
-            self._handles += [p.register_post_accumulate_grad_hook(_drop_gradient)
+            self._handles += [p.register_post_accumulate_grad_hook(drop_gradient)
                               for p in self.ir.model.parameters() if p.requires_grad and p.grad is None]
         if self.ir.labels_inferred and self._graph() is not None:
             self._setup()
@@ -170,6 +157,9 @@ class LossAwareCriterion(Criterion):
         self._setup(args, kwargs)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
+        if self._norms is None:  # decided on the first call, held until the context exits (backward needs it)
+            self._norms = contextlib.ExitStack()
+            self._norms.enter_context(scoring_statistics(self.ir.model, self.batch_statistics, args, kwargs))
         if not self._ready:
             self._setup(args, kwargs)
         with self._lock:
@@ -187,6 +177,8 @@ class LossAwareCriterion(Criterion):
         return output
 
     def _exit(self, failed: bool) -> None:
+        if self._norms is not None:
+            self._norms.close()             # the batch norms' modes and running statistics as on entry
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -266,7 +258,7 @@ class LossAwareCriterion(Criterion):
     # -- hooks ------------------------------------------------------------------------------
     def _parameter_hook(self, gate: SiteGate, parameter: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
-            self._add(gate, _gate_term(parameter.detach(), grad, 0))
+            self._add(gate, gate_term(parameter.detach(), grad, 0))
 
     def _on_site(self, name: str, tensor: torch.Tensor) -> None:
         with torch._C.DisableTorchFunction():
@@ -279,7 +271,7 @@ class LossAwareCriterion(Criterion):
             if not gates:
                 return
             key = next(self._keys)
-            entry = _Pending(tensor, tensor._version, gates)
+            entry = Pending(tensor, tensor._version, gates)
             try:
                 entry.storage = tensor.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):
@@ -315,9 +307,9 @@ class LossAwareCriterion(Criterion):
                                 "operation that could not be intercepted; its score uses the modified values")
         with torch.no_grad():
             for gate in entry.gates:
-                self._add(gate, _gate_term(value.detach(), grad, gate.dim))
+                self._add(gate, gate_term(value.detach(), grad, gate.dim))
 
-    def _forget(self, key: int) -> _Pending | None:
+    def _forget(self, key: int) -> Pending | None:
         entry = self._pending.pop(key, None)
         if entry is not None:
             keys = self._storages.get(entry.storage)
