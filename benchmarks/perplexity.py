@@ -1,24 +1,23 @@
 """Perplexity: a small Llama trained here, pruned by every pruning_ir recipe and by Torch-Pruning's LLM recipe.
 
-Corpus: the docstrings of Python's standard library (``ast.get_docstring`` of every module,
-class and function in the interpreter's own ``.py`` files; tests, idlelib, tkinter and
-turtledemo left out), read as bytes (a 256-symbol byte tokenizer); every tenth file, in sorted
-order, is held out as the test split. A Llama-style decoder (RMSNorm, grouped-query attention, SwiGLU;
-hidden 256, 4 layers, 8 query / 4 key-value heads, MLP 688; learned positions, see
-``SmallLlama``) is trained on the rest, then each recipe removes 20%, 35% and 50% of
-the attention and MLP parameters, uniformly per layer:
+A Llama-style decoder (``small_llama.py``: RMSNorm, grouped-query attention, SwiGLU; hidden 256, 4 layers,
+8 query / 4 key-value heads, MLP 688; learned positions) is trained on the docstrings of Python's standard library
+(bytes), then each recipe removes 20%, 35% and 50% of the attention and MLP parameters, uniformly per layer:
 
 - ``loss_aware``: LossAwareCriterion, one shot; ``loss_aware_rounds``: 4 rounds (prune_in_rounds);
 - ``wanda`` / ``flap``: ActivationCriterion (forward passes only); ``magnitude``: MagnitudeCriterion;
-  our recipes prune heads and MLP channels and keep the hidden size;
+  these prune heads and MLP channels and keep the hidden size; ``_query_heads``: query heads within key/value
+  groups (``gqa_unit="query_heads"``); ``_hidden``: the hidden size too, one ratio for all (Torch-Pruning's layout);
+- ``+bias`` / ``+least_squares``: reconstruction (``ir.prune(reconstruct=Reconstruction(stats, method))``) from
+  input statistics collected on the same calibration batches; FLAP's own recipe is ``flap+bias``;
 - ``torch_pruning``: Torch-Pruning's ``examples/LLMs/prune_llm.py`` recipe: ``BasePruner`` with
   ``GroupMagnitudeImportance(p=2, group_reduction="mean")``, local (uniform) pruning, the hidden
   size, query heads (key/value heads kept, GQA-consistent) and MLP channels at one ratio,
   ``round_to=4``, lm_head ignored; the ratio is bisected so that the same share of attention and
   MLP parameters goes.
 
-Perplexity on the test split right after pruning and after the same short fine-tune, and the time
-of each. ``--quick``: a tiny model, a few steps, no files written.
+Perplexity on the test split right after pruning and after the same short fine-tune, the time of each, and what
+the statistics and the refit cost. ``--quick``: a tiny model, a few steps, no files written.
 
     python benchmarks/perplexity.py [--quick]
 """
@@ -26,19 +25,17 @@ of each. ``--quick``: a tiny model, a few steps, no files written.
 from __future__ import annotations
 
 import argparse
-import ast
+import contextlib
 import copy
 import json
 import math
 import os
 import sys
-import sysconfig
 import time
 import warnings
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,155 +43,20 @@ sys.path.insert(0, HERE)
 
 from harness.machine import environment  # noqa: E402
 from llm_scale import write_section  # noqa: E402
+from small_llama import attention_mlp_params, batches, build, corpus, lm_loss, perplexity, train  # noqa: E402
 
 SHARES = (0.20, 0.35, 0.50)
-METHODS = ("loss_aware", "loss_aware_rounds", "wanda", "wanda_query_heads", "flap", "magnitude", "torch_pruning")
+# criterion[_query_heads][_hidden][+bias|+least_squares]: see prune_ours
+METHODS = ("loss_aware", "loss_aware+bias", "loss_aware+least_squares", "loss_aware_rounds",
+           "loss_aware_rounds+least_squares", "wanda", "wanda+bias", "wanda+least_squares", "wanda_query_heads",
+           "wanda_query_heads+bias", "wanda_query_heads+least_squares", "flap", "flap+bias", "flap+least_squares",
+           "magnitude", "magnitude+bias", "magnitude+least_squares", "wanda_hidden", "wanda_hidden+least_squares",
+           "torch_pruning")
 FULL = {"hidden": 256, "intermediate": 688, "layers": 4, "heads": 8, "kv_heads": 4, "seq": 128, "batch": 16,
-        "train_steps": 200, "lr": 3e-3, "finetune_steps": 15, "finetune_batch": 8, "finetune_lr": 5e-4,
+        "train_steps": 600, "lr": 3e-3, "finetune_steps": 15, "finetune_batch": 8, "finetune_lr": 5e-4,
         "calibration_batches": 4, "calibration_batch": 8, "test_windows": 256}
 QUICK = {**FULL, "hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "seq": 64,
          "batch": 8, "train_steps": 10, "finetune_steps": 2, "calibration_batches": 2, "test_windows": 16}
-SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "tkinter", "turtledemo",
-                "lib2to3", "ensurepip"}
-
-
-def corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) byte tensors: standard-library docstrings, every tenth file held out."""
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS)
-        files += [os.path.join(folder, n) for n in sorted(names) if n.endswith(".py")]
-    parts: tuple[list, list] = ([], [])
-    for number, path in enumerate(sorted(files)):
-        try:
-            tree = ast.parse(open(path, encoding="utf-8").read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        parts[number % 10 == 0].extend(d for d in docs if d)
-    return tuple(torch.tensor(list("\n\n".join(p).encode()), dtype=torch.long) for p in parts)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-class Attention(nn.Module):
-    """Grouped-query causal attention with Llama's q/k/v/o projections."""
-
-    def __init__(self, dim: int, heads: int, kv_heads: int):
-        super().__init__()
-        self.head_dim, self.num_heads, self.num_key_value_heads = dim // heads, heads, kv_heads
-        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, p: dict):
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(p["hidden"]), RMSNorm(p["hidden"])
-        self.self_attn = Attention(p["hidden"], p["heads"], p["kv_heads"])
-        self.mlp = MLP(p["hidden"], p["intermediate"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class SmallLlama(nn.Module):
-    """Llama's pre-norm decoder (RMSNorm, GQA, SwiGLU) with learned positions instead of rotary ones: Torch-Pruning
-    1.6.1 does not finish building its dependency graph on rotary embeddings (Hugging Face's or this file's)."""
-
-    def __init__(self, p: dict):
-        super().__init__()
-        self.embed_tokens, self.embed_positions = nn.Embedding(256, p["hidden"]), nn.Embedding(p["seq"], p["hidden"])
-        self.layers = nn.ModuleList(Block(p) for _ in range(p["layers"]))
-        self.norm, self.lm_head = RMSNorm(p["hidden"]), nn.Linear(p["hidden"], 256, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids) + self.embed_positions(torch.arange(ids.shape[1], device=ids.device))
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(self.norm(x))
-
-
-def build(p: dict) -> nn.Module:
-    torch.manual_seed(0)
-    model = SmallLlama(p)
-    for name, parameter in model.named_parameters():
-        if parameter.dim() == 2:
-            nn.init.normal_(parameter, std=0.02)
-    return model
-
-
-def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    """Next-byte cross-entropy; ``model`` may be a criterion's score collector."""
-    logits = model(ids)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def batches(data: torch.Tensor, count: int, size: int, seq: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(data) - seq - 1, (count, size), generator=g)
-    return [torch.stack([data[s:s + seq] for s in row.tolist()]) for row in starts]
-
-
-def train(model: torch.nn.Module, data: torch.Tensor, steps: int, size: int, seq: int, lr: float, seed: int) -> float:
-    """AdamW with a linear warm-up and cosine decay; returns seconds."""
-    start = time.perf_counter()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(steps // 10, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * min(s / steps, 1.0)))))
-    for ids in batches(data, steps, size, seq, seed):
-        lm_loss(model, ids).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, data: torch.Tensor, seq: int, windows: int) -> float:
-    """exp(mean next-byte loss) over non-overlapping windows of the test split."""
-    model.eval()
-    rows = data[:min(windows, len(data) // seq) * seq].view(-1, seq)
-    losses = [lm_loss(model, chunk).item() * len(chunk) for chunk in rows.split(32)]
-    return math.exp(sum(losses) / len(rows))
-
-
-def attention_mlp_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if ".self_attn." in n or ".mlp." in n)
 
 
 # -- pruning_ir recipes -----------------------------------------------------------------------------
@@ -219,36 +81,82 @@ def _heads_and_mlp_selector(share: float, split: tuple[int, int, int, int]):
     return HeadsAndMLP(share)
 
 
+def _everything_selector(ir, share: float):
+    """Torch-Pruning's layout on our side: one uniform ratio for the hidden size, heads and MLP channels, bisected so
+    that ``share`` of the attention and MLP parameters goes (counted on pruned copies; the scores are set)."""
+    from pruning_ir import UniformLabelSelector
+    total = attention_mlp_params(ir.model)
+    low, high = 0.0, share
+    for _ in range(8):
+        middle = (low + high) / 2
+        kept = attention_mlp_params(ir.prune(labels=UniformLabelSelector(middle).select(ir)).model)
+        low, high = (middle, high) if 1 - kept / total < share else (low, middle)
+    return UniformLabelSelector(high)
+
+
+def _calibrate(criterion: str, ir, calibration: list[torch.Tensor]) -> None:
+    """Score ``ir``'s labels with ``criterion`` on the calibration batches (magnitude: no data)."""
+    from pruning_ir import ActivationCriterion, LossAwareCriterion, MagnitudeCriterion
+    if criterion == "magnitude":
+        MagnitudeCriterion(ir).apply()
+    elif criterion == "loss_aware":
+        with LossAwareCriterion(ir, keep_gradients=False) as collector:
+            for ids in calibration:
+                lm_loss(collector, ids).backward()
+    else:
+        with ActivationCriterion(ir, method=criterion) as collector:
+            for ids in calibration:
+                collector(ids)
+
+
 def prune_ours(method: str, model: nn.Module, share: float, calibration: list[torch.Tensor],
-               split: tuple[int, int, int]) -> nn.Module:
-    from pruning_ir import (ActivationCriterion, LossAwareCriterion, MagnitudeCriterion, PruningIR,
-                            prune_in_rounds)
-    ir = PruningIR(model, gqa_unit="query_heads" if method.endswith("_query_heads") else "kv_groups")
-    if method.endswith("_query_heads"):   # query heads within each key/value group: k/v and their rows kept
+               split: tuple[int, int, int, int]) -> tuple[nn.Module, dict]:
+    """``method`` is a criterion, ``_query_heads`` for query heads within key/value groups, and ``+bias`` or
+    ``+least_squares`` for reconstruction from input statistics collected on the same calibration batches (beside
+    the criterion's context; magnitude: one pass of their own). Returns the pruned model and the refit's cost."""
+    from pruning_ir import LossAwareCriterion, PruningIR, Reconstruction, collect_statistics, prune_in_rounds
+    method, _, refit = method.partition("+")
+    hidden = method.endswith("_hidden")
+    method = method.removesuffix("_hidden")
+    query_heads = method.endswith("_query_heads")
+    ir = PruningIR(model, gqa_unit="query_heads" if query_heads else "kv_groups")
+    ir.infer_labels(calibration[0])
+    if query_heads:   # query heads within each key/value group: k/v and their rows kept
         attention, _, mlp, _ = split
         attn = model.layers[0].self_attn
         removable = attn.q_proj.weight.numel() + attn.o_proj.weight.numel()
         split, method = (attention, removable, mlp, attn.num_heads // attn.num_key_value_heads), method[:-len(
             "_query_heads")]
+    info: dict = {}
     if method == "loss_aware_rounds":
         def calibrate(collector):
             for ids in calibration:
                 lm_loss(collector, ids).backward()
+        factory = partial(Reconstruction, method=refit, warn=False) if refit else None
         criterion = partial(LossAwareCriterion, keep_gradients=False)
-        return prune_in_rounds(ir, partial(_heads_and_mlp_selector, split=split), share, calibrate, rounds=4, criterion=criterion,
-                               inplace=True, verbose=False).model
-    if method == "magnitude":
-        ir.infer_labels(calibration[0])
-        MagnitudeCriterion(ir).apply()
-    elif method == "loss_aware":
-        with LossAwareCriterion(ir, keep_gradients=False) as collector:
-            for ids in calibration:
-                lm_loss(collector, ids).backward()
-    else:
-        with ActivationCriterion(ir, method=method) as collector:
-            for ids in calibration:
-                collector(ids)
-    return ir.prune(labels=_heads_and_mlp_selector(share, split).select(ir), inplace=True).model
+        return prune_in_rounds(ir, partial(_heads_and_mlp_selector, split=split), share, calibrate, rounds=4,
+                               criterion=criterion, inplace=True, reconstruct=factory, verbose=False).model, info
+    stats = collect_statistics(ir) if refit else None
+    with stats if stats is not None else contextlib.nullcontext():
+        _calibrate(method, ir, calibration)
+        if stats is not None and method == "magnitude":
+            with torch.no_grad():
+                for ids in calibration:
+                    model(ids)
+    reconstruction = Reconstruction(stats, refit, warn=False) if refit else None
+    selector = _everything_selector(ir, share) if hidden else _heads_and_mlp_selector(share, split)
+    pruned = ir.prune(labels=selector.select(ir), inplace=True, reconstruct=reconstruction).model
+    if reconstruction is not None:
+        report = reconstruction.report
+        info = {"refit": len(report.refit), "skipped": report.skipped, "refit_seconds": report.seconds,
+                "statistics_mb": statistics_mb(stats)}
+    return pruned, info
+
+
+def statistics_mb(stats) -> float:
+    """MiB of the sums kept by ``stats`` (means and second moments)."""
+    return sum(t.numel() * t.element_size() for s in stats.consumers.values() for t in (s.total, s.outer)
+               if t is not None) / 2 ** 20
 
 
 # -- Torch-Pruning's LLM recipe -----------------------------------------------------------------------
@@ -304,23 +212,26 @@ def run(p: dict, verbose: bool = True) -> dict:
     attention_params = sum(q.numel() for q in layer.self_attn.parameters())
     split = (attention_params, attention_params, sum(q.numel() for q in layer.mlp.parameters()),
              layer.self_attn.num_key_value_heads)
+    results["statistics_cost"] = statistics_cost(model, calibration)
     rows = []
     for share in SHARES:
         ratio = tp_ratio(model, share, example)
         for method in METHODS:
             work = copy.deepcopy(model)
             start = time.perf_counter()
+            info: dict = {}
             if method == "torch_pruning":
                 pruned = tp_prune(work, ratio, example)
             else:
-                pruned = prune_ours(method, work, share, calibration, split)
+                pruned, info = prune_ours(method, work, share, calibration, split)
             prune_seconds = time.perf_counter() - start
             pruned.zero_grad(set_to_none=True)
+            attn = pruned.layers[0].self_attn
             row = {"share": share, "method": method, "prune_seconds": prune_seconds,
                    "removed": 1 - attention_mlp_params(pruned) / results["dense"]["attention_mlp_params"],
-                   "params": sum(q.numel() for q in pruned.parameters()),
-                   "hidden_size": pruned.lm_head.in_features,
-                   "heads": pruned.layers[0].self_attn.q_proj.out_features // pruned.layers[0].self_attn.head_dim, "tp_ratio": ratio if method == "torch_pruning" else None,
+                   "params": sum(q.numel() for q in pruned.parameters()), "hidden_size": pruned.lm_head.in_features,
+                   "heads": attn.q_proj.out_features // attn.head_dim, "kv_heads": attn.k_proj.out_features //
+                   attn.head_dim, "tp_ratio": ratio if method == "torch_pruning" else None, **info,
                    "perplexity": perplexity(pruned, test_data, p["seq"], p["test_windows"])}
             row["finetune_seconds"] = train(pruned, train_data, p["finetune_steps"], p["finetune_batch"], p["seq"],
                                             p["finetune_lr"], seed=2)
@@ -330,6 +241,30 @@ def run(p: dict, verbose: bool = True) -> dict:
                 print(json.dumps(row), flush=True)
     results["rows"] = rows
     return results
+
+
+def statistics_cost(model: nn.Module, calibration: list[torch.Tensor]) -> dict:
+    """What collecting the input statistics costs on the dense model: the calibration forwards with and without
+    ``collect_statistics`` (best of 3 each), the peak memory above the start, the MiB of sums kept."""
+    from harness.machine import PeakMemory
+    from pruning_ir import PruningIR, collect_statistics
+    ir = PruningIR(copy.deepcopy(model), gqa_unit="kv_groups")
+    ir.infer_labels(calibration[0])
+    plain, collecting = [], []
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            for ids in calibration:
+                ir.model(ids)
+            plain.append(time.perf_counter() - start)
+            with PeakMemory() as peak, collect_statistics(ir) as stats:
+                start = time.perf_counter()
+                for ids in calibration:
+                    ir.model(ids)
+                collecting.append(time.perf_counter() - start)
+    return {"forward_seconds": min(plain), "collect_seconds": min(collecting), "peak_mb": peak.mb,
+            "statistics_mb": statistics_mb(stats), "consumers": len(stats.collected()),
+            "tokens": stats.count(stats.collected()[0])}
 
 
 def markdown(results: dict, env: dict) -> list[str]:
@@ -349,21 +284,49 @@ def markdown(results: dict, env: dict) -> list[str]:
              "ratio, bisected to the same parameter share) prunes the hidden size too. Calibration: "
              f"{p['calibration_batches']} batches of {p['calibration_batch']} x {p['seq']} training bytes. "
              f"Fine-tune: {p['finetune_steps']} AdamW steps of {p['finetune_batch']} x {p['seq']}, the same for all.",
-             "", "| removed (target) | method | removed (actual) | hidden | heads | ppl pruned | ppl fine-tuned | prune s | "
-             "fine-tune s |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "Arms: `criterion[+refit]`; `+bias` / `+least_squares`: `ir.prune(labels, reconstruct=Reconstruction("
+             "stats, method))` with the input statistics collected beside the criterion on the same calibration "
+             "batches (`collect_statistics`; rounds: re-collected each round); `_query_heads`: "
+             "`PruningIR(gqa_unit=\"query_heads\")` (query heads within key/value groups), the others `\"kv_groups\"`; "
+             "`_hidden`: our side of Torch-Pruning's layout, one uniform ratio for the hidden size, heads and MLP "
+             "(bisected to the share), reported apart from the rest.",
+             "", "| removed (target) | method | removed (actual) | hidden | heads (kv) | ppl pruned | ppl fine-tuned | "
+             "prune s | refit s | fine-tune s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['share']:.0%} | {r['method']} | {r['removed']:.1%} | {r['hidden_size']} | {r['heads']} | "
-                     f"{r['perplexity']:.3f} | {r['perplexity_finetuned']:.3f} | {r['prune_seconds']:.2f} | "
-                     f"{r['finetune_seconds']:.1f} |")
-    lines.append("")
+        refit = f"{r['refit_seconds']:.2f}" if "refit_seconds" in r else "-"
+        lines.append(f"| {r['share']:.0%} | {r['method']} | {r['removed']:.1%} | {r['hidden_size']} | {r['heads']} "
+                     f"({r['kv_heads']}) | {r['perplexity']:.3f} | {r['perplexity_finetuned']:.3f} | "
+                     f"{r['prune_seconds']:.2f} | {refit} | {r['finetune_seconds']:.1f} |")
+    cost = results["statistics_cost"]
+    lines += ["", f"Statistics ({cost['consumers']} consumers, {cost['tokens']:.0f} calibration tokens): "
+              f"{cost['statistics_mb']:.1f} MiB of sums (float64), peak RSS +{cost['peak_mb']:.0f} MiB; the "
+              f"calibration forwards take {cost['collect_seconds']:.2f} s collecting vs {cost['forward_seconds']:.2f} s "
+              "without (best of 3). Refit: the `refit s` column (inside `prune`).", "",
+              "Reconstruction, right after pruning (ppl without -> with; the share of the gap to the dense model it "
+              "closes):", ""]
+    for share in SHARES:
+        rows = {r["method"]: r for r in results["rows"] if r["share"] == share}
+        parts = []
+        for method, row in rows.items():
+            base = rows.get(method.partition("+")[0])
+            if "+" in method and base is not None:
+                closed = (base["perplexity"] - row["perplexity"]) / max(base["perplexity"] - dense["perplexity"],
+                                                                         1e-9)
+                parts.append(f"{method} {base['perplexity']:.3f} -> {row['perplexity']:.3f} "
+                             f"({row['perplexity'] / base['perplexity'] - 1:+.1%}, {closed:.0%} of the gap)")
+        lines.append(f"- {share:.0%}: " + "; ".join(parts) + ".")
+    lines += ["", "Best of ours against Torch-Pruning (ppl right after pruning; after the fine-tune):", ""]
     for share in SHARES:
         rows = [r for r in results["rows"] if r["share"] == share]
         tp = next(r for r in rows if r["method"] == "torch_pruning")
-        best = min((r for r in rows if r["method"] != "torch_pruning"), key=lambda r: r["perplexity"])
-        lines.append(f"- {share:.0%}: best of ours right after pruning {best['method']} {best['perplexity']:.3f} vs "
-                     f"Torch-Pruning {tp['perplexity']:.3f} ({best['perplexity'] / tp['perplexity'] - 1:+.1%}); "
-                     f"after fine-tuning best {min(r['perplexity_finetuned'] for r in rows if r is not tp):.3f} vs "
-                     f"{tp['perplexity_finetuned']:.3f}.")
+        for label, pool in (("hidden size kept", [r for r in rows if r is not tp and "_hidden" not in r["method"]]),
+                            ("hidden size pruned too", [r for r in rows if "_hidden" in r["method"]])):
+            best = min(pool, key=lambda r: r["perplexity"])
+            tuned = min(pool, key=lambda r: r["perplexity_finetuned"])
+            lines.append(f"- {share:.0%}, {label}: {best['method']} {best['perplexity']:.3f} vs Torch-Pruning "
+                         f"{tp['perplexity']:.3f} ({best['perplexity'] / tp['perplexity'] - 1:+.1%}); after "
+                         f"fine-tuning {tuned['method']} {tuned['perplexity_finetuned']:.3f} vs "
+                         f"{tp['perplexity_finetuned']:.3f} ({tuned['perplexity_finetuned'] / tp['perplexity_finetuned'] - 1:+.1%}).")
     return lines
 
 

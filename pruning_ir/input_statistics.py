@@ -34,6 +34,7 @@ from .errors import PruningIRError
 
 __all__ = ["InputStatistics", "collect_statistics", "ConsumerStatistics"]
 
+_NOT_CONSUMERS = (nn.modules.conv._ConvTransposeNd, nn.Embedding, nn.EmbeddingBag)
 _CONSUMER_OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d"}
 _NOT_SEEN = ("no input statistics: not called as the weight of F.linear/F.conv1d/F.conv2d while collecting "
              "(a matmul, inside a leaf module such as nn.MultiheadAttention, or not run)")
@@ -214,8 +215,8 @@ class InputStatistics:
                 continue
             path, _, attribute = name.rpartition(".")
             owner = modules.get(path)
-            if weight.ndim < 2 or isinstance(owner, nn.modules.conv._ConvTransposeNd):
-                continue
+            if weight.ndim < 2 or isinstance(owner, _NOT_CONSUMERS):
+                continue  # dim 1 of their weight is an output dimension, not an input one
             if not labels[binding.classes].any() or len(binding.classes) != weight.shape[1]:
                 continue
             kernel = tuple(weight.shape[2:])
