@@ -192,6 +192,10 @@ def _derived_fields(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
             fields[name] = value
     if embedding_width and hasattr(config, "word_embed_proj_dim") and config.word_embed_proj_dim != embedding_width:
         fields["word_embed_proj_dim"] = embedding_width  # OPT: the embedding's own width
+    kv_names = [name for name in KV_FIELDS if hasattr(config, name)]
+    if kv_names and kv_names[0] in fields:  # Falcon holds both (the model reads num_kv_heads)
+        kv_heads = fields[kv_names[0]]
+        fields.update({name: kv_heads for name in kv_names[1:] if getattr(config, name) != kv_heads})
     hidden, heads, head_dim = (uniform.get(q) for q in ("hidden", "heads", "head_dim"))
     hidden = hidden or getattr(config, "hidden_size", None)
     heads = heads or getattr(config, "num_attention_heads", None)

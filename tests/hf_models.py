@@ -134,6 +134,10 @@ FAMILIES: dict[str, Family] = {  # 2 layers, hidden 32, 4 heads of 8 channels (2
     "falcon": Family(T.FalconForCausalLM, lambda: T.FalconConfig(
         vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         attn_implementation=ATTN_IMPLEMENTATION)),
+    # Falcon-40B's layout: key/value groups, each holding its query heads, then its key and value head
+    "falcon_gqa": Family(T.FalconForCausalLM, lambda: T.FalconConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, attn_implementation=ATTN_IMPLEMENTATION)),
     "bert": Family(T.BertModel, lambda: T.BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                                      **_COMMON), auto="AutoModel"),
     # T5: d_kv independent of d_model, relative attention bias per head, a cross-attention per decoder layer

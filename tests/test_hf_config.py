@@ -1,6 +1,6 @@
 """After ``prune()``, a Hugging Face model's ``config`` describes the pruned model (``pruning_ir.huggingface``).
 
-Tiny models of eighteen families (``hf_models.FAMILIES``, built from configs: no downloads) are
+Tiny models of eighteen families (and Falcon's two layouts) (``hf_models.FAMILIES``, built from configs: no downloads) are
 pruned uniformly, with the hidden size (``all``) or without it (``keep_hidden``): the config must
 hold the new sizes, ``save_pretrained`` + ``from_pretrained`` must rebuild the pruned model
 exactly, and ``generate`` must give the same tokens with and without the KV cache. Removing
@@ -76,6 +76,13 @@ CASES = {
     ("falcon", "keep_hidden"): (dict(hidden_size=32, num_attention_heads=4, ffn_hidden_size=128),
                                 "Falcon derives the head size as hidden_size / num_attention_heads: 32 / 3 heads does "
                                 "not build"),
+    ("falcon_gqa", "all"): (dict(hidden_size=32, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=128),
+                            "Falcon derives the head size as hidden_size / num_attention_heads: 24 / 2 heads = 12, "
+                            "not 8 (one of its 2 key/value groups removed)"),
+    ("falcon_gqa", "keep_hidden"): (dict(hidden_size=32, num_attention_heads=4, num_kv_heads=2, ffn_hidden_size=128),
+                                    "Falcon derives the head size as hidden_size / num_attention_heads: 32 / 2 heads "
+                                    "= 16, not 8"),
+    ("falcon_gqa", "half"): (dict(hidden_size=16, num_attention_heads=2, num_kv_heads=1, ffn_hidden_size=64), ""),
     ("bert", "all"): (dict(hidden_size=32, num_attention_heads=4, intermediate_size=64),
                       "BERT derives the head size as hidden_size / num_attention_heads: 32 / 3 heads does not build "
                       "(its hidden size is not prunable)"),
@@ -103,7 +110,7 @@ CASES = {
 }
 REASON_TEXT = {"gemma": "scalar_embed_scale", "gemma2": "scalar_embed_scale", "gemma3": "scalar_embed_scale",
                "gpt2": "divisible by num_heads", "opt": "divisible by num_heads", "neox": "scaling",
-               "falcon": "divisible by num_heads", "bert": "not a multiple of the number of attention heads"}
+               "falcon": "divisible by num_heads", "falcon_gqa": "inv_norm_factor", "bert": "not a multiple of the number of attention heads"}
 
 
 def _inputs(family: str = "llama") -> dict[str, torch.Tensor]:
@@ -122,11 +129,12 @@ def _labels(ir: PruningIR, model: nn.Module, scenario: str) -> list:
     skipped = set()
     for group in ir.groups:
         modules = [model.get_submodule(name) for name in group.modules]
-        if scenario != "all" and any(module is embedding for module in modules):
+        if scenario not in ("all", "half") and any(module is embedding for module in modules):
             skipped.add(group.id)  # the hidden size
         if scenario == "mlp" and any("attention" in name for name in group.modules):
             skipped.add(group.id)
-    return [label for label in UniformLabelSelector(0.25).select(ir) if label.group.id not in skipped]
+    share = 0.5 if scenario == "half" else 0.25  # "half": every group, hidden size included, by half
+    return [label for label in UniformLabelSelector(share).select(ir) if label.group.id not in skipped]
 
 
 @functools.lru_cache(maxsize=None)
