@@ -439,3 +439,71 @@ def test_statistics_are_all_reduced_across_ranks(tmp_path):
     for name, value in single.items():
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name])
         np.testing.assert_allclose(ranks[0][name], value, rtol=1e-10, atol=1e-12)
+
+
+# -- a Hugging Face Llama: attention output and MLP down projections --------------------------------
+def _llama_heads_and_mlp(gqa_unit: str) -> tuple[PruningIR, list, list[torch.Tensor]]:
+    """A tiny HF Llama (4 query / 2 key-value heads), its IR, and half the labels of every head and MLP group
+    (the hidden size kept)."""
+    from hf_models import HF_ZOO
+    model = HF_ZOO["llama"].build()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(1, 100, (4, 16), generator=generator) for _ in range(6)]
+    ir = PruningIR(model, gqa_unit=gqa_unit).infer_labels(batches[0])
+    inner = [g for g in ir.groups if g.prunable and all("self_attn" in m or ".mlp" in m for m in g.modules)]
+    labels = [label for group in inner for label in group.labels[::2]]
+    return ir, labels, batches
+
+
+def _llama_consumers(ir: PruningIR) -> list[str]:
+    return sorted(f"model.layers.{i}.{name}.weight" for i in range(len(ir.model.model.layers))
+                  for name in ("self_attn.o_proj", "mlp.down_proj"))
+
+
+@pytest.mark.filterwarnings("ignore:the pruned LlamaForCausalLM's config cannot describe it")  # created biases
+@pytest.mark.parametrize("gqa_unit", ["kv_groups", "query_heads"])
+@pytest.mark.parametrize("method", ["bias", "least_squares"])
+def test_llama_dead_heads_and_mlp_channels_stay_exact(gqa_unit, method):
+    """o_proj (reading the removed heads) and down_proj (reading the removed MLP channels) are refit, none
+    skipped; with those channels exactly 0, the refit pruned model gives the same logits."""
+    ir, labels, batches = _llama_heads_and_mlp(gqa_unit)
+    ir.zero_labels(labels)
+    with collect_statistics(ir) as stats, torch.no_grad():
+        for ids in batches[:4]:
+            ir.model(ids)
+        reference = ir.model(batches[4]).logits
+    reconstruction = Reconstruction(stats, method)
+    pruned = ir.prune(labels=labels, reconstruct=reconstruction).model
+    assert sorted(reconstruction.report.refit) == _llama_consumers(ir)
+    assert reconstruction.report.skipped == {}
+    assert pruned.model.layers[0].self_attn.o_proj.in_features < ir.model.model.layers[0].self_attn.o_proj.in_features
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(batches[4]).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:the pruned LlamaForCausalLM's config cannot describe it")  # created biases
+@pytest.mark.parametrize("gqa_unit", ["kv_groups", "query_heads"])
+def test_llama_least_squares_lowers_the_output_error(gqa_unit):
+    """On held-out batches from the calibration distribution, least squares brings the pruned logits closer to
+    the unpruned ones than no reconstruction; without a created bias (create_bias=False: the uncentred refit)
+    the model keeps Llama's bias-free layers, so its config still describes it."""
+    ir, _, batches = _llama_heads_and_mlp(gqa_unit)
+    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    labels = [label for label in labels if all("self_attn" in m or ".mlp" in m for m in label.group.modules)]
+    with collect_statistics(ir) as stats, torch.no_grad():
+        for ids in batches[:4]:
+            ir.model(ids)
+    held_out = torch.cat(batches[4:])
+    with torch.no_grad():
+        reference = ir.model(held_out).logits
+        errors = {}
+        for name, reconstruct in (("none", None), ("least_squares", Reconstruction(stats)),
+                                  ("no_bias", Reconstruction(stats, create_bias=False))):
+            pruned = ir.prune(labels=labels, reconstruct=reconstruct).model
+            errors[name] = _mse(pruned(held_out).logits, reference)
+            if reconstruct is not None:
+                assert sorted(reconstruct.report.refit) == _llama_consumers(ir)
+    assert errors["least_squares"] < 0.9 * errors["none"], errors
+    assert errors["no_bias"] < 0.9 * errors["none"], errors
+    assert not any(name.endswith("bias") for name, _ in pruned.named_parameters())
+    assert pruned.config.intermediate_size == pruned.model.layers[0].mlp.down_proj.in_features
