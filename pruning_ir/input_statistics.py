@@ -100,11 +100,16 @@ class InputStatistics:
         max_positions: conv patches sampled per call (None: every output position).
         second_moments: False keeps means only for every consumer (the opt-out of ``D^2`` memory).
         exclude: parameter or module names to leave out.
+        groups: collect only the consumers that read a channel of these groups: group ids, or a
+            predicate on each ``DependencyGroup`` (an LLM that keeps its hidden size needs only
+            the consumers of its head and MLP groups: ``o_proj``, ``down_proj``; the projections
+            reading the residual stream would cost ``hidden_size^2`` numbers each). None: all.
         dtype: accumulation dtype (float64; float32 halves the memory on a GPU).
     """
 
     def __init__(self, ir: Any, *, max_features: int = 4096, max_positions: int | None = 1024,
-                 second_moments: bool = True, exclude: Iterable[str] = (), dtype: torch.dtype = torch.float64,
+                 second_moments: bool = True, exclude: Iterable[str] = (),
+                 groups: Iterable[int] | Callable[[Any], bool] | None = None, dtype: torch.dtype = torch.float64,
                  seed: int = 0, verbose: bool = False):
         if max_positions is not None and max_positions < 1:
             raise ValueError(f"max_positions must be >= 1 or None, got {max_positions}")
@@ -113,6 +118,7 @@ class InputStatistics:
         self.max_positions = max_positions
         self.second_moments = second_moments
         self.exclude = set(exclude)
+        self.groups = groups if groups is None or callable(groups) else {int(g) for g in groups}
         self.dtype = dtype
         self.verbose = verbose
         self._generator = torch.Generator().manual_seed(seed)
@@ -139,9 +145,10 @@ class InputStatistics:
         if self._mode is not None:
             raise PruningIRError("these InputStatistics are already collecting (nested with-blocks)")
         self.ir.check_usable()
-        self._mode = _Interceptor(self)
         if self.ir.labels_inferred:
             self._setup()  # before any forward, so a masked model's weights are followed from the first call
+        self._mode = _Interceptor(self)
+        self._install()
         self._mode.__enter__()
         return self
 
@@ -205,6 +212,7 @@ class InputStatistics:
         model = self.ir.model
         modules = dict(model.named_modules())
         parameters = dict(model.named_parameters(remove_duplicate=False))
+        wanted = self._wanted_classes(index)
         holders: dict[int, int] = {}
         for tensor in parameters.values():
             holders[id(tensor)] = holders.get(id(tensor), 0) + 1
@@ -227,6 +235,8 @@ class InputStatistics:
                 stats.bias = f"{path}.bias" if owner.bias is not None else None
             if name in self.exclude or path in self.exclude:
                 stats.skipped = "excluded"
+            elif wanted is not None and not wanted[binding.classes].any():
+                stats.skipped = "reads none of the groups asked for (groups=)"
             elif weight.ndim > 4:
                 stats.skipped = "a 3-D convolution: not supported"
             elif holders[id(weight)] > 1:
@@ -244,6 +254,24 @@ class InputStatistics:
         self._parameter_names = {id(p): n for n, p in parameters.items()}
         self._ready = True
         self._install()
+
+    def _wanted_classes(self, index: Any) -> np.ndarray | None:
+        """The classes of the groups asked for (``groups=``), as a mask; None when all are."""
+        if self.groups is None:
+            return None
+        known = {group.id: group for group in index.groups}
+        if callable(self.groups):
+            chosen = [group for group in index.groups if self.groups(group)]
+        else:
+            unknown = sorted(self.groups - set(known))
+            if unknown:
+                raise ValueError(f"collect_statistics(groups=...): no group with id {unknown} in this IR "
+                                 f"({len(known)} groups: see ir.groups)")
+            chosen = [known[i] for i in sorted(self.groups)]
+        wanted = np.zeros(index.class_count, dtype=bool)
+        for group in chosen:
+            wanted[group.classes] = True
+        return wanted
 
     def _install(self) -> None:
         """Watch the consumers' owners while collecting (their pre-hooks follow masked weights)."""

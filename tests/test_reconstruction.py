@@ -507,3 +507,29 @@ def test_llama_least_squares_lowers_the_output_error(gqa_unit):
     assert errors["no_bias"] < 0.9 * errors["none"], errors
     assert not any(name.endswith("bias") for name, _ in pruned.named_parameters())
     assert pruned.config.intermediate_size == pruned.model.layers[0].mlp.down_proj.in_features
+
+
+@pytest.mark.filterwarnings("ignore:the pruned LlamaForCausalLM's config cannot describe it")  # created biases
+def test_statistics_of_chosen_groups_only():
+    """groups= keeps only the consumers of those groups (here o_proj and down_proj: the residual stream's readers
+    are left out) and refits them exactly as statistics of every consumer do; an unknown group id is refused."""
+    ir, labels, batches = _llama_heads_and_mlp("kv_groups")
+    inner = {label.group.id for label in labels}
+    collected = {}
+    for groups in (None, inner, lambda group: group.id in inner):
+        with collect_statistics(ir, groups=groups) as stats, torch.no_grad():
+            for ids in batches[:4]:
+                ir.model(ids)
+        reconstruction = Reconstruction(stats)
+        with torch.no_grad():
+            collected[groups is None] = (sorted(stats.collected()), ir.prune(
+                labels=labels, reconstruct=reconstruction).model(batches[4]).logits)
+        assert sorted(reconstruction.report.refit) == _llama_consumers(ir)
+        if groups is not None:
+            assert collected[False][0] == _llama_consumers(ir)
+            assert "reads none of the groups" in stats.skipped["lm_head.weight"]
+            torch.testing.assert_close(collected[False][1], collected[True][1], atol=1e-6, rtol=1e-6)
+    refused = collect_statistics(ir, groups=[10 ** 6])
+    with pytest.raises(ValueError, match="no group with id"):
+        refused.start()
+    assert not refused.active
