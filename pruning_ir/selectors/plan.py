@@ -59,7 +59,10 @@ class Step:
 
 
 class SelectionPlan:
-    """The prunable groups of an IR under a channel constraint."""
+    """The prunable groups of an IR under a channel constraint.
+
+    ``ties``: the tied classes (``same_across_layers``), as lists of indices into ``groups``;
+    every counts vector the plan hands out (``repair``, ``apply``, ``steps``) keeps them equal."""
 
     def __init__(self, ir: PruningIR, constraint: ChannelConstraint, *, floors: Mapping[int, int] | None = None,
                  removed_before: Mapping[int, int] | None = None):
