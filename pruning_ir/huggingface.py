@@ -3,8 +3,9 @@
 Pruning changes a transformers model's modules, not its ``config``, and ``from_pretrained``
 builds the model from the config: a stale one cannot take the saved weights. ``sync_config``
 reads the new sizes from the modules (hidden size, heads, key/value heads, head size, MLP
-width), writes them into every copy of the config, and checks the result by building the model
-from the new config on the meta device: same tensors, same shapes, same float attributes
+width; in every layer stack, both of an encoder-decoder, and every attention of a layer, a
+cross-attention too), writes them into every copy of the config, and checks the result by
+building the model from the new config on the meta device: same tensors, same shapes, same float attributes
 (attention scaling, embedding scale), and by the config class's own validation (which
 ``save_pretrained`` runs: LLaMA's wants ``hidden_size % num_attention_heads == 0``). A config
 holds one value per field, so per-layer widths (global selection) or sizes a family derives
@@ -172,8 +173,9 @@ def _derived_fields(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
     config = model.config
     uniform: dict[str, int] = {}
     varying = []
+    per_layer = _per_layer(model)
     for quantity in QUANTITIES:
-        values = [(name, sizes[quantity]) for name, sizes in _per_layer(model) if quantity in sizes]
+        values = [(name, sizes[quantity]) for name, sizes in per_layer if quantity in sizes]
         if len({value for _, value in values}) > 1:
             varying.append(_disagreement(quantity, values))
         elif values:
