@@ -43,6 +43,7 @@ OUTPUT = ("o_proj", "out_proj", "c_proj", "dense", "o")
 HEAD_SIZE = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 MLP_UP = ("up_proj", "fc1", "c_fc", "dense_h_to_4h", "intermediate.dense", "w1", "wi", "wi_0")
 MLP_GATE_UP = ("gate_up_proj",)  # gate and up fused: twice the MLP width
+MLP_EXPERTS_DOWN = "experts.down_proj"  # Mixtral's experts in one parameter, (experts, hidden size, MLP width)
 MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
 KV_FIELDS = ("num_key_value_heads", "num_kv_heads")
 QUANTITIES = {"hidden": "hidden size", "heads": "attention heads", "kv_heads": "key/value heads",
@@ -132,8 +133,10 @@ def _layer_sizes(layer: nn.Module) -> list[dict[str, int]]:
     skip = attentions[0][0] if attentions else None
     up = _width(_find(layer, MLP_UP, skip=skip)[1], "out")
     gate_up = _width(_find(layer, MLP_GATE_UP, skip=skip)[1], "out")
-    if up or gate_up:
-        entries[0]["mlp"] = up or gate_up // 2
+    experts = next((int(p.shape[-1]) for name, p in layer.named_parameters() if name.endswith(MLP_EXPERTS_DOWN)
+                    and p.dim() == 3), None)  # fused experts: (experts, hidden size, MLP width)
+    if up or gate_up or experts:
+        entries[0]["mlp"] = up or (gate_up // 2 if gate_up else experts)
     return entries
 
 

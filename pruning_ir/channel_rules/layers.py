@@ -167,6 +167,25 @@ def reflected_matmul(ctx: RuleContext) -> TensorLayout:
     return TensorLayout(tuple(matmul_dims(ctx, ctx.argument(1), ctx.argument(0))))
 
 
+@channel_rule("_grouped_mm")
+def grouped_matmul(ctx: RuleContext) -> TensorLayout:
+    """``torch._grouped_mm(a (T, K), b (G, K, N), offs=...)``: a mixture of experts' fused matmul, the
+    rows of ``a`` grouped by expert (Mixtral). K is contracted and N is the output's; the G experts
+    are kept, so a channel is the same position in every expert (one intermediate size for all)."""
+    left, right, bias = ctx.argument(0, "mat_a"), ctx.argument(1, "mat_b"), ctx.argument(3, "bias")
+    left_shape, right_shape = ctx.shape(left), ctx.shape(right)
+    if len(left_shape) != 2 or len(right_shape) != 3:
+        for value in (left, right, bias):
+            ctx.pin_layout(ctx.layout(value), "a grouped matmul of these ranks is not pruned")
+        return TensorLayout.empty(len(ctx.out_shape))
+    ctx.pin(ctx.atoms_of(right, 0), "the experts of a grouped matmul are kept")
+    consume(ctx, ctx.layout(left), 1, left_shape[1], ctx.atoms_of(right, 1))
+    out_atoms = ctx.atoms_of(right, 2)
+    if isinstance(bias, fx.Node):
+        ctx.union(out_atoms if out_atoms is not None else pinned(right_shape[2]), ctx.atoms_of(bias, -1))
+    return TensorLayout((ctx.atoms_of(left, 0), out_atoms), dead_is_zero=True)
+
+
 @channel_rule("addmm", "baddbmm", "addbmm")
 def add_matmul(ctx: RuleContext) -> TensorLayout:
     bias, left, right = ctx.argument(0, "input"), ctx.argument(1), ctx.argument(2)
