@@ -297,3 +297,65 @@ def test_every_zoo_model_meets_each_budget_without_data(name):
         flat_got = [t.shape for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
         assert flat_got == flat_expected, (name, budget)
     assert_untouched(model, before)
+
+
+# With data: every zoo model (CNNs, ViTs, Hugging Face) once, the budgets spread over them so each kind
+# runs on CNNs, ViTs and Hugging Face models; the costly knapsack budgets on the small models.
+WITH_DATA = {"lenet": {"params": 0.7}, "conv1d_net": {"macs": 0.6}, "vit": {"macs": 0.6}, "bert": {"macs": 0.6},
+             "llama": {"macs": 0.6}, "resnet18": {"ratio": 0.3}, "vit_mha": {"params": 0.7},
+             "vit_separate_qkv": {"params": 0.7}, "gpt2": {"params": 0.7}, "resnet50": {"ratio": 0.3},
+             "mobilenet_v2": {"ratio": 0.3}, "efficientnet": {"ratio": 0.3}, "shufflenet_v2": {"ratio": 0.3},
+             "densenet": {"ratio": 0.3}, "unet": {"ratio": 0.3}}
+
+
+def tiny_data(name: str, model: nn.Module, inputs: tuple) -> dict:
+    """Two batches shaped like the example inputs, and how to score them: a regression to random
+    targets of the output's shape (zoo models), the LM loss (GPT-2, LLaMA), or BERT's hidden states."""
+    g = torch.Generator().manual_seed(7)
+    x = inputs[0]
+    batches = [torch.randn(x.shape, generator=g) if x.dtype.is_floating_point else
+               torch.randint(1, VOCAB_SIZE, x.shape, generator=g) for _ in range(2)]
+    if name == "bert":
+        return {"data": batches, "forward": lambda m, ids: m(input_ids=ids).last_hidden_state.pow(2).mean()}
+    if name in HF_ZOO:
+        return {"data": batches, "forward": lm_loss}
+    with torch.no_grad():
+        shape = model(x).shape
+    return {"data": [(b, torch.randn(shape, generator=g)) for b in batches], "loss": F.mse_loss}
+
+
+def prunable_labels(model: nn.Module, inputs: tuple) -> int:
+    return sum(len(g.classes) for g in PruningIR(model).infer_labels(*inputs).groups if g.prunable)
+
+
+def test_every_zoo_model_has_a_budget_with_data():
+    assert set(WITH_DATA) == set(ALL_MODELS)
+    assert {kind for budget in WITH_DATA.values() for kind in budget} == {"macs", "params", "ratio"}
+
+
+@pytest.mark.parametrize("name", sorted(WITH_DATA))
+def test_every_zoo_model_meets_its_budget_with_data(name):
+    """With data (2 batches, 2 rounds, least-squares reconstruction on): the budget met, outputs keep
+    their shapes and stay finite, the caller's model untouched."""
+    entry = ALL_MODELS[name]
+    model, inputs = entry.build(), entry.example_inputs()
+    kwargs = tiny_data(name, model, inputs)
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = torch.utils._pytree.tree_leaves(model(*inputs))
+    budget = WITH_DATA[name]
+    pruned = pruning_ir.prune(model, inputs[0], **budget, rounds=2, verbose=False, **kwargs)
+    assert_untouched(model, before)
+    assert type(pruned) is type(model) and pruned is not model
+    kind, value = next(iter(budget.items()))
+    if kind == "macs":
+        assert macs(pruned, *inputs) <= value * macs(model, *inputs)
+    elif kind == "params":
+        assert parameter_count(pruned) <= value * parameter_count(model)
+    else:  # about that share of every group's labels removed (whole labels, at least one kept per group)
+        assert 0.25 <= 1 - prunable_labels(pruned, inputs) / prunable_labels(model, inputs) <= 0.35
+    with torch.no_grad():
+        got = torch.utils._pytree.tree_leaves(pruned(*inputs))
+    assert [t.shape for t in got if isinstance(t, torch.Tensor)] == [t.shape for t in expected
+                                                                      if isinstance(t, torch.Tensor)]
+    assert all(torch.isfinite(t).all() for t in got if isinstance(t, torch.Tensor) and t.is_floating_point())
