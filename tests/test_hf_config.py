@@ -318,6 +318,33 @@ def test_global_selection_keeps_per_layer_widths_and_round_trips_through_the_pru
         assert torch.equal(with_cache, _generate(loaded, inputs, use_cache=True))
 
 
+def test_t5_with_a_deeper_decoder_syncs_both_stacks(tmp_path):
+    """Encoder and decoder stacks of different depths (2 and 3 blocks) are both read: uniform pruning is
+    expressible and from_pretrained rebuilds it; one decoder block pruned alone is named in the warning.
+    (No generate: transformers 5.25 sizes T5's cache by the encoder's depth and fails even unpruned.)"""
+    family = FAMILIES["t5"]
+    config = family.config()
+    config.num_decoder_layers = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = seeded_build(lambda: family.model_class(config))()
+    inputs = _inputs("t5")
+    ir = PruningIR(original).infer_labels(**inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unscored: labels in channel order
+        pruned = ir.prune(labels=UniformLabelSelector(0.25).select(ir)).model.eval()
+    assert (pruned.config.num_heads, pruned.config.d_ff, pruned.config.num_decoder_layers) == (3, 48, 3)
+    assert expressible(pruned) == (True, "")
+    pruned.save_pretrained(tmp_path)
+    loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
+    ir = PruningIR(copy.deepcopy(original)).infer_labels(**inputs)
+    with pytest.warns(UserWarning, match=r"MLP channels differ across layers \(encoder.block 0 keeps 64, encoder.block 1 "
+                                         r"keeps 64, decoder.block 0 keeps 64, decoder.block 1 keeps 64, decoder.block 2 "
+                                         r"keeps 56\)"):
+        ir.prune(labels=_layer_labels(ir, {"decoder.block.2.layer.2": 8}))
+
+
 def _layer_labels(ir: PruningIR, counts: dict[str, int]) -> list:
     """The first ``counts[part]`` labels of the group whose modules name ``part`` (e.g. "layers.0.mlp")."""
     labels = []
