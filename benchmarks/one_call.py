@@ -11,8 +11,8 @@ MACs removed (50/70/85%), every arm prunes the same trained model to the same MA
 * ``one_call_no_reconstruction``: the same with ``reconstruct=None``;
 * ``four_steps``: the README's four steps with a knapsack to the budget (``LossAwareCriterion``
   with its defaults over the same batches of 16, model in eval mode, ``KnapsackLabelSelector(macs)``,
-  ``ir.prune``); ``four_steps_eval``: the same with ``LossAwareCriterion(batch_statistics=False)``,
-  the criterion's behaviour before it scored in batch statistics by default;
+  ``ir.prune``); ``four_steps_batch``: the same with ``LossAwareCriterion(batch_statistics="auto")``,
+  the candidate default (scores in batch statistics), measured and not adopted;
 * ``tp_magnitude`` / ``tp_taylor``: Torch-Pruning's MetaPruner, uniform per layer, its ratio
   bisected to the budget (``harness.rival.tp_at_macs``; Taylor on the same calibration batches).
 
@@ -172,11 +172,11 @@ def torch_pruning(importance: str):
 
 
 ARMS = {"one_call": one_call_arm("least_squares"), "one_call_no_reconstruction": one_call_arm(None),
-        "four_steps": four_steps_arm(), "four_steps_eval": four_steps_arm(batch_statistics=False),
+        "four_steps": four_steps_arm(), "four_steps_batch": four_steps_arm(batch_statistics="auto"),
         "tp_magnitude": torch_pruning("magnitude"), "tp_taylor": torch_pruning("taylor")}
 # differences reported as their own table: (arm, baseline) -> what the change does
 CHANGES = {("one_call", "one_call_no_reconstruction"): "least-squares reconstruction in the one call",
-           ("four_steps", "four_steps_eval"): "LossAwareCriterion scoring in batch statistics by default"}
+           ("four_steps_batch", "four_steps"): "LossAwareCriterion(batch_statistics='auto'), the candidate default"}
 
 
 def evaluate(pruned: nn.Module, model: nn.Module, x, y, x_test, y_test, seed: int) -> dict:

@@ -637,3 +637,44 @@ def test_non_finite_loss_is_reported():
             warnings.simplefilter("ignore")
             with LossAwareCriterion(ir) as collector:
                 (collector(x).sum() * float("inf")).backward()
+
+
+# --------------------------------------------------------------------------------------
+# Scoring in batch statistics (LossAwareCriterion(batch_statistics=...))
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option, size, in_batch_statistics", [
+    ("auto", 16, True),      # frozen batch norms, batches of 16: scored in batch statistics
+    ("auto", 8, False),      # smaller batches: as run (eval mode)
+    (True, 4, True),
+    (False, 16, False),
+    (None, 16, False),       # the default: as run
+])
+def test_batch_statistics_scores_equal_explicit_gates_in_that_mode_and_leave_the_norms(option, size,
+                                                                                       in_batch_statistics):
+    model = build(GatedCNN).eval()
+    data = cnn_batches((size, size))
+    reference = reference_scores(copy.deepcopy(model).train(in_batch_statistics), data, CNN_GATES)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    ir = PruningIR(model)
+    collect(ir, model, data, joint=False, **({} if option is None else {"batch_statistics": option}))
+    for name, (parameter, width) in CNN_GATES.items():
+        ours = torch.tensor([label_for(ir, parameter, i).score for i in range(width)], dtype=torch.float64)
+        torch.testing.assert_close(ours, reference[name], rtol=1e-4, atol=1e-7 * float(reference[name].max()))
+    assert not any(m.training for m in model.modules())            # modes and running statistics as before
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+
+
+def test_batch_statistics_auto_runs_a_model_in_train_mode_as_it_is():
+    model = build(GatedCNN).train()
+    data = cnn_batches((16, 16))
+    ir = PruningIR(model)
+    collect(ir, model, data, batch_statistics="auto")
+    assert all(m.training for m in model.modules())
+    assert int(model.bn1.num_batches_tracked) == 2         # the running statistics updated, as in training
+
+
+def test_batch_statistics_must_be_auto_true_or_false():
+    with pytest.raises(ValueError, match="batch_statistics must be 'auto', True or False, got 'yes'"):
+        LossAwareCriterion(PruningIR(build(GatedCNN)), batch_statistics="yes")

@@ -1,7 +1,7 @@
 """Pieces of LossAwareCriterion's calibration pass: activations waiting for their gradient, the
-gate term of one activation, and batch statistics by default for models with frozen batch norms.
+gate term of one activation, and scoring in batch statistics on request.
 
-Why batch statistics by default: a pruned model is judged after its batch norms are re-estimated
+Why batch statistics: a pruned model is judged after its batch norms are re-estimated
 (``tune_batchnorm_statistics``), so scoring a removal with the unpruned model's frozen running
 statistics (eval mode) estimates a loss the pruned model never has. With ``batch_statistics="auto"``,
 when the first call of a criterion's context has at least :data:`MIN_BATCH` samples and every batch
@@ -9,7 +9,10 @@ norm of the model that keeps running statistics is in eval mode, the whole conte
 ``pruning_ir.batch_statistics(model)`` (held until the context exits: backward passes need the
 running statistics unchanged); a model in train mode, or one calibrated inside
 ``batch_statistics`` already, is run as it is. Smaller batches stay in eval mode: their
-statistics are too noisy.
+statistics are too noisy. It is not the criterion's default: measured with the four steps and a
+knapsack to a MACs budget, it kept less accuracy after re-estimation than eval-mode scores
+(``benchmarks/RESULTS.md``, one call section); in rounds with uniform selection it helps
+(``prune_in_rounds(score_in_batch_statistics=True)``).
 """
 
 from __future__ import annotations

@@ -89,9 +89,12 @@ class LossAwareCriterion(Criterion):
         keep_gradients: True (default, ENOT-compatible; ``GradualPruner`` relies on it): the calibration
             backward passes leave their ``.grad`` as usual. False: a parameter without ``.grad`` on entry
             gets none while the context is open (each is dropped as soon as it is accumulated).
-        batch_statistics: ``"auto"`` (default): a context whose first call has at least 16 samples,
-            on a model whose batch norms are all in eval mode, runs inside ``batch_statistics(model)``
-            (see below). True: every context does; False: the model runs as it is.
+        batch_statistics: False (default): the model runs as it is. ``"auto"``: a context whose
+            first call has at least 16 samples, on a model whose batch norms are all in eval mode,
+            runs inside ``batch_statistics(model)`` (modes and running statistics restored on exit),
+            scoring removals as the model normalizes once its batch norms are re-estimated; True:
+            every context does (``criteria/_calibration.py``). Not the default: with knapsack
+            selection it kept less accuracy (``benchmarks/RESULTS.md``, one call section).
 
     Scores are written into the IR after every backward pass on CPU (when the context exits on
     accelerators or with joint scores, to avoid a synchronisation or an ordering per step).
@@ -99,17 +102,12 @@ class LossAwareCriterion(Criterion):
     the context exits, so every rank gets the scores of all the data (each rank's batches
     counted as batches) and selects the same labels; every rank must enter and leave the context.
     The model is run as the user runs it (train or eval mode, autocast, any batch size);
-    outputs, loss and gradients are those without the criterion, except that by default
-    (``batch_statistics="auto"``), when the context's first call has 16 samples or more and the
-    model's batch norms are all frozen (eval mode), the context runs inside
-    ``batch_statistics(model)`` (modes and running statistics restored on exit): removals are
-    scored as the model normalizes once its batch norms are re-estimated
-    (``criteria/_calibration.py``; measured in ``benchmarks/RESULTS.md``). False: always as run.
+    outputs, loss and gradients are those without the criterion (unless ``batch_statistics``).
     """
 
     def __init__(self, ir: PruningIR, snapshot_name: str = "main", *, reset: bool = True,
                  implementation: str = "auto", joint: bool | str = "auto", keep_gradients: bool = True,
-                 batch_statistics: bool | str = "auto"):
+                 batch_statistics: bool | str = False):
         super().__init__(ir, snapshot_name)
         self.batch_statistics = check_batch_statistics(batch_statistics)
         self.keep_gradients = keep_gradients
