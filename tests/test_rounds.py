@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 
+from functools import partial
+
 from pruning_ir import (BinarySearchLatencyLabelSelector, GlobalScoreLabelSelector, LabelsNotInferredError,
-                        LossAwareCriterion, MagnitudeCriterion, PruningIR, PruningIRError, UniformLabelSelector,
-                        batch_statistics, bind, prune_in_rounds, tune_batchnorm_statistics)
+                        LossAwareCriterion, MagnitudeCriterion, PruningIR, PruningIRError, Reconstruction,
+                        UniformLabelSelector, batch_statistics, bind, prune_in_rounds, tune_batchnorm_statistics)
 from pruning_ir.latency import macs
 from test_gradual import build, data
 from test_optimizer_state import _data, _dead_model, _train
@@ -136,13 +138,41 @@ def test_mean_normalization_ranks_as_if_masked_labels_were_pruned():
     (dict(target=0.5, rounds=0), ValueError, "rounds"),
     (dict(target=0.5, calibrate=None), TypeError, "calibrate"),
     (dict(target=10 ** 9, latency_function=bind(macs, torch.zeros(1, 1, 8, 8))), ValueError, "own latency"),
+    (dict(target=0.5, reconstruct="ridge"), ValueError, r"reconstruct must be one of \('bias', 'least_squares'\)"),
 ])
 def test_bad_arguments_are_refused(arguments, error, match):
     x, y = data()
     ir = PruningIR(build()).infer_labels(x[:1])
-    arguments = {"calibrate": calibration(x, y), **arguments}
+    seen = []
+    arguments = {"calibrate": calibration(x, y, seen), **arguments}
     with pytest.raises(error, match=match):
         prune_in_rounds(ir, UniformLabelSelector, verbose=False, **arguments)
+    assert seen == []                                              # refused before the first round
+
+
+def mlp_rounds(reconstruct) -> PruningIR:
+    """An MLP whose last Linear has no bias and no batch norm after it, pruned in 2 rounds."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3, bias=False))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return prune_in_rounds(PruningIR(model).infer_labels(x[:1]), UniformLabelSelector, 0.5, calibration(x, y),
+                           rounds=2, reconstruct=reconstruct, verbose=False)
+
+
+def test_a_reconstruction_factory_sets_the_refit_options():
+    created = mlp_rounds("least_squares").model.state_dict()
+    assert "2.bias" in created                                     # the string: a bias is created
+    same = mlp_rounds(lambda statistics: Reconstruction(statistics, "least_squares")).model.state_dict()
+    assert same.keys() == created.keys() and all(torch.equal(same[k], created[k]) for k in created)
+    kept = mlp_rounds(partial(Reconstruction, method="least_squares", create_bias=False)).model.state_dict()
+    assert sorted(kept) == ["0.bias", "0.weight", "2.weight"] and kept["2.weight"].shape == (3, 8)
+    assert not torch.equal(kept["2.weight"], mlp_rounds(None).model.state_dict()["2.weight"])  # refit, uncentred
+
+
+def test_a_reconstruction_factory_must_return_a_reconstruction():
+    with pytest.raises(TypeError, match="the reconstruct factory returned dict, not a Reconstruction"):
+        mlp_rounds(lambda statistics: {})
 
 
 def test_data_free_rounds_need_inferred_labels():
