@@ -117,10 +117,16 @@ def test_perplexity_smoke():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     methods = {row["method"] for row in rows}
-    assert {"loss_aware", "wanda", "wanda_query_heads", "flap", "torch_pruning"} <= methods
+    assert {"loss_aware", "wanda", "wanda_query_heads", "flap", "torch_pruning", "flap+bias", "wanda+least_squares",
+            "wanda_hidden+least_squares"} <= methods
     for row in rows:
         assert abs(row["removed"] - row["share"]) < 0.05, row
         assert 1.0 < row["perplexity"] < float("inf")
+        if "refit" in row:  # every consumer that lost inputs is refit: down_proj of the 2 layers, o_proj where
+            assert row["skipped"] == {}, row  # heads went (4 in the quick model), with the hidden size more
+            lost = 2 * (1 + (row["heads"] < 4))
+            assert row["refit"] == lost if "_hidden" not in row["method"] else row["refit"] > lost, row
+    assert all(row["statistics_mb"] > 0 for row in rows if "+" in row["method"] and "rounds" not in row["method"])
 
 
 def _run_criteria_script(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
