@@ -2,8 +2,9 @@
 
 ``prune(model, example_inputs, macs=0.5, data=loader, loss=loss_fn)`` puts the public pieces
 together the way the benchmarks found best, so a first user needs no recipe of their own:
-loss-aware scores in rounds (scored in batch statistics when the model has batch norms, the
-batch norms re-estimated after every round), a knapsack selector to a MACs, parameter or
+loss-aware scores in rounds (scored in batch statistics when the model has batch norms), the
+layers that read removed channels refit by least squares in every round (``reconstruct=``), the
+batch norms re-estimated after every refit, a knapsack selector to a MACs, parameter or
 latency budget (uniform selection for a ``ratio=``). Without data it falls back to a data-free
 one-shot recipe (weight magnitudes) and says so in the report. The caller's model is left
 untouched unless ``inplace=True``; ``return_report=True`` adds a :class:`PruneReport`.
