@@ -1,9 +1,10 @@
 """After ``prune()``, a Hugging Face model's ``config`` describes the pruned model (``pruning_ir.huggingface``).
 
-Tiny models of eighteen families (and Falcon's two layouts) (``hf_models.FAMILIES``, built from configs: no downloads) are
-pruned uniformly, with the hidden size (``all``) or without it (``keep_hidden``): the config must
-hold the new sizes, ``save_pretrained`` + ``from_pretrained`` must rebuild the pruned model
-exactly, and ``generate`` must give the same tokens with and without the KV cache. Removing
+Tiny models of eighteen families, Falcon in both of its layouts (``hf_models.FAMILIES``, built from
+configs: no downloads), are pruned uniformly, with the hidden size (``all``) or without it
+(``keep_hidden``): the config must hold the new sizes, ``save_pretrained`` + ``from_pretrained`` must
+rebuild the pruned model exactly, and ``generate`` must give the same tokens with and without the KV
+cache. Removing
 zeroed heads and MLP channels changes no output, and a global selection (widths per layer)
 round-trips through ``save_pretrained_pruned`` in every family. Where a config cannot express the
 pruned model, ``prune`` warns, the config keeps its stale fields, the from_pretrained round trip
@@ -33,7 +34,6 @@ from pruning_ir.huggingface import (SHAPES_FOLDER, expressible, load_pretrained_
 from hf_models import FAMILIES, family_inputs  # noqa: E402
 from zoo import seeded_build  # noqa: E402
 
-T = transformers
 # The grouped-query unit is a key/value head with its query heads here (the cases below count heads that way).
 GQA_UNIT = "kv_groups"
 # Falcon has a single key/value head (multi-query attention): its query heads are the unit. Under "kv_groups" the
@@ -112,7 +112,8 @@ CASES = {
 }
 REASON_TEXT = {"gemma": "scalar_embed_scale", "gemma2": "scalar_embed_scale", "gemma3": "scalar_embed_scale",
                "gpt2": "divisible by num_heads", "opt": "divisible by num_heads", "neox": "scaling",
-               "falcon": "divisible by num_heads", "falcon_gqa": "inv_norm_factor", "bert": "not a multiple of the number of attention heads"}
+               "falcon": "divisible by num_heads", "falcon_gqa": "inv_norm_factor",
+               "bert": "not a multiple of the number of attention heads"}
 
 
 def _inputs(family: str = "llama") -> dict[str, torch.Tensor]:
@@ -120,7 +121,7 @@ def _inputs(family: str = "llama") -> dict[str, torch.Tensor]:
 
 
 def _build(family: str) -> nn.Module:
-    model_class, config = FAMILIES[family][:2]
+    model_class, config = FAMILIES[family].model_class, FAMILIES[family].config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return seeded_build(lambda: model_class(config()))()
@@ -339,9 +340,9 @@ def test_t5_with_a_deeper_decoder_syncs_both_stacks(tmp_path):
     loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
     ir = PruningIR(copy.deepcopy(original)).infer_labels(**inputs)
-    with pytest.warns(UserWarning, match=r"MLP channels differ across layers \(encoder.block 0 keeps 64, encoder.block 1 "
-                                         r"keeps 64, decoder.block 0 keeps 64, decoder.block 1 keeps 64, decoder.block 2 "
-                                         r"keeps 56\)"):
+    expected = ("MLP channels differ across layers (encoder.block 0 keeps 64, encoder.block 1 keeps 64, "
+                "decoder.block 0 keeps 64, decoder.block 1 keeps 64, decoder.block 2 keeps 56)")
+    with pytest.warns(UserWarning, match=re.escape(expected)):
         ir.prune(labels=_layer_labels(ir, {"decoder.block.2.layer.2": 8}))
 
 
