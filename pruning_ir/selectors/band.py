@@ -151,13 +151,16 @@ def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray
 
 def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarray, target: float,
                    tolerance: float, *, table: LatencyTable | None = None, repeats: int = 3, max_checks: int = 6,
-                   first_iteration: int = 1, verbose: bool = False) -> BandResult:
+                   reference: float | None = None, first_iteration: int = 1, verbose: bool = False) -> BandResult:
     """Check ``counts`` on the real model and step until it lies in ``[1 - tolerance, 1] x target``.
 
-    ``oracle``: the selection's latency oracle (its function measures; its cached unpruned
-    latency is the reference the checks are scaled to). ``table``: prices each group's step
-    (None: every label the same). ``repeats``: fresh pruned/unpruned pairs per check (a
-    deterministic function is detected on the first pair and measured once). ``max_checks``:
+    ``oracle``: the selection's latency oracle (its function measures). ``reference``: the
+    unpruned latency ``target`` was set against, which the checks' pruned/unpruned ratios are
+    scaled to (default: the oracle's, cached from the start of the selection: on a machine whose
+    load drifts, a reference measured later is in another load's seconds). ``table``: prices each group's step
+    (None: every label the same). ``repeats``: fresh pruned/unpruned pairs per check, up to
+    twice as many while their ratios spread wider than the band (a deterministic function is
+    detected on the first pair and measured once). ``max_checks``:
     checks in all, the first included. Warns (RuntimeWarning) when no checked selection lies
     in the band.
     """
@@ -168,7 +171,9 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
     if not 0 <= tolerance < 1 or not target > 0:
         raise ValueError(f"need target > 0 and 0 <= tolerance < 1, got target {target}, tolerance {tolerance}")
     base = plan.base_counts()
-    reference = oracle(base)
+    reference = oracle(base) if reference is None else float(reference)
+    if not reference > 0:
+        raise ValueError(f"reference must be a positive latency, got {reference}")
     if np.array_equal(counts, base):   # nothing removed: nothing to check or settle
         return BandResult(counts.copy(), reference, (1 - tolerance) * target <= reference <= target,
                           reference <= target, [], 0, "nothing removed: the unpruned model")
@@ -185,8 +190,8 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
         nonlocal deterministic
         if deterministic:
             return fresh(selection), 1.0
-        ratios, pruned = [], []
-        for repeat in range(repeats):
+        ratios, pruned, repeat = [], [], 0
+        while repeat < repeats or (repeat < 2 * repeats and ratios and max(ratios) > (1 + tolerance) * min(ratios)):
             first, second = (selection, base) if repeat % 2 == 0 else (base, selection)
             values = [fresh(first), fresh(second)]
             latency, unpruned = values if repeat % 2 == 0 else values[::-1]
@@ -197,6 +202,7 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
             pruned.append(latency)
             if unpruned > 0:
                 ratios.append(latency / unpruned)
+            repeat += 1   # noisier than the band is wide: up to twice the pairs
         if len(ratios) < len(pruned) or min(ratios) <= 0:   # a zero reading: no ratio to take
             return statistics.median(pruned), 1.0
         return statistics.median(ratios) * reference, max(ratios) / min(ratios)
