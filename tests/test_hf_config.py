@@ -36,9 +36,8 @@ from zoo import seeded_build  # noqa: E402
 
 # The grouped-query unit is a key/value head with its query heads here (the cases below count heads that way).
 GQA_UNIT = "kv_groups"
-# Falcon has a single key/value head (multi-query attention): its query heads are the unit. Under "kv_groups" the
-# repeat of that head (repeat_kv's expand) still pins them (channel_rules/attention.repeated_key_value).
-UNITS = {"falcon": "query_heads"}
+# Falcon has a single key/value head (multi-query attention): under either unit its query heads are the labels.
+UNITS: dict[str, str] = {}  # a family that needs another grouped-query unit
 
 # (family, scenario): the config fields after prune(), and why no config can express it ("" when one can; when
 # none can, the config is left as it was: it still builds the unpruned model, which load_pruned resizes).

@@ -5,8 +5,10 @@ two removable units, and one channel position belongs to one label, so a trace p
 (``PruningIR(model, gqa_unit=...)``, read from the propagation state): ``"query_heads"``
 (default) keeps the key/value heads and ties query head ``j`` of every group (a label removes
 one query head from each group: the layout stays grouped, ``num_key_value_groups`` follows);
-``"kv_groups"`` ties each key/value head to its query heads (a label removes a whole group). The key/value repeat is seen in SDPA's
-``enable_gqa`` and in ``expand`` / ``repeat_interleave`` sized by a group-size attribute.
+``"kv_groups"`` ties each key/value head to its query heads (a label removes a whole group).
+With a single key/value head both units are the query heads one by one. The key/value repeat is
+seen in SDPA's ``enable_gqa`` and in ``expand`` / ``repeat_interleave`` sized by a group-size
+attribute.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def repeated_key_value(ctx: RuleContext, dims: list, d: int, size) -> bool:
     groups. Returns whether it applied (``dims`` are the output dims, updated)."""
     if not (isinstance(size, AttributeInt) and size.attribute in GROUP_SIZE_ATTRIBUTES and d >= 1 and size > 1):
         return False
-    if dims[d - 1] is not None and ctx.state.gqa_unit != "query_heads":
+    if dims[d - 1] is not None and ctx.state.gqa_unit != "query_heads" and ctx.out_shape[d - 1] != 1:
         return False
     ctx.pin(dims[d - 1], _KEPT_WHOLE)
     dims[d - 1] = None
@@ -75,7 +77,7 @@ def grouped_repeat(ctx: RuleContext, dims: list, dim: int, kv_heads: int, repeat
     the within-group atoms tiled over the key/value heads (``dims`` updated; whether it applied)."""
     if not (isinstance(repeats, AttributeInt) and repeats.attribute in GROUP_SIZE_ATTRIBUTES and repeats > 1):
         return False
-    if dims[dim] is not None and ctx.state.gqa_unit != "query_heads":
+    if dims[dim] is not None and ctx.state.gqa_unit != "query_heads" and kv_heads != 1:
         return False
     ctx.pin(dims[dim], _KEPT_WHOLE)
     within = ctx.fresh(int(repeats))
