@@ -12,6 +12,7 @@ untouched unless ``inplace=True``; ``return_report=True`` adds a :class:`PruneRe
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -369,21 +370,27 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 @contextmanager
 def _recorded_warnings(notes: list[str], verbose: bool) -> Iterator[None]:
-    """Warnings raised inside go to ``notes`` (once each); shown too when ``verbose``, also on error."""
+    """Warnings raised inside go to ``notes``; shown too when ``verbose``, also on error. Warnings
+    that differ only in their numbers (one per round: widths, counts) are one note, the last
+    one, with how often it came: the rounds before it are stages of the same model."""
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
     finally:
-        seen = set()
+        last: dict[str, tuple[warnings.WarningMessage, str]] = {}
+        counts: dict[str, int] = {}
         for warning in caught:
             text = f"{warning.category.__name__}: {warning.message}"
-            if text not in seen:
-                seen.add(text)
-                notes.append(text)
-                if verbose:
-                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+            key = re.sub(r"\d+", "#", text)
+            counts[key] = counts.get(key, 0) + 1
+            last.pop(key, None)
+            last[key] = (warning, text)
+        for key, (warning, text) in last.items():
+            notes.append(text if counts[key] == 1 else f"{text} ({counts[key]} similar warnings; the last shown)")
+            if verbose:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _wrap(line: str, width: int) -> str:

@@ -5,6 +5,7 @@ the recipe it runs equal to the same recipe written out by hand; and clear error
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 
 import pytest
@@ -359,3 +360,22 @@ def test_every_zoo_model_meets_its_budget_with_data(name):
     assert [t.shape for t in got if isinstance(t, torch.Tensor)] == [t.shape for t in expected
                                                                       if isinstance(t, torch.Tensor)]
     assert all(torch.isfinite(t).all() for t in got if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def test_warnings_that_differ_only_in_numbers_are_one_note_the_last():
+    model, data = small_resnet(), images()
+    calls = []
+
+    def forward(run, batch):
+        calls.append(len(calls))
+        warnings.warn(f"custom: call {len(calls)} of the hook", UserWarning)
+        warnings.warn("custom: a fixed message", UserWarning)
+        return F.cross_entropy(run(batch[0]), batch[1])
+
+    _, report = pruning_ir.prune(model, data[0][0][:2], ratio=0.3, data=data, forward=forward, rounds=2,
+                                 return_report=True, verbose=False)
+    numbered = [note for note in report.notes if "of the hook" in note]
+    assert len(calls) > 2 and numbered == [f"UserWarning: custom: call {len(calls)} of the hook "
+                                           f"({len(calls)} similar warnings; the last shown)"]
+    assert [note for note in report.notes if "fixed" in note] == [
+        f"UserWarning: custom: a fixed message ({len(calls)} similar warnings; the last shown)"]
