@@ -2,10 +2,16 @@
 (a multiple-choice knapsack over per-group op timings) against the linearized knapsack that
 measures pruned copies, and Torch-Pruning at equal MACs.
 
-1. ``table``: the ResNet-50-style and MobileNetV2-style zoo models (magnitude scores, widths in
-   multiples of 8), batch 1 at 224 px and batch 32 at 64 px, 1 and 2 threads, budgets 0.5 and 0.3
-   of the measured latency: achieved/target (re-measured independently: median of 3 minima of
-   10 runs), selection time (table included), real-model latency calls, ops timed.
+0. ``floor``: why a budget can be unreachable: the smallest reachable model (every group at its
+   narrowest multiple of 8) over the unpruned one, measured in rotation, for the zoo's small
+   widths, at half and at the real architectures' widths.
+1. ``table``: MobileNetV2 at its real widths and ResNet-50 at half of them (the zoo's block
+   structure; magnitude scores, widths in multiples of 8), batch 1 at 224 px and batch 32 at 64 px,
+   1 and 2 threads, budgets 0.5 and 0.3 of the measured latency. The selection is then checked on
+   the real model and settled in the band (``settle_in_band``). Reported: the pruned/unpruned
+   latency measured in rotation over the budget share (``compare_latency``: load that drifts
+   cancels), achieved/target (re-measured alone: median of 3 minima of 10 runs), selection time
+   (table and checks included), real-model latency calls, ops timed.
 2. ``linear``: the linearized knapsack (``bind(measure_latency, ...)``) on the same budget at
    batch 1, 1 thread, 0.5, under a time limit.
 3. ``tp``: Torch-Pruning's uniform magnitude pruning at the MACs of each 1-thread table model,
@@ -35,22 +41,39 @@ from harness.machine import environment, short_error, time_limit
 from harness.rival import tp_at_most
 from pruning_ir import ChannelConstraint, PruningIR, TableLatency
 from pruning_ir.criteria import MagnitudeCriterion
-from pruning_ir.latency import bind, macs, measure_latency
+from pruning_ir.latency import bind, compare_latency, macs, measure_latency
 from pruning_ir.selectors import KnapsackLabelSelector
-from zoo import ZOO  # tests/zoo.py, on sys.path through harness
+from pruning_ir.selectors.band import counts_of, settle_in_band
+from pruning_ir.selectors.oracle import LatencyOracle
+from pruning_ir.selectors.plan import SelectionPlan
+from zoo import ZOO, Bottleneck, MobileNetV2, ResNet, seeded_build  # tests/zoo.py, on sys.path through harness
 
-MODELS = {"resnet50": "ResNet-50-style", "mobilenet_v2": "MobileNetV2-style"}
+MODELS = {"resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2"}
 INPUTS = {1: 224, 32: 64}          # batch -> image size
 THREADS = (1, 2)
 SHARES = (0.5, 0.3)
+# Widths: the zoo builds both at a quarter of the real widths, too narrow for a 0.3 budget (the ``floor`` rows
+# show why). The table rows use MobileNetV2 at its real widths (1.0, 1000 classes) and ResNet-50 at half of its
+# real widths (32 stem channels; the real block structure and proportions, a quarter of the MACs) so that the
+# 16 settings fit a shared 2-core machine; the floor rows measure the real ResNet-50 too.
+WIDTHS = {"resnet50": {"zoo (1/4)": ZOO["resnet50"].build,
+                       "1/2": seeded_build(lambda: ResNet(Bottleneck, (3, 4, 6, 3), base_width=32, num_classes=1000)),
+                       "real": seeded_build(lambda: ResNet(Bottleneck, (3, 4, 6, 3), base_width=64, num_classes=1000))},
+          "mobilenet_v2": {"zoo (1/4)": ZOO["mobilenet_v2"].build,
+                           "real": seeded_build(lambda: MobileNetV2(width_mult=1.0, num_classes=1000))}}
+BENCHMARKED = {"resnet50": "1/2", "mobilenet_v2": "real"}
 TOLERANCE = 0.05                   # the selector stops in [0.95, 1.0] x target
 ROUNDS = 5
-LINEAR_LIMIT_S = 180
+LINEAR_LIMIT_S = 120
+STEP = 8
+MAX_ITERATIONS = 8                 # loop iterations before the check settles the selection
+VERBOSE = "--verbose" in sys.argv   # print every check
 
 
-def zoo_ir(name: str) -> PruningIR:
-    entry = ZOO[name]
-    ir = PruningIR(entry.build()).infer_labels(*entry.example_inputs())
+def model_ir(name: str, width: str | None = None) -> PruningIR:
+    """``name`` at ``width`` (a key of ``WIDTHS[name]``; default: the benchmarked one), magnitude-scored."""
+    build = WIDTHS[name][BENCHMARKED[name] if width is None else width]
+    ir = PruningIR(build()).infer_labels(*ZOO[name].example_inputs())
     MagnitudeCriterion(ir).apply()
     return ir
 
@@ -66,20 +89,33 @@ def remeasure(model: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
 
 
 def rotated_share(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
-    """pruned / original latency, both measured in rotation (fastest of ``ROUNDS`` each): load
-    that comes and goes hits both alike."""
-    best: dict = {}
-    for round_ in range(ROUNDS):
-        for key, model in (("original", original), ("pruned", pruned))[::1 if round_ % 2 == 0 else -1]:
-            seconds = measure_latency(model, x, warmup=2, repeats=5, statistic="min", threads=threads)
-            best[key] = min(best.get(key, seconds), seconds)
-    return best["pruned"] / best["original"]
+    """pruned / original latency measured in rotation: load that comes and goes hits both alike."""
+    fast, slow = compare_latency([pruned, original], x, rounds=ROUNDS, threads=threads)
+    return fast / slow
+
+
+def settle(ir: PruningIR, selector: KnapsackLabelSelector, labels: list, reference: float) -> tuple[list, dict]:
+    """The selection checked on the real model and settled in the band (what the selector's own
+    check will do once ``KnapsackLabelSelector`` calls ``settle_in_band`` after its loop)."""
+    plan = SelectionPlan(ir, selector.constraint)
+    oracle = LatencyOracle(plan, selector.latency_calculation_function)
+    band = settle_in_band(plan, oracle, counts_of(plan, labels), selector.target_latency, selector.tolerance,
+                          table=selector.latency_table, reference=reference, verbose=VERBOSE)
+    return plan.labels(band.counts), {"checked_over_target": band.latency / selector.target_latency,
+                                      "in_band": band.in_band, "checks": len(band.checks),
+                                      "check_calls": band.latency_calls + oracle.calls,
+                                      "spread": max((r.spread for r in band.checks), default=1.0)}
 
 
 def select(ir: PruningIR, selector: KnapsackLabelSelector, x: torch.Tensor, threads: int,
-           share: float) -> tuple[dict, torch.nn.Module]:
+           share: float, check: bool = True) -> tuple[dict, torch.nn.Module]:
+    """Select (and check, settle) to ``selector.target_latency`` = ``share`` x the unpruned latency."""
     start = time.perf_counter()
     labels = selector.select(ir)
+    loop_s = time.perf_counter() - start
+    checked = {}
+    if check:
+        labels, checked = settle(ir, selector, labels, selector.target_latency / share)
     seconds = time.perf_counter() - start
     pruned = ir.prune(labels=labels).model
     achieved = remeasure(pruned, x, threads)
@@ -88,39 +124,63 @@ def select(ir: PruningIR, selector: KnapsackLabelSelector, x: torch.Tensor, thre
     return {"achieved": achieved, "achieved_over_target": achieved / selector.target_latency,
             "rotated_over_target": rotated,
             "seen_by_selector_over_target": selector.latency / selector.target_latency, "selection_s": seconds,
-            "latency_calls": selector.latency_calls, "iterations": len(selector.history),
-            "ops_timed": table.measurements if table is not None else None,
-            "macs": macs(pruned, x[:1]), "labels_removed": len(labels)}, pruned
+            "loop_s": loop_s, "latency_calls": selector.latency_calls + checked.get("check_calls", 0),
+            "iterations": len(selector.history), "ops_timed": table.measurements if table is not None else None,
+            "macs": macs(pruned, x[:1]), "labels_removed": len(labels), **checked}, pruned
 
 
-def table_rows(models: dict, batches: tuple, threads_list: tuple, shares: tuple, pruned: dict) -> list[dict]:
+def floor_rows(batches: tuple) -> list[dict]:
+    """The smallest reachable model over the unpruned one (in rotation, 1 thread), at every width."""
     rows = []
-    for name, title in models.items():
-        for batch in batches:
-            x = image(batch)
-            for threads in threads_list:
-                ir = zoo_ir(name)
-                original = remeasure(ir.model, x, threads)
+    for name, title in MODELS.items():
+        for width in WIDTHS[name]:
+            ir = model_ir(name, width)
+            plan = SelectionPlan(ir, ChannelConstraint(step=STEP))
+            floor = ir.prune(labels=plan.labels(plan.max_counts())).model
+            for batch in batches:
+                x = image(batch)
+                share = rotated_share(ir.model, floor, x, 1)
+                rows.append({"model": title, "width": width, "batch": batch,
+                             "floor_share": share, "macs_share": macs(floor, x[:1]) / macs(ir.model, x[:1]),
+                             "original_ms": measure_latency(ir.model, x, warmup=2, repeats=5, statistic="min",
+                                                            threads=1) * 1e3})
+                print(f"floor {title:<12} {rows[-1]['width']:<10} b{batch:<3} smallest reachable "
+                      f"{share:.3f} of the latency, {rows[-1]['macs_share']:.3f} of the MACs", flush=True)
+    return rows
+
+
+def table_rows(models: dict, batches: tuple, threads_list: tuple, shares: tuple, pruned: dict,
+               rows: list[dict] | None = None, save=lambda: None) -> list[dict]:
+    """One row per setting, 1-thread settings of every model first; ``save()`` after each row."""
+    rows = [] if rows is None else rows
+    for threads in threads_list:
+        for name, title in models.items():
+            for batch in batches:
+                x = image(batch)
                 for share in shares:
-                    ir = zoo_ir(name)    # fresh: nothing measured before is reused (the table neither)
+                    ir = model_ir(name)    # fresh: nothing measured before is reused (the table neither)
                     function = TableLatency(x, threads=threads, warmup=3, repeats=10, op_warmup=2, op_repeats=5)
-                    selector = KnapsackLabelSelector(share * original, function, constraint=ChannelConstraint(step=8),
-                                                     tolerance=TOLERANCE, verbose=False)
+                    original = function(ir.model)   # as a user sets a budget: the same function, just before
+                    selector = KnapsackLabelSelector(share * original, function, max_iterations=MAX_ITERATIONS,
+                                                     constraint=ChannelConstraint(step=STEP), tolerance=TOLERANCE,
+                                                     verbose=False)
                     row = {"model": title, "batch": batch, "image": INPUTS[batch], "threads": threads, "share": share,
                            "original": original, "target": share * original, "original_macs": macs(ir.model, x[:1])}
                     try:
                         result, model = select(ir, selector, x, threads, share)
                         row.update(result)
                         pruned[(name, batch, threads, share)] = model
-                        print(f"{title:<18} b{batch:<3} t{threads} {share:.1f} achieved/target "
-                              f"{row['achieved_over_target']:.3f} (rotated {row['rotated_over_target']:.3f}, selector "
-                              f"{row['seen_by_selector_over_target']:.3f}) "
-                              f"time {row['selection_s']:5.1f} s calls {row['latency_calls']:3d} ops "
-                              f"{row['ops_timed']}", flush=True)
+                        print(f"{title:<12} b{batch:<3} t{threads} {share:.1f} rotated {row['rotated_over_target']:.3f} "
+                              f"achieved/target {row['achieved_over_target']:.3f} (loop "
+                              f"{row['seen_by_selector_over_target']:.3f}, checked {row['checked_over_target']:.3f} "
+                              f"after {row['checks']} checks) time {row['selection_s']:5.1f} s (loop "
+                              f"{row['loop_s']:.1f}) calls {row['latency_calls']:3d} ops {row['ops_timed']}",
+                              flush=True)
                     except ValueError as error:
                         row["unreachable"] = str(error)
                         print(f"{title:<18} b{batch:<3} t{threads} {share:.1f} {error}", flush=True)
                     rows.append(row)
+                    save()
     return rows
 
 
@@ -129,16 +189,16 @@ def linear_rows(models: dict) -> list[dict]:
     rows = []
     x = image(1)
     for name, title in models.items():
-        ir = zoo_ir(name)
-        original = remeasure(ir.model, x, 1)
+        ir = model_ir(name)
         function = bind(measure_latency, x, warmup=3, repeats=10, statistic="min", threads=1)
-        selector = KnapsackLabelSelector(0.5 * original, function, constraint=ChannelConstraint(step=8),
+        original = function(ir.model)
+        selector = KnapsackLabelSelector(0.5 * original, function, constraint=ChannelConstraint(step=STEP),
                                          tolerance=TOLERANCE, verbose=False)
         row = {"model": title, "batch": 1, "image": INPUTS[1], "threads": 1, "share": 0.5, "original": original,
                "target": 0.5 * original, "method": "linearized knapsack"}
         try:
             with time_limit(LINEAR_LIMIT_S):
-                result, _ = select(ir, selector, x, 1, 0.5)
+                result, _ = select(ir, selector, x, 1, 0.5, check=False)
             row.update(result)
             print(f"linear {title:<18} achieved/target {row['achieved_over_target']:.3f} time "
                   f"{row['selection_s']:.1f} s calls {row['latency_calls']}", flush=True)
@@ -156,14 +216,10 @@ def tp_rows(pruned: dict) -> list[dict]:
         if threads != 1:
             continue
         x = image(batch)
-        original = ZOO[name].build().eval()
+        original = WIDTHS[name][BENCHMARKED[name]]()
         budget = macs(model, x[:1])
         rival = tp_at_most(original, (x[:1],), budget)
-        best = {}
-        for round_ in range(ROUNDS):
-            for key, candidate in (("table", model), ("tp", rival))[::1 if round_ % 2 == 0 else -1]:
-                seconds = measure_latency(candidate, x, warmup=2, repeats=5, statistic="min", threads=1)
-                best[key] = min(best.get(key, seconds), seconds)
+        best = dict(zip(("table", "tp"), compare_latency([model, rival], x, rounds=ROUNDS, threads=1)))
         rows.append({"model": MODELS[name], "batch": batch, "threads": 1, "share": share,
                      "table_macs": budget, "tp_macs": macs(rival, x[:1]), "table_latency": best["table"],
                      "tp_latency": best["tp"], "tp_over_table": best["tp"] / best["table"]})
@@ -182,7 +238,7 @@ def digits_rows(seed: int = 0, share: float = 0.5) -> dict:
     function = TableLatency(x, threads=1, warmup=3, repeats=20)
     original = remeasure(ir.model, x, 1)
     selector = KnapsackLabelSelector(share * original, function, tolerance=TOLERANCE, verbose=False)
-    latency_model = ir.prune(labels=selector.select(ir)).model
+    latency_model = ir.prune(labels=settle(ir, selector, selector.select(ir), original)[0]).model
     latency_achieved = remeasure(latency_model, x, 1)
     count = bind(macs, x[:1])
     low, high, macs_model = 0.05, 1.0, None
@@ -236,30 +292,46 @@ def markdown(result: dict) -> str:
              f"`python benchmarks/latency_table.py` on {env['cpu']} ({env['cores']} cores), load average "
              f"{', '.join(f'{v:.2f}' for v in result['load_before'])} before and "
              f"{', '.join(f'{v:.2f}' for v in result['load_after'])} after (other jobs shared the cores), "
-             f"torch {env['torch']}, {result['seconds'] / 60:.0f} min. Zoo models, magnitude scores, widths in "
-             "multiples of 8; `KnapsackLabelSelector(target, TableLatency(x, threads=t), tolerance=0.05)`. "
-             "Achieved = median of 3 independent re-measurements (fastest of 10 runs each) over the target; rotated = "
-             "pruned/unpruned latency measured in rotation (fastest of 5 each), over the budget share, which "
-             "cancels load that changed since the target was set.", "",
-             "| model | batch (px) | threads | budget | achieved/target | rotated | seen by selector | selection s | "
-             "real-model calls | ops timed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"torch {env['torch']}, {result['seconds'] / 60:.0f} min.", "",
+             "Why budgets were unreachable: the smallest reachable model (every group at its narrowest multiple of "
+             f"{STEP}) over the unpruned one, measured in rotation, 1 thread. At the zoo's quarter widths a layer of "
+             "16 channels can only halve, and the stem, the per-op overhead and the element-wise ops that no "
+             "channel count shrinks stay.", "",
+             "| model | widths | batch | unpruned (ms) | smallest reachable / unpruned: latency | MACs |",
+             "|---|---|---|---|---|---|"]
+    for r in result["floor"]:
+        lines.append(f"| {r['model']} | {r['width']} | {r['batch']} | {r['original_ms']:.1f} | "
+                     f"{r['floor_share']:.3f} | {r['macs_share']:.3f} |")
+    lines += ["", "MobileNetV2 at its real widths, ResNet-50 at half of them (the 16 settings fit the machine); "
+              "magnitude scores, widths in multiples of 8; `KnapsackLabelSelector(share x "
+              "TableLatency(x, threads=t)(model), TableLatency(x, threads=t), tolerance=0.05)`, then "
+              "`settle_in_band` (the selection checked on the real model: 3 fresh pruned/unpruned pairs per check, "
+              "stepped by the table's marginal costs until it lies in [0.95, 1] x target). Rotated = pruned/unpruned "
+              f"latency measured in rotation (`compare_latency`, fastest of {ROUNDS} rounds) over the budget share, "
+              "which cancels load that drifts; alone = the pruned model re-measured alone (median of 3 minima of 10 "
+              "runs) over the target; loop = what the knapsack loop measured, checked = what the check measured.", "",
+              "| model | batch (px) | threads | budget | rotated | alone | loop | checked (checks) | selection s "
+              "(loop) | real-model calls | ops timed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["table"]:
         head = f"| {r['model']} | {r['batch']} ({r['image']}) | {r['threads']} | {r['share']} |"
         if "unreachable" in r:
-            lines.append(f"{head} unreachable: {r['unreachable'].split(';')[0].split('(')[0].strip()} | | | | | |")
+            lines.append(f"{head} unreachable: {r['unreachable'].split(';')[0].split('(')[0].strip()} | | | | | | |")
         else:
-            lines.append(f"{head} {r['achieved_over_target']:.3f} | {r['rotated_over_target']:.3f} | "
-                         f"{r['seen_by_selector_over_target']:.3f} | "
-                         f"{r['selection_s']:.1f} | {r['latency_calls']} | {r['ops_timed']} |")
-    lines += ["", "Linearized knapsack (measures pruned copies), batch 1, 1 thread, budget 0.5:", "",
-              "| model | achieved/target | rotated | selection s | real-model calls |", "|---|---|---|---|---|"]
+            lines.append(f"{head} {r['rotated_over_target']:.3f} | {r['achieved_over_target']:.3f} | "
+                         f"{r['seen_by_selector_over_target']:.3f} | {r['checked_over_target']:.3f} ({r['checks']}"
+                         f"{'' if r['in_band'] else ', not in band'}) | {r['selection_s']:.1f} ({r['loop_s']:.1f}) | "
+                         f"{r['latency_calls']} | {r['ops_timed']} |")
+    if result["linear"]:
+        lines += ["", "Linearized knapsack (measures pruned copies), batch 1, 1 thread, budget 0.5:", "",
+                  "| model | achieved/target | rotated | selection s | real-model calls |", "|---|---|---|---|---|"]
     for r in result["linear"]:
         lines.append(f"| {r['model']} | " + (f"{r['error']} | | | |" if "error" in r else
                      f"{r['achieved_over_target']:.3f} | {r['rotated_over_target']:.3f} | {r['selection_s']:.1f} | "
                      f"{r['latency_calls']} |"))
-    lines += ["", "Torch-Pruning (uniform magnitude) at the table model's MACs, 1 thread (fastest of "
-              f"{ROUNDS} rotations):", "", "| model | batch | budget | MACs table / TP (M) | latency table / TP (ms) |",
-              "|---|---|---|---|---|"]
+    if result["tp"]:
+        lines += ["", "Torch-Pruning (uniform magnitude) at the table model's MACs, 1 thread (fastest of "
+                  f"{ROUNDS} rotations):", "", "| model | batch | budget | MACs table / TP (M) | latency table / TP "
+                  "(ms) |", "|---|---|---|---|---|"]
     for r in result["tp"]:
         lines.append(f"| {r['model']} | {r['batch']} | {r['share']} | {r['table_macs'] / 1e6:.1f} / "
                      f"{r['tp_macs'] / 1e6:.1f} | {r['table_latency'] * 1e3:.2f} / {r['tp_latency'] * 1e3:.2f} |")
@@ -301,15 +373,24 @@ def main(argv: list[str]) -> int:
     pruned: dict = {}
     result = {"environment": environment(), "load_before": load_before,
               "settings": {"inputs": INPUTS, "threads": THREADS, "shares": SHARES, "tolerance": TOLERANCE}}
-    result["table"] = table_rows(models, (1,) if quick else tuple(INPUTS), (1,) if quick else THREADS,
-                                 (0.5,) if quick else SHARES, pruned)
-    result["linear"] = [] if quick else linear_rows(models)
-    result["tp"] = tp_rows(pruned)
-    result["digits"] = None if quick else digits_rows()
-    result["load_after"], result["seconds"] = list(os.getloadavg()), time.perf_counter() - start
     suffix = "_quick" if quick else ""
-    with open(os.path.join(RESULTS, f"latency_table{suffix}.json"), "w") as file:
-        json.dump(result, file, indent=1, default=str)
+
+    def save() -> None:   # after every stage and table row: a run cut short keeps what it measured
+        result["load_after"], result["seconds"] = list(os.getloadavg()), time.perf_counter() - start
+        with open(os.path.join(RESULTS, f"latency_table{suffix}.json"), "w") as file:
+            json.dump(result, file, indent=1, default=str)
+
+    result["floor"] = floor_rows((1,) if quick else tuple(INPUTS))
+    result["table"], result["tp"], result["linear"], result["digits"] = [], [], [], None
+    save()
+    table_rows(models, (1,) if quick else tuple(INPUTS), (1,) if quick else THREADS, (0.5,) if quick else SHARES,
+               pruned, result["table"], save)
+    result["tp"] = tp_rows(pruned)
+    save()
+    result["linear"] = [] if quick else linear_rows(models)
+    save()
+    result["digits"] = None if quick else digits_rows()
+    save()
     plot(result["table"], result["tp"], os.path.join(RESULTS, f"latency_table{suffix}.png"))
     if not quick:
         append_section(markdown(result), os.path.join(os.path.dirname(RESULTS), "RESULTS.md"))
