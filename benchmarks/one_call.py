@@ -236,11 +236,13 @@ def summary(rows: list[dict]) -> list[str]:
     lines += table(["task", "MACs removed", "after BN re-estimation", "after one epoch"], diff)
     for (arm, baseline), what in CHANGES.items():
         lines += ["", f"{arm} minus {baseline}: {what} (points, mean over seeds):", ""]
-        lines += table(["task", "MACs removed", "pruned", "bn", "ft1"], [
-            [task, f"{removed:.0%}"] + [f"{100 * (_mean(rows, task, removed, arm, c) - _mean(rows, task, removed, baseline, c)):+.1f}"
-                                        for c in ("pruned", "bn", "ft1")]
-            for task, removed in keys if _mean(rows, task, removed, arm, "bn") is not None
-            and _mean(rows, task, removed, baseline, "bn") is not None])
+        body = []
+        for task, removed in keys:
+            pairs = [(_mean(rows, task, removed, arm, c), _mean(rows, task, removed, baseline, c))
+                     for c in ("pruned", "bn", "ft1")]
+            if all(a is not None and b is not None for a, b in pairs):
+                body.append([task, f"{removed:.0%}"] + [f"{100 * (a - b):+.1f}" for a, b in pairs])
+        lines += table(["task", "MACs removed", "pruned", "bn", "ft1"], body)
     bases = {task: statistics.mean(dict((r["seed"], r["base"]) for r in rows if r["task"] == task).values())
              for task in {r["task"] for r in rows}}
     lines += ["", "Unpruned: " + ", ".join(f"{task} {100 * b:.1f}%" for task, b in sorted(bases.items()))]

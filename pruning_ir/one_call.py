@@ -127,7 +127,8 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
           forward: Callable[[Any, Any], torch.Tensor] | None = None, rounds: int = 5,
           constraint: ChannelConstraint | None = None, leaf_modules: Iterable[Any] | None = None,
           gqa_unit: str = "query_heads", inplace: bool = False, return_report: bool = False,
-          verbose: bool = True, reconstruct: str | None = "least_squares") -> nn.Module | tuple[nn.Module, PruneReport]:
+          verbose: bool = True, reconstruct: str | None = "least_squares"
+          ) -> nn.Module | tuple[nn.Module, PruneReport]:
     """Prune ``model`` to one budget and return the smaller model (the same class).
 
     Args:

@@ -69,7 +69,8 @@ def scoring_statistics(model: nn.Module, mode: bool | str, args: tuple, kwargs: 
     """The context a criterion's calls run in, chosen on its first call (``args``, ``kwargs``):
     ``batch_statistics(model)`` when ``mode`` is True, or ``"auto"`` with frozen batch norms and a
     batch of at least :data:`MIN_BATCH`; else nothing."""
-    if mode is False or (mode == "auto" and not (_frozen_batch_norms(model) and _batch_size(args, kwargs) >= MIN_BATCH)):
+    wanted = mode is True or (mode == "auto" and _frozen_batch_norms(model) and _batch_size(args, kwargs) >= MIN_BATCH)
+    if not wanted:
         return contextlib.nullcontext()
     return batch_statistics(model)
 
