@@ -53,7 +53,7 @@ METHODS = ("loss_aware", "loss_aware+bias", "loss_aware+least_squares", "loss_aw
            "magnitude", "magnitude+bias", "magnitude+least_squares", "wanda_hidden", "wanda_hidden+least_squares",
            "torch_pruning")
 FULL = {"hidden": 256, "intermediate": 688, "layers": 4, "heads": 8, "kv_heads": 4, "seq": 128, "batch": 16,
-        "train_steps": 600, "lr": 3e-3, "finetune_steps": 15, "finetune_batch": 8, "finetune_lr": 5e-4,
+        "train_steps": 600, "lr": 3e-3, "finetune_steps": 15, "finetune_batch": 8, "finetune_lr": 1e-4,
         "calibration_batches": 4, "calibration_batch": 8, "test_windows": 256}
 QUICK = {**FULL, "hidden": 64, "intermediate": 160, "layers": 2, "heads": 4, "kv_heads": 2, "seq": 64,
          "batch": 8, "train_steps": 10, "finetune_steps": 2, "calibration_batches": 2, "test_windows": 16}
@@ -137,7 +137,8 @@ def prune_ours(method: str, model: nn.Module, share: float, calibration: list[to
         def calibrate(collector):
             for ids in calibration:
                 lm_loss(collector, ids).backward()
-        factory = partial(Reconstruction, method=refit, warn=False) if refit else None
+        # no bias created between rounds: LossAwareCriterion replays the traced graph, which has no such bias
+        factory = partial(Reconstruction, method=refit, create_bias=False, warn=False) if refit else None
         criterion = partial(LossAwareCriterion, keep_gradients=False)
         return prune_in_rounds(ir, partial(_heads_and_mlp_selector, split=split), share, calibrate, rounds=4,
                                criterion=criterion, inplace=True, reconstruct=factory, verbose=False).model, info
@@ -212,6 +213,9 @@ def run(p: dict, verbose: bool = True) -> dict:
                         "params": sum(q.numel() for q in model.parameters())}
     if verbose:
         print(f"dense: perplexity {base:.3f} after {results['train_seconds']:.0f} s of training", flush=True)
+    tuned = copy.deepcopy(model)  # what the short fine-tune alone does to the unpruned model
+    train(tuned, train_data, p["finetune_steps"], p["finetune_batch"], p["seq"], p["finetune_lr"], seed=2)
+    results["dense"]["perplexity_finetuned"] = perplexity(tuned, test_data, p["seq"], p["test_windows"])
     calibration = batches(train_data, p["calibration_batches"], p["calibration_batch"], p["seq"], seed=1)
     example = train_data[:16].unsqueeze(0)
     layer = model.layers[0]
@@ -292,7 +296,9 @@ def markdown(results: dict, env: dict) -> list[str]:
              "(`examples/LLMs/prune_llm.py`: group magnitude, local, hidden size + query heads + MLP at one "
              "ratio, bisected to the same parameter share) prunes the hidden size too. Calibration: "
              f"{p['calibration_batches']} batches of {p['calibration_batch']} x {p['seq']} training bytes. "
-             f"Fine-tune: {p['finetune_steps']} AdamW steps of {p['finetune_batch']} x {p['seq']}, the same for all.",
+             f"Fine-tune: {p['finetune_steps']} AdamW steps of {p['finetune_batch']} x {p['seq']} at lr "
+             f"{p['finetune_lr']:g}, the same for all (the unpruned model after it: "
+             f"{dense['perplexity_finetuned']:.3f}).",
              "", "Arms: `criterion[+refit]`; `+bias` / `+least_squares`: `ir.prune(labels, reconstruct=Reconstruction("
              "stats, method))` with the input statistics collected beside the criterion on the same calibration "
              "batches (`collect_statistics`; rounds: re-collected each round); `_query_heads`: "
