@@ -36,6 +36,7 @@ ARMS = {  # name: (config, criterion, keep_gradients, prune calls)
     "activation_1b": ("llama_1b", "activation", None, 1),
     "activation_1b_chunked": ("llama_1b", "activation", None, 6),
     "activation_160m": ("llama_160m", "activation", None, 1),
+    "loss_aware_1b_free": ("llama_1b", "loss_aware", False, 1),
     "loss_aware_160m_free": ("llama_160m", "loss_aware", False, 1),
     "loss_aware_160m_keep": ("llama_160m", "loss_aware", True, 1),
 }
