@@ -3,7 +3,9 @@
 :class:`ShapeInt` is a size read from a recorded tensor (or computed from one), so a channel rule
 can tell a size that follows the channels from a literal written in ``forward``;
 :class:`AttributeInt` is an int module attribute, so a literal size that is in fact
-``self.num_heads`` follows pruning too. A comparison of a ShapeInt made by the model's own Python
+``self.num_heads`` follows pruning too (an int field of a module's ``config`` object is one as well:
+``self.config.num_attention_heads``), and :class:`AttributeTerms` is an int computed from attributes by
+``+``, ``-`` and ``*`` (``num_heads * head_dim``: a slice bound of a fused projection). A comparison of a ShapeInt made by the model's own Python
 (``if x.shape[1] >= 8:``) is reported to the recorder listening (:func:`comparisons_to`): Python
 control flow on a channel count flips after pruning unless that count is kept.
 """
@@ -17,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ShapeInt", "AttributeInt", "attribute_ints", "comparisons_to"]
+__all__ = ["ShapeInt", "AttributeInt", "AttributeTerms", "attribute_ints", "comparisons_to"]
 
 # Listeners of ShapeInt comparisons (the active recorder's); only the innermost one hears them.
 _LISTENERS: list[Callable[[str, "ShapeInt", Any], None]] = []
@@ -48,7 +50,9 @@ class ShapeInt(int):
 
 class AttributeInt(int):
     """An int module attribute (every one is, while a model is traced), so that a size such as
-    ``reshape(B, L, 3, self.n_heads, -1)`` is known to be that attribute whatever its name."""
+    ``reshape(B, L, 3, self.n_heads, -1)`` is known to be that attribute whatever its name.
+    A field of a module's ``config`` is one too, named ``config.<field>`` on the first module
+    holding that config object (modules that share one config share its fields)."""
 
     def __new__(cls, value: int, module_path: str, attribute: str, divisor: int = 1):
         obj = super().__new__(cls, value)
@@ -65,6 +69,73 @@ class AttributeInt(int):
         return _combined(int.__floordiv__(self, other), (self, other))
 
 
+class AttributeTerms(int):
+    """An int computed from :class:`AttributeInt` (and plain ints) by ``+``, ``-`` and ``*``, remembering
+    how: ``terms`` maps each product of attributes (a sorted tuple of ``(module path, attribute,
+    divisor)`` keys; ``()`` for the constant) to its coefficient, ``values`` each key's value. Phi-3's
+    ``qkv[..., :self.config.num_attention_heads * self.head_dim]`` so slices where the heads end."""
+
+    def __new__(cls, value: int, terms: dict, values: dict):
+        obj = super().__new__(cls, value)
+        obj.terms, obj.values = terms, values
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    __hash__ = int.__hash__
+
+
+def terms_of(value: Any) -> tuple[dict, dict] | None:
+    """``(terms, values)`` of an attribute-derived int (a plain int is a constant term); None otherwise."""
+    if isinstance(value, AttributeTerms):
+        return value.terms, value.values
+    if isinstance(value, AttributeInt):
+        key = (value.module_path, value.attribute, value.divisor)
+        return {(key,): 1}, {key: int(value)}
+    if isinstance(value, int) and not isinstance(value, ShapeInt):
+        return ({(): int(value)} if value else {}), {}
+    return None
+
+
+def _terms_result(result: int, terms: dict, values: dict) -> Any:
+    terms = {key: coefficient for key, coefficient in terms.items() if coefficient}
+    return result if set(terms) <= {()} else AttributeTerms(result, terms, values)
+
+
+def _terms_op(name: str):
+    """``+``, ``-``, ``*`` of attribute-derived ints keep their terms (with a ShapeInt: a ShapeInt)."""
+    int_op = getattr(int, name)
+
+    def op(self, other):
+        result = int_op(self, other)
+        if type(result) is not int or isinstance(other, ShapeInt):
+            return _combined(result, (self, other))
+        mine, theirs = terms_of(self), terms_of(other)
+        if theirs is None:
+            return result
+        left, right = (theirs, mine) if name.startswith("__r") else (mine, theirs)
+        terms: dict = {}
+        if name in ("__mul__", "__rmul__"):
+            for a, ca in left[0].items():
+                for b, cb in right[0].items():
+                    key = tuple(sorted(a + b))
+                    terms[key] = terms.get(key, 0) + ca * cb
+        else:
+            terms = dict(left[0])
+            for key, coefficient in right[0].items():
+                terms[key] = terms.get(key, 0) + (-coefficient if "sub" in name else coefficient)
+        return _terms_result(result, terms, {**mine[1], **theirs[1]})
+
+    op.__name__ = name
+    return op
+
+
+def _negated(self):
+    terms, values = terms_of(self)
+    return _terms_result(-int(self), {key: -coefficient for key, coefficient in terms.items()}, values)
+
+
 def _combined(result: Any, operands: tuple) -> Any:
     """``result`` of int arithmetic on ``operands``: a ShapeInt (remembering what it was computed
     from) when any operand was one, else a plain int."""
@@ -73,6 +144,7 @@ def _combined(result: Any, operands: tuple) -> Any:
     sources = frozenset().union(*(o.sources for o in operands if isinstance(o, ShapeInt)))
     attributes = frozenset().union(*(o.attributes for o in operands if isinstance(o, ShapeInt)))
     attributes |= {(o.module_path, o.attribute) for o in operands if isinstance(o, AttributeInt)}
+    attributes |= {key[:2] for o in operands if isinstance(o, AttributeTerms) for key in o.values}
     return ShapeInt(result, None, sources, attributes)
 
 
@@ -89,7 +161,13 @@ def _int_op(name: str):
 for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
               "__floordiv__", "__rfloordiv__", "__mod__", "__neg__", "__pos__", "__abs__"):
     setattr(ShapeInt, _name, _int_op(_name))
-    if _name != "__floordiv__":
+    if _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__"):
+        setattr(AttributeInt, _name, _terms_op(_name))
+        setattr(AttributeTerms, _name, _terms_op(_name))
+    elif _name == "__neg__":
+        setattr(AttributeInt, _name, _negated)
+        setattr(AttributeTerms, _name, _negated)
+    elif _name != "__floordiv__":
         setattr(AttributeInt, _name, _int_op(_name))
 
 
@@ -121,17 +199,33 @@ def comparisons_to(listener: Callable[[str, ShapeInt, Any], None]) -> Iterator[N
         _LISTENERS.remove(listener)
 
 
+def _config_fields(model: nn.Module) -> list[tuple[Any, str, int, AttributeInt]]:
+    """(config, field, value, marked) for every int field of every module's ``config`` object (a
+    Hugging Face config, any plain object), each object once, named after the first module holding it."""
+    fields, seen = [], set()
+    for path, module in model.named_modules():
+        config = vars(module).get("config")
+        if config is None or id(config) in seen or isinstance(config, (nn.Module, type)) \
+                or not isinstance(getattr(config, "__dict__", None), dict):
+            continue
+        seen.add(id(config))
+        fields += [(config, name, value, AttributeInt(value, path, f"config.{name}"))
+                   for name, value in list(vars(config).items()) if type(value) is int]
+    return fields
+
+
 @contextlib.contextmanager
 def attribute_ints(model: nn.Module) -> Iterator[None]:
-    """Replace every plain int attribute of every module by an :class:`AttributeInt` for the
-    duration; an attribute that forward reassigned keeps its new value."""
+    """Replace every plain int attribute of every module, and every int field of a module's ``config``,
+    by an :class:`AttributeInt` for the duration; an attribute that forward reassigned keeps its new value."""
     replaced = [(module, name, value, AttributeInt(value, path, name)) for path, module in model.named_modules()
                 for name, value in list(vars(module).items()) if type(value) is int]
-    for module, name, _, marked in replaced:
-        module.__dict__[name] = marked
+    replaced += _config_fields(model)
+    for owner, name, _, marked in replaced:
+        vars(owner)[name] = marked
     try:
         yield
     finally:
-        for module, name, value, marked in replaced:
-            if module.__dict__.get(name) is marked:
-                module.__dict__[name] = value
+        for owner, name, value, marked in replaced:
+            if vars(owner).get(name) is marked:
+                vars(owner)[name] = value

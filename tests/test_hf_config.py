@@ -58,8 +58,9 @@ CASES = {
                        "Gemma scales its embeddings by sqrt(hidden_size) (scalar_embed_scale), fixed at build time: "
                        "a config with hidden_size=24 would rescale them"),
     ("gemma", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, **GQA_HEADS), ""),
-    ("phi3", "all"): (dict(hidden_size=24, intermediate_size=48, head_dim=8, num_attention_heads=4), ""),
-    ("phi3", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, num_attention_heads=4), ""),
+    # Phi-3 slices its fused qkv_proj at config.num_attention_heads * head_dim: the config field follows the heads
+    ("phi3", "all"): (dict(hidden_size=24, intermediate_size=48, head_dim=8, **GQA_HEADS), ""),
+    ("phi3", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, head_dim=8, **GQA_HEADS), ""),
     # Mixtral's experts are one parameter each for all experts: a channel goes from every expert at once
     ("mixtral", "all"): (dict(hidden_size=24, intermediate_size=48, head_dim=8, **GQA_HEADS), ""),
     ("mixtral", "keep_hidden"): (dict(hidden_size=32, intermediate_size=48, **GQA_HEADS), ""),
@@ -258,9 +259,9 @@ def _is_attention(group) -> bool:
     return any(part in name for name in group.modules for part in ("attn", "attention", "Attention"))
 
 
-# Families whose heads are pinned (Phi-3's fused query/key/value projection) or inexact (OLMo2 normalizes q and k over
-# all heads together): what the exact selection below leaves.
-EXACT_PARTS = {"phi3": {"mlp"}, "olmo2": {"mlp"}}
+# Families whose heads are inexact (OLMo2 normalizes q and k over all heads together): what the exact selection
+# below leaves.
+EXACT_PARTS = {"olmo2": {"mlp"}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -475,3 +475,120 @@ class GatedNet(nn.Module):
 def test_glu_comparisons_and_where():
     _, pruned, _ = assert_exact_pruning(seeded(GatedNet), image(2, 3, 6))
     assert pruned.model.conv.out_channels == 2 * pruned.model.head.in_channels < 16
+
+
+class PositionBiasAttention(nn.Module):
+    """T5's cross-attention: a position bias of zeros sized by ``self.n_heads`` added to the scores."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.n_heads, self.d_kv = heads, dim // heads
+        self.embed = nn.Linear(5, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, L, _ = x.shape
+        q, k, v = (layer(x).view(B, L, -1, self.d_kv).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        position_bias = torch.zeros((1, self.n_heads, L, L), device=x.device, dtype=x.dtype)
+        scores = torch.matmul(q, k.transpose(3, 2)) + position_bias
+        y = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(B, L, -1)
+        return self.head(x + self.o(y))
+
+
+def test_zeros_sized_by_a_module_attribute_follow_the_heads():
+    ir, pruned, _ = assert_exact_pruning(seeded(PositionBiasAttention), image(2, 6, 5))
+    model = pruned.model
+    assert 0 < model.n_heads < 4
+    assert model.q.out_features == model.o.in_features == model.n_heads * 4
+    heads = next(g for g in ir.groups if "o" in g.modules and "embed" not in g.modules)
+    assert len(heads.classes) == 4
+
+
+class MultiQuerySplit(nn.Module):
+    """Falcon's fused multi-query projection: ``view(..., -1, head_dim)`` then ``split([self.num_heads, 1, 1])``:
+    query heads, one key head, one value head."""
+
+    def __init__(self, heads=4, head_dim=4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        dim = heads * head_dim
+        self.embed = nn.Linear(5, dim)
+        self.qkv = nn.Linear(dim, (heads + 2) * head_dim, bias=False)
+        self.dense = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, L, _ = x.shape
+        fused = self.qkv(x).view(B, L, -1, self.head_dim)
+        q, k, v = fused.split([self.num_heads, 1, 1], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+        y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, L, -1)
+        return self.head(x + self.dense(y))
+
+
+def test_split_with_fixed_size_pieces_keeps_those_and_prunes_the_rest():
+    ir, pruned, _ = assert_exact_pruning(seeded(MultiQuerySplit), image(2, 6, 5))
+    model = pruned.model
+    assert 0 < model.num_heads < 4
+    assert model.qkv.out_features == (model.num_heads + 2) * 4 == model.qkv.weight.shape[0]
+    assert model.dense.in_features == model.num_heads * 4
+    # the key and value heads: a piece of literal size keeps its channels
+    assert any("split piece 1 has the literal size 1" in r for g in ir.groups for r in g.unprunable_reasons)
+
+
+class WeightTransposedLinear(nn.Linear):
+    """Falcon's FalconLinear: the product with ``self.weight.T`` written out."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class TransposedLinearNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = WeightTransposedLinear(5, 12)
+        self.down = WeightTransposedLinear(12, 6, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.down(F.gelu(self.up(x))))
+
+
+def test_linear_subclass_multiplying_by_its_weight_transposed():
+    _, pruned, _ = assert_exact_pruning(seeded(TransposedLinearNet), image(2, 4, 5))
+    model = pruned.model
+    assert model.up.out_features == model.up.weight.shape[0] == model.down.in_features == model.down.weight.shape[1]
+    assert model.down.out_features == model.down.weight.shape[0] == model.head.in_features
+    assert model.up.out_features < 12 and model.down.out_features < 6
+
+
+class GroupedExperts(nn.Module):
+    """Mixtral's experts in one parameter: ``torch._grouped_mm`` over token rows grouped by expert."""
+
+    def __init__(self, experts=3, dim=8, hidden=16):
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.up = nn.Parameter(torch.randn(experts, hidden, dim) / dim ** 0.5)     # (experts, out, in)
+        self.down = nn.Parameter(torch.randn(experts, dim, hidden) / hidden ** 0.5)
+        self.head = nn.Linear(dim, 3)
+        self.rows = 2  # token rows per expert
+
+    def forward(self, x):
+        tokens = self.embed(x).reshape(-1, self.up.shape[-1])
+        offsets = torch.arange(1, self.up.shape[0] + 1, dtype=torch.int32) * self.rows
+        hidden = F.relu(torch._grouped_mm(tokens, self.up.transpose(-2, -1), offs=offsets))
+        return self.head(torch._grouped_mm(hidden, self.down.transpose(-2, -1), offs=offsets))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch")
+def test_grouped_matmul_prunes_a_channel_of_every_expert():
+    ir, pruned, _ = assert_exact_pruning(seeded(GroupedExperts), image(6, 5))
+    model = pruned.model
+    assert model.up.shape[0] == model.down.shape[0] == 3  # the experts are kept
+    assert model.up.shape[1] == model.down.shape[2] < 16
+    assert model.up.shape[2] == model.down.shape[1] == model.embed.out_features

@@ -11,6 +11,7 @@ from ..channels import PINNED, TensorLayout, dim_atoms
 from ..tracing import AttributeInt, ShapeInt
 from .attention import grouped_repeat, repeated_key_value
 from .registry import RuleContext, channel_rule
+from .slices import bounds_follow, sliced_atoms
 
 def _flat_sizes(args) -> list:
     """``view(2, 3)`` / ``view((2, 3))`` / ``view(torch.Size)`` -> [2, 3]."""
@@ -349,12 +350,14 @@ def getitem(ctx: RuleContext):
     layout = ctx.layout(source)
     if layout is None:
         return None
-    return index_layout(ctx, layout, ctx.shape(source), index if isinstance(index, tuple) else (index,))
+    return index_layout(ctx, layout, ctx.shape(source), index if isinstance(index, tuple) else (index,), source)
 
 
-def index_layout(ctx: RuleContext, layout: TensorLayout, shape, index: tuple) -> TensorLayout:
-    """Basic and (single-block) advanced indexing: full slices keep channels, anything that
-    selects positions on a channel dimension pins it."""
+def index_layout(ctx: RuleContext, layout: TensorLayout, shape, index: tuple,
+                 source: fx.Node | None = None) -> TensorLayout:
+    """Basic and (single-block) advanced indexing: full slices keep channels, and so do slices whose
+    bounds are computed from attributes (``slices``); anything else that selects positions on a
+    channel dimension pins it."""
     consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
     expanded: list = []
     for item in index:
@@ -375,6 +378,10 @@ def index_layout(ctx: RuleContext, layout: TensorLayout, shape, index: tuple) ->
         if isinstance(item, slice):
             full = item.step in (None, 1) and item.start in (None, 0) and \
                 (item.stop is None or (isinstance(item.stop, int) and item.stop >= size))
+            if not full and atoms is not None and source is not None and bounds_follow(item):
+                dims.append(sliced_atoms(ctx, source, d, atoms, item))
+                d += 1
+                continue
             if not full:
                 ctx.pin(atoms, "sliced with fixed bounds")
             dims.append(atoms if full else None)
