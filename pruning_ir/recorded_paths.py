@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .recorded_ints import AttributeInt, ShapeInt
+from .recorded_ints import AttributeInt, AttributeTerms, ShapeInt
 from .tracing import Comparison, LeafPolicy, TracedGraph, trace_model
 
 __all__ = ["example_pair", "trace_paths", "merge_paths"]
@@ -57,6 +57,8 @@ def _frozen(value: Any, name_of: Callable[[str], str]) -> Any:
         return ("size", frozenset((name_of(n), d) for n, d in value.sources), value.attributes)
     if isinstance(value, AttributeInt):
         return ("attribute", value.module_path, value.attribute, value.divisor, int(value))
+    if isinstance(value, AttributeTerms):
+        return ("terms", frozenset(value.terms.items()), int(value))
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype)
     if isinstance(value, slice):

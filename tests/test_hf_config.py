@@ -449,3 +449,36 @@ def test_every_copy_of_the_config_is_synced():
     assert pruned.model.config is not pruned.config
     for config in (pruned.config, pruned.model.config):
         assert (config.hidden_size, config.intermediate_size, config.num_key_value_heads) == (24, 48, 1)
+
+
+@pytest.mark.parametrize("unit, heads, kv_heads", [("query_heads", 2, 2), ("kv_groups", 2, 1)])
+def test_phi3_heads_leave_the_fused_projection_of_every_layer_and_the_config_follows(unit, heads, kv_heads, tmp_path):
+    """Phi-3 slices its fused qkv_proj at ``config.num_attention_heads * head_dim``, and one config serves every
+    layer: a head label removes the same heads from every layer (query heads within each key/value group by
+    default, whole groups with ``kv_groups``). Zeroed heads removed change no output, the config holds the new
+    counts, generate agrees with and without the cache, and from_pretrained rebuilds the model."""
+    original, inputs = _build("phi3"), _inputs("phi3")
+    ir = PruningIR(original, gqa_unit=unit).infer_labels(**inputs)
+    hidden = _hidden_groups(ir, original)
+    group, = [g for g in ir.groups if g.prunable and g.id not in hidden and any("qkv_proj" in n for n in g.modules)]
+    assert {_layer_index(g) for g in [group]} == {0} and any("layers.1." in name for name in group.modules)
+    assert group.exact and len(group.labels) == 2
+    labels = group.labels[:1]
+    ir.zero_labels(labels)
+    zeroed = _output(original, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no group kept back, no config left stale
+        pruned = ir.prune(labels=labels).model.eval()
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (heads, kv_heads)
+    for layer in pruned.model.layers:
+        attention = layer.self_attn
+        assert attention.qkv_proj.out_features == (heads + 2 * kv_heads) * 8 == attention.qkv_proj.weight.shape[0]
+        assert attention.o_proj.in_features == heads * 8
+        assert (attention.num_key_value_heads, attention.num_key_value_groups) == (kv_heads, heads // kv_heads)
+    torch.testing.assert_close(_output(pruned, inputs), zeroed, atol=1e-5, rtol=0)
+    with_cache = _generate(pruned, inputs, use_cache=True)
+    assert torch.equal(with_cache, _generate(pruned, inputs, use_cache=False))
+    pruned.save_pretrained(tmp_path)
+    loaded = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
+    assert torch.equal(_generate(loaded, inputs, use_cache=True), with_cache)

@@ -592,3 +592,72 @@ def test_grouped_matmul_prunes_a_channel_of_every_expert():
     assert model.up.shape[0] == model.down.shape[0] == 3  # the experts are kept
     assert model.up.shape[1] == model.down.shape[2] < 16
     assert model.up.shape[2] == model.down.shape[1] == model.embed.out_features
+
+
+class FusedGroupedQKV(nn.Module):
+    """Phi-3's attention: one projection for q, k and v, sliced at ``num_heads * head_dim`` and
+    ``num_heads * head_dim + num_key_value_heads * head_dim`` (key/value heads repeated by ``repeat_interleave``)."""
+
+    def __init__(self, heads=4, kv_heads=2, head_dim=4):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, head_dim
+        self.num_key_value_groups = heads // kv_heads
+        self.embed = nn.Linear(5, 16)
+        self.qkv_proj = nn.Linear(16, (heads + 2 * kv_heads) * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, 16, bias=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, L, _ = x.shape
+        qkv = self.qkv_proj(x)
+        query_pos = self.num_heads * self.head_dim
+        q = qkv[..., :query_pos]
+        k = qkv[..., query_pos:query_pos + self.num_key_value_heads * self.head_dim]
+        v = qkv[..., query_pos + self.num_key_value_heads * self.head_dim:]
+        q, k, v = (t.view(B, L, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        k, v = (t.repeat_interleave(self.num_key_value_groups, dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=0.5).transpose(1, 2).reshape(B, L, -1)
+        return self.head(x + self.o_proj(y))
+
+
+@pytest.mark.parametrize("unit, heads, kv_heads", [("query_heads", 2, 2), ("kv_groups", 2, 1)])
+def test_fused_projection_sliced_at_attribute_products_loses_whole_heads(unit, heads, kv_heads):
+    """Half the head labels removed: the slice bounds (products of the attributes) move with the heads."""
+    model = seeded(FusedGroupedQKV).eval()
+    x = image(2, 6, 5)
+    ir = PruningIR(model, gqa_unit=unit).infer_labels(x)
+    group = next(g for g in ir.groups if g.prunable and "o_proj" in g.modules and "embed" not in g.modules)
+    labels = group.labels[:len(group.labels) // 2]
+    ir.zero_labels(labels)
+    with torch.no_grad():
+        zeroed = model(x)
+    pruned = ir.prune(labels=labels).model
+    assert (pruned.num_heads, pruned.num_key_value_heads, pruned.num_key_value_groups) == (heads, kv_heads,
+                                                                                           heads // kv_heads)
+    assert pruned.qkv_proj.out_features == (heads + 2 * kv_heads) * 4 == pruned.qkv_proj.weight.shape[0]
+    assert pruned.o_proj.in_features == heads * 4
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed, atol=1e-5, rtol=0)
+
+
+class AttributeSlices(nn.Module):
+    """``x[..., :self.width]`` follows pruning (the attribute is bound); ``x[..., self.width + 2:]`` cuts after a
+    sum with a constant, which no single attribute counts."""
+
+    def __init__(self, shifted=False):
+        super().__init__()
+        self.width, self.shifted = 4, shifted
+        self.a, self.head = nn.Linear(5, 8), nn.Linear(2 if shifted else 4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head(y[..., self.width + 2:] if self.shifted else y[..., :self.width])
+
+
+def test_a_slice_bound_follows_a_lone_attribute_and_pins_before_a_sum():
+    _, pruned, _ = assert_exact_pruning(seeded(AttributeSlices), image(2, 5))
+    assert pruned.model.width == pruned.model.head.in_features < 4
+    ir = PruningIR(seeded(lambda: AttributeSlices(shifted=True))).infer_labels(image(2, 5))
+    reasons = [r for g in ir.groups for r in g.unprunable_reasons]
+    assert any("the slice bound 6 is not one attribute times a fixed size" in r for r in reasons), reasons
