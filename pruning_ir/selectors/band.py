@@ -229,7 +229,9 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
         if previous is None:
             gain = cost.gain(current, predicted, latency, reference)
         elif predicted != previous[1]:   # the price the last step really paid, within limits of the one assumed
-            gain *= float(np.clip((latency - previous[2]) / ((predicted - previous[1]) * gain), *_GAIN_LIMITS))
+            paid = (latency - previous[2]) / ((predicted - previous[1]) * gain)
+            if paid > 0:   # a change against the step is noise, not a price: the price stays
+                gain *= float(np.clip(paid, *_GAIN_LIMITS))
         if not gain > 0:
             break
         quarter = (target - low) / 4   # the middle half of the band first: the price is an estimate
