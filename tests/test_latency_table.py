@@ -327,6 +327,8 @@ def test_settling_checks_its_arguments_and_leaves_an_unpruned_selection_alone():
     ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: bind(macs, x), 0.5)
     with pytest.raises(ValueError, match="repeats"):
         settle_in_band(plan, oracle, counts, full, 0.05, repeats=0)
+    with pytest.raises(ValueError, match="reference must be a positive latency"):
+        settle_in_band(plan, oracle, counts, full, 0.05, reference=0.0)
     result = settle_in_band(plan, oracle, plan.base_counts(), 2 * full, 0.05)
     assert result.counts.sum() == 0 and result.latency_calls == 0 and result.feasible
     assert np.array_equal(counts_of(plan, plan.labels(counts)), counts)
