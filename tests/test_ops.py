@@ -508,7 +508,7 @@ def test_zeros_sized_by_a_module_attribute_follow_the_heads():
 
 class MultiQuerySplit(nn.Module):
     """Falcon's fused multi-query projection: ``view(..., -1, head_dim)`` then ``split([self.num_heads, 1, 1])``:
-    query heads, one key head, one value head."""
+    query heads, one key head, one value head; the heads merged back by ``self.num_heads * self.head_dim``."""
 
     def __init__(self, heads=4, head_dim=4):
         super().__init__()
@@ -526,7 +526,7 @@ class MultiQuerySplit(nn.Module):
         q, k, v = fused.split([self.num_heads, 1, 1], dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
-        y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, L, -1)
+        y = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)
         return self.head(x + self.dense(y))
 
 

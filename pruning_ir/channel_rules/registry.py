@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels import AttributeBinding, TensorLayout
+from ..recorded_ints import AttributeTerms
 from ..tracing import AttributeInt, ShapeInt
 
 if TYPE_CHECKING:
@@ -41,6 +42,21 @@ SIZE_ATTRIBUTES = (
 # Attributes that count heads: when a split by -1 makes heads, the innermost module's
 # attribute equal to the head count is kept in step with it.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_head", "n_heads", "heads")
+
+
+def counting_factor(terms: dict, values: dict) -> tuple[tuple, int] | None:
+    """The factor of one product of attributes (``AttributeTerms.terms``) that follows pruning, and the product
+    of the rest with the coefficient: ``num_heads * head_dim`` -> (num_heads, head_dim). The counting factor is a
+    head count (``config.num_attention_heads`` too), or the only factor; None when there is no single one."""
+    if len(terms) != 1:
+        return None
+    (factors, coefficient), = terms.items()
+    if not factors or coefficient <= 0:
+        return None
+    counting = [f for f in set(factors) if len(factors) == 1 or f[1].rpartition(".")[2] in HEAD_COUNT_ATTRIBUTES]
+    if len(counting) != 1 or factors.count(counting[0]) != 1:
+        return None
+    return counting[0], coefficient * int(np.prod([values[f] for f in factors if f != counting[0]], dtype=np.int64))
 
 
 def channel_rule(*names: str) -> Callable[[Rule], Rule]:
@@ -234,6 +250,8 @@ class RuleContext:
             return "free"
         if isinstance(value, AttributeInt) and value.module_path in self.state.modules:
             return "attribute"
+        if self.counted(value) is not None:
+            return "attribute"
         return "attribute" if self._size_attributes(value) else "literal"
 
     def size_rank(self, value: Any) -> int:
@@ -241,6 +259,22 @@ class RuleContext:
         equal to a known attribute, 2 a literal."""
         kind = self.size_kind(value)
         return 0 if kind == "free" or isinstance(value, AttributeInt) else {"attribute": 1, "literal": 2}[kind]
+
+    def counted(self, value: Any) -> tuple[tuple, int] | None:
+        """For a product of module attributes (``self.num_heads * self.head_dim``): its counting factor and the
+        product of the rest (:func:`counting_factor`); None for any other size."""
+        if not isinstance(value, AttributeTerms):
+            return None
+        counting = counting_factor(value.terms, value.values)
+        return counting if counting is not None and counting[0][0] in self.state.modules else None
+
+    def bind_product(self, counting: tuple[tuple, int], atoms: np.ndarray) -> None:
+        """Keep the counting attribute of a product (``counted``) in step with ``atoms``, removed in units of
+        the rest (a head of ``head_dim`` positions: its counting factor is the outer one)."""
+        (path, attribute, divisor), unit = counting
+        units = np.asarray(atoms).reshape(-1, unit)
+        self.union(units[:, :-1].ravel(), units[:, 1:].ravel())
+        self.bind_attribute(path, attribute, np.tile(atoms, divisor), divisor=unit)
 
     def _size_attributes(self, value: int) -> tuple[str, list[str]] | None:
         """The innermost enclosing module with size attributes equal to ``value``, and those
@@ -289,7 +323,8 @@ class RuleContext:
         A free size follows; read straight from another tensor's dimension, it ties that
         dimension's channels to these position by position (both keep the same count), or
         pins these when that dimension carries none. A module attribute is bound (prune()
-        updates it); any other literal is hard-coded, and the dimension's channels are pinned.
+        updates it), and so is the head count of a product of attributes (``self.num_heads *
+        self.head_dim``); any other literal is hard-coded, and the dimension's channels are pinned.
         ``heads``: the dimension counts heads, so a head-count attribute is preferred when
         several attributes hold the same value (``num_heads == head_dim == 4``).
         """
@@ -305,6 +340,8 @@ class RuleContext:
                 self.union(atoms, source)
         elif isinstance(value, AttributeInt) and kind == "attribute":  # attribute // divisor: tile the atoms
             self.bind_attribute(value.module_path, value.attribute, np.tile(atoms, value.divisor))
+        elif self.counted(value) is not None:  # num_heads * head_dim: the head count follows
+            self.bind_product(self.counted(value), atoms)
         elif kind == "attribute":
             path, names = self._size_attributes(value)
             preferred = [n for n in names if (n in HEAD_COUNT_ATTRIBUTES) == heads]

@@ -18,7 +18,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..recorded_ints import AttributeInt, AttributeTerms, terms_of
-from .registry import HEAD_COUNT_ATTRIBUTES, RuleContext, op_name
+from .registry import RuleContext, counting_factor, op_name
 
 __all__ = ["bounds_follow", "source_items", "sliced_atoms"]
 
@@ -26,10 +26,11 @@ _END = "end"  # the bound of a slice without a stop
 
 
 def bounds_follow(item: slice) -> bool:
-    """Whether a slice's bounds are computed from attributes (or absent), so they may follow pruning."""
+    """Whether a slice's bounds are computed from attributes (or absent), so they may follow pruning
+    (a negative bound counts from the end: it does not)."""
     bounds = [b for b in (item.start, item.stop) if b is not None]
     tracked = [b for b in bounds if isinstance(b, (AttributeInt, AttributeTerms))]
-    return item.step in (None, 1) and bool(tracked) and all(
+    return item.step in (None, 1) and bool(tracked) and all(b >= 0 for b in bounds) and all(
         isinstance(b, (AttributeInt, AttributeTerms)) or (b is item.start and b == 0) for b in bounds)
 
 
@@ -65,21 +66,6 @@ def _bound(value, size: int, is_stop: bool) -> tuple[int, dict | str]:
     return int(value), terms_of(value)[0]
 
 
-def _counting_factor(terms: dict, values: dict) -> tuple[tuple, int] | None:
-    """The factor of a one-product segment that follows pruning, and the product of the rest (with
-    the coefficient): ``num_heads * head_dim`` -> (num_heads, head_dim). None when there is no such one."""
-    if len(terms) != 1:
-        return None
-    (factors, coefficient), = terms.items()
-    if not factors or coefficient <= 0:
-        return None
-    counting = [f for f in set(factors) if len(factors) == 1 or f[1].rpartition(".")[2] in HEAD_COUNT_ATTRIBUTES]
-    if len(counting) != 1 or factors.count(counting[0]) != 1:
-        return None
-    rest = coefficient * int(np.prod([values[f] for f in factors if f != counting[0]], dtype=np.int64))
-    return counting[0], rest
-
-
 def _bind_segments(ctx: RuleContext, atoms: np.ndarray, bounds: list[tuple[int, dict | str]], values: dict) -> None:
     """Bind (or pin) every segment between consecutive ``bounds`` but the one up to the end."""
     for (start, low), (stop, high) in zip(bounds[:-1], bounds[1:]):
@@ -90,18 +76,15 @@ def _bind_segments(ctx: RuleContext, atoms: np.ndarray, bounds: list[tuple[int, 
         for key, coefficient in low.items():
             difference[key] = difference.get(key, 0) - coefficient
         difference = {key: c for key, c in difference.items() if c}
-        counting = _counting_factor(difference, values)
+        counting = counting_factor(difference, values)
         if counting is None or len(segment) % counting[1]:
             ctx.pin(segment, f"the slice bound {stop} is not one attribute times a fixed size "
                              f"(a sum of products, or a constant): the positions up to it cannot move")
             continue
-        (path, attribute, divisor), unit = counting
-        units = segment.reshape(-1, unit)  # one row per unit (a head): removed whole
-        ctx.union(units[:, :-1].ravel(), units[:, 1:].ravel())
-        ctx.bind_attribute(path, attribute, np.tile(segment, divisor), divisor=unit)
-        field = _config_field(ctx, path, attribute)
+        ctx.bind_product(counting, segment)
+        field = _config_field(ctx, *counting[0][:2])
         if field is not None:
-            ctx.bind_attribute(*field, np.tile(segment, divisor), divisor=unit)
+            ctx.bind_product(((*field, counting[0][2]), counting[1]), segment)
 
 
 def _config_field(ctx: RuleContext, path: str, attribute: str) -> tuple[str, str] | None:
