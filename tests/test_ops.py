@@ -6,6 +6,8 @@ each test also checks that producers, consumers and the attributes in between ag
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -661,3 +663,58 @@ def test_a_slice_bound_follows_a_lone_attribute_and_pins_before_a_sum():
     ir = PruningIR(seeded(lambda: AttributeSlices(shifted=True))).infer_labels(image(2, 5))
     reasons = [r for g in ir.groups for r in g.unprunable_reasons]
     assert any("the slice bound 6 is not one attribute times a fixed size" in r for r in reasons), reasons
+
+
+class ConfiguredBlock(nn.Module):
+    """A block reading its head count from a config object shared by every block (Phi-3's attention)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.head_dim = config, 4
+        self.qkv = nn.Linear(16, 3 * config.n_heads * 4, bias=False)
+        self.out = nn.Linear(config.n_heads * 4, 16, bias=False)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        qkv = self.qkv(x)
+        width = self.config.n_heads * self.head_dim
+        q, k, v = (qkv[..., i * width:(i + 1) * width].view(B, L, -1, self.head_dim).transpose(1, 2)
+                   for i in range(3))
+        y = F.scaled_dot_product_attention(q, k, v, scale=0.5).transpose(1, 2).reshape(B, L, -1)
+        return x + self.out(y)
+
+
+class ConfiguredModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(n_heads=4, label="not an int")
+        self.embed = nn.Linear(5, 16)
+        self.blocks = nn.ModuleList(ConfiguredBlock(self.config) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_config_field_sizes_the_heads_of_every_block_that_shares_it():
+    """``self.config.n_heads * self.head_dim`` slices each block's fused projection; the one config holds one
+    count, so a label removes the same head from both blocks, and prune() writes the count into the config."""
+    model = seeded(ConfiguredModel).eval()
+    x = image(2, 6, 5)
+    ir = PruningIR(model).infer_labels(x)
+    assert type(model.config.n_heads) is int  # the traced marks are gone
+    group, = [g for g in ir.groups if g.prunable and "blocks.0.out" in g.modules and "embed" not in g.modules]
+    assert "blocks.1.out" in group.modules and len(group.labels) == 4
+    labels = group.labels[:2]
+    ir.zero_labels(labels)
+    with torch.no_grad():
+        zeroed = model(x)
+    pruned = ir.prune(labels=labels).model
+    assert pruned.config.n_heads == 2 and model.config.n_heads == 4
+    assert all(block.qkv.out_features == 24 and block.out.in_features == 8 for block in pruned.blocks)
+    assert pruned.blocks[0].config is pruned.blocks[1].config is pruned.config
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed, atol=1e-5, rtol=0)
