@@ -26,7 +26,8 @@ from torch import nn
 
 from ..batchnorm import batch_statistics
 
-__all__ = ["Pending", "drop_gradient", "gate_term", "MIN_BATCH", "check_batch_statistics", "scoring_statistics"]
+__all__ = ["Pending", "drop_gradient", "freeze_ungated", "gate_term", "MIN_BATCH", "check_batch_statistics",
+           "scoring_statistics"]
 
 MIN_BATCH = 16          # "auto": calibration batches at least this large are scored in batch statistics
 _CHOICES = ("auto", True, False)
@@ -47,6 +48,16 @@ class Pending:
 def drop_gradient(parameter: torch.Tensor) -> None:
     """A post-accumulate hook: forget the gradient just accumulated."""
     parameter.grad = None
+
+
+def freeze_ungated(model: nn.Module, gated: set[int]) -> list[nn.Parameter]:
+    """``keep_gradients=False``: the parameters without ``.grad`` whose gradient no gate reads stop
+    requiring one while the context is open, so backward never computes it (an LLM's embedding and
+    output layer are each vocabulary x hidden); returned, to be restored on exit."""
+    frozen = [p for p in model.parameters() if p.requires_grad and p.grad is None and id(p) not in gated]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return frozen
 
 
 def gate_term(value: torch.Tensor, grad: torch.Tensor, dim: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import PruningIRError
 from ..ir import PruningIR
 from ._analysis import GraphFacts, ParameterGate, SiteGate, label_mask
-from ._calibration import Pending, check_batch_statistics, drop_gradient, gate_term, scoring_statistics
+from ._calibration import Pending, check_batch_statistics, drop_gradient, freeze_ungated, gate_term, scoring_statistics
 from ._distributed import all_reduce_sum, world_size
 from ._replay import ReplayPlan, run_recorded
 from ._taylor_sums import TaylorSums, score_layout
@@ -145,6 +145,8 @@ class LossAwareCriterion(Criterion):
         self._ready = False
         self._prior = None
         self._norms: contextlib.ExitStack | None = None
+        self._gated: set[int] = set()                  # parameters whose gradients gates read
+        self._frozen: list[nn.Parameter] = []          # keep_gradients=False: the others, frozen while open
         if not self.keep_gradients:
             self._handles += [p.register_post_accumulate_grad_hook(drop_gradient)
                               for p in self.ir.model.parameters() if p.requires_grad and p.grad is None]
@@ -180,6 +182,9 @@ class LossAwareCriterion(Criterion):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for parameter in self._frozen:
+            parameter.requires_grad_(True)
+        self._frozen = []
         self._release_pending()
         if not self._ready:
             if self.ir.labels_inferred and not failed and world_size() > 1:
@@ -234,6 +239,8 @@ class LossAwareCriterion(Criterion):
                             "(they are never consumed); they score 0")
         self._activation_gates = activation_gates
         self._plan = ReplayPlan(graph, set(activation_gates)) if activation_gates else None
+        if not self.keep_gradients:
+            self._frozen += freeze_ungated(self.ir.model, self._gated)
         self._ready = True
 
     def _hook_parameters(self, gate: ParameterGate) -> bool:
@@ -250,6 +257,7 @@ class LossAwareCriterion(Criterion):
             return False
         for parameter in (weight, bias):
             if parameter is not None:
+                self._gated.add(id(parameter))
                 self._handles.append(parameter.register_hook(partial(self._parameter_hook, gate.site, parameter)))
         return True
 
@@ -260,6 +268,8 @@ class LossAwareCriterion(Criterion):
 
     def _on_site(self, name: str, tensor: torch.Tensor) -> None:
         with torch._C.DisableTorchFunction():
+            if not tensor.requires_grad and self._frozen and tensor.is_floating_point() and torch.is_grad_enabled():
+                tensor.requires_grad_()  # upstream parameters are frozen (keep_gradients=False): a leaf here
             if not tensor.requires_grad:
                 return
             gates = [g for g in self._activation_gates[name] if tensor.dim() > g.dim and tensor.shape[g.dim] == g.size]
