@@ -319,6 +319,7 @@ def sync_config(model: nn.Module, *, warn: bool = True, stacklevel: int = 2) -> 
         return []
     fields, reason, fresh = _plan(model)
     if reason:
+        _keep_head_size(model, fields)
         if warn:
             warnings.warn(f"the pruned {type(model).__name__}'s config cannot describe it, so it is left "
                           f"unchanged: {reason}. save_pretrained() output will not reload with from_pretrained(); "
@@ -332,6 +333,16 @@ def sync_config(model: nn.Module, *, warn: bool = True, stacklevel: int = 2) -> 
     _align_sizes(model, fresh)
     attribute_map = getattr(model.config, "attribute_map", {}) or {}
     return [attribute_map.get(name, name) for name in fields]
+
+
+def _keep_head_size(model: nn.Module, fields: dict[str, Any]) -> None:
+    """A field forward reads was pruned with the heads (Phi-3's num_attention_heads): when the config as pruning
+    left it implies another head size than the model's, write head_dim, so that it still builds the model's heads."""
+    head_dim, config = fields.get("head_dim"), model.config
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if head_dim and hidden and heads and hidden // heads != head_dim:
+        for copy_ in _configs(model):
+            setattr(copy_, "head_dim", head_dim)
 
 
 _SHAPES_FILES = ("pruning_config.json", "weights.pt", "model.safetensors")

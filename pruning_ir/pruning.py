@@ -76,6 +76,9 @@ def tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, boo
 
 
 def _set_attribute(module: nn.Module, attribute: str, value: int, tuple_index: int | None) -> None:
+    *owners, attribute = attribute.split(".")  # "config.num_attention_heads": a field of the module's config
+    for owner in owners:
+        module = getattr(module, owner)
     if tuple_index is not None:
         old = list(getattr(module, attribute))
         old[tuple_index] = value
