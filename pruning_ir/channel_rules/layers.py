@@ -115,7 +115,12 @@ def matmul_dims(ctx: RuleContext, left, right) -> list:
     left_shape, right_shape = ctx.shape(left), ctx.shape(right)
     left_contracted = len(left_shape) - 1
     right_contracted = 0 if len(right_shape) == 1 else len(right_shape) - 2
-    consume(ctx, ctx.layout(left), left_contracted, left_shape[-1], ctx.atoms_of(right, right_contracted))
+    contracted = consume(ctx, ctx.layout(left), left_contracted, left_shape[-1],
+                         ctx.atoms_of(right, right_contracted))
+    if contracted is not None and ctx.atoms_of(right, right_contracted) is not None \
+            and min(len(left_shape), len(right_shape)) >= 3:
+        ctx.mark_inexact(contracted, "a batched product of two tensors over channels (attention scores over "
+                                     "positions within a head): a scale computed from their count does not follow")
     out_shape = ctx.out_shape
     rows = ctx.atoms_of(left, -2) if len(left_shape) >= 2 else None
     columns = ctx.atoms_of(right, -1) if len(right_shape) >= 2 else None

@@ -59,6 +59,17 @@ def counting_factor(terms: dict, values: dict) -> tuple[tuple, int] | None:
     return counting[0], coefficient * int(np.prod([values[f] for f in factors if f != counting[0]], dtype=np.int64))
 
 
+def counting_terms(terms: dict, values: dict) -> tuple[tuple, int, int] | None:
+    """:func:`counting_factor` of a product of attributes plus a non-negative constant, and that constant:
+    Falcon's ``num_heads + 2`` (query heads, then one key and one value head) -> (num_heads, 1, 2). The
+    constant's positions keep their count however many the counting factor loses."""
+    constant = terms.get((), 0)
+    counting = counting_factor({key: c for key, c in terms.items() if key != ()}, values)
+    if counting is None or constant < 0:
+        return None
+    return counting[0], counting[1], constant
+
+
 def channel_rule(*names: str) -> Callable[[Rule], Rule]:
     """Register ``rule`` for torch ops by name (``conv2d`` covers ``torch.conv2d`` and ``F.conv2d``)."""
 
@@ -258,23 +269,40 @@ class RuleContext:
         """How surely a size follows pruning: 0 free or a traced module attribute, 1 a literal
         equal to a known attribute, 2 a literal."""
         kind = self.size_kind(value)
-        return 0 if kind == "free" or isinstance(value, AttributeInt) else {"attribute": 1, "literal": 2}[kind]
+        traced = isinstance(value, AttributeInt) or self.counted(value) is not None
+        return 0 if kind == "free" or traced else {"attribute": 1, "literal": 2}[kind]
 
-    def counted(self, value: Any) -> tuple[tuple, int] | None:
-        """For a product of module attributes (``self.num_heads * self.head_dim``): its counting factor and the
-        product of the rest (:func:`counting_factor`); None for any other size."""
+    def counted(self, value: Any) -> tuple[tuple, int, int] | None:
+        """For a product of module attributes plus a constant (``self.num_heads * self.head_dim``,
+        ``self.num_heads + 2``): its counting factor, the product of the rest, and the constant
+        (:func:`counting_terms`); None for any other size."""
         if not isinstance(value, AttributeTerms):
             return None
-        counting = counting_factor(value.terms, value.values)
+        counting = counting_terms(value.terms, value.values)
         return counting if counting is not None and counting[0][0] in self.state.modules else None
 
-    def bind_product(self, counting: tuple[tuple, int], atoms: np.ndarray) -> None:
+    def bind_product(self, counting: tuple, atoms: np.ndarray) -> None:
         """Keep the counting attribute of a product (``counted``) in step with ``atoms``, removed in units of
         the rest (a head of ``head_dim`` positions: its counting factor is the outer one)."""
-        (path, attribute, divisor), unit = counting
+        (path, attribute, divisor), unit = counting[:2]
         units = np.asarray(atoms).reshape(-1, unit)
         self.union(units[:, :-1].ravel(), units[:, 1:].ravel())
         self.bind_attribute(path, attribute, np.tile(atoms, divisor), divisor=unit)
+
+    def _bind_counted(self, value: AttributeTerms, atoms: np.ndarray, what: str) -> None:
+        """Bind the counting factor of ``value`` (:meth:`counted`) to the leading positions of ``atoms``; the
+        last ``constant`` positions (``num_heads + 2``: the key and value heads) keep their count and are
+        pinned. Which positions the constant counts does not matter to the size: any it names stay."""
+        counting = self.counted(value)
+        constant = counting[2]
+        counted = atoms[:len(atoms) - constant]
+        if constant >= len(atoms) or len(counted) % counting[1]:
+            self.pin(atoms, f"{what} ({int(value)}) is not one attribute times a fixed size plus a constant")
+            return
+        if constant:
+            self.pin(atoms[len(atoms) - constant:], f"{what} is a module attribute plus the constant {constant}: "
+                                                    f"the last {constant} positions keep their count")
+        self.bind_product(counting, counted)
 
     def _size_attributes(self, value: int) -> tuple[str, list[str]] | None:
         """The innermost enclosing module with size attributes equal to ``value``, and those
@@ -340,8 +368,8 @@ class RuleContext:
                 self.union(atoms, source)
         elif isinstance(value, AttributeInt) and kind == "attribute":  # attribute // divisor: tile the atoms
             self.bind_attribute(value.module_path, value.attribute, np.tile(atoms, value.divisor))
-        elif self.counted(value) is not None:  # num_heads * head_dim: the head count follows
-            self.bind_product(self.counted(value), atoms)
+        elif self.counted(value) is not None:  # num_heads * head_dim, num_heads + 2: the head count follows
+            self._bind_counted(value, atoms, what)
         elif kind == "attribute":
             path, names = self._size_attributes(value)
             preferred = [n for n in names if (n in HEAD_COUNT_ATTRIBUTES) == heads]
