@@ -12,6 +12,7 @@ untouched unless ``inplace=True``; ``return_report=True`` adds a :class:`PruneRe
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import warnings
@@ -96,6 +97,13 @@ class PruneReport:
     @property
     def labels_removed(self) -> int:
         return sum(g.removed for g in self.groups)
+
+    def plot(self, path: str | os.PathLike, title: str = "", *, max_rows: int | None = 60) -> str:
+        """A PNG of what was removed per group (labels, parameters, MACs), readable at hundreds of
+        groups: past ``max_rows`` consecutive groups fold by block or stage. Needs matplotlib."""
+        from .demo.report import plot_report
+
+        return plot_report(self, path, title, max_rows=max_rows)
 
     def __str__(self) -> str:
         lines = [f"pruning_ir.prune: {self.recipe}",

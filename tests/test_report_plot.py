@@ -209,6 +209,7 @@ def test_plot_report_of_a_real_prune(tmp_path):
     _, report = pruning_ir.prune(model, torch.randn(1, 3, 8, 8), params=0.6, return_report=True, verbose=False)
     path = plot_report(report, tmp_path / "report.png", max_rows=6)
     assert _png_size(path)[1] > 0
+    assert _png_size(report.plot(tmp_path / "method.png", max_rows=6)) == _png_size(path)  # PruneReport.plot
     figure = report_figure(report, max_rows=6)
     assert len(_row_labels(figure)) <= 6 and len(figure.axes) == 3
     shares = [bar.get_width() for bar in figure.axes[0].containers[0]]
