@@ -533,3 +533,23 @@ def test_statistics_of_chosen_groups_only():
     with pytest.raises(ValueError, match="no group with id"):
         refused.start()
     assert not refused.active
+
+
+@pytest.mark.filterwarnings("ignore:the pruned LlamaForCausalLM's config cannot describe it")  # created biases
+def test_llama_hidden_size_refits_every_reader_and_no_embedding():
+    """Pruning the hidden size too: every projection reading the residual stream (q/k/v, gate/up, lm_head) is refit;
+    the embedding, whose weight's dimension 1 is its output, is not a consumer (not reported as skipped)."""
+    ir, _, batches = _llama_heads_and_mlp("kv_groups")
+    with collect_statistics(ir) as stats, torch.no_grad():
+        for ids in batches[:4]:
+            ir.model(ids)
+    assert "model.embed_tokens.weight" not in stats.consumers
+    labels = UniformLabelSelector(0.25).select(MagnitudeCriterion(ir).apply())
+    reconstruction = Reconstruction(stats)
+    pruned = ir.prune(labels=labels, reconstruct=reconstruction).model
+    assert pruned.model.norm.weight.shape[0] < ir.model.model.norm.weight.shape[0]  # the hidden size went down
+    assert reconstruction.report.skipped == {}
+    layers = len(ir.model.model.layers)
+    readers = [f"model.layers.{i}.{name}.weight" for i in range(layers) for name in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+    assert set(readers + ["lm_head.weight"]) <= set(reconstruction.report.refit)
