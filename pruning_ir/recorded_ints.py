@@ -5,7 +5,9 @@ can tell a size that follows the channels from a literal written in ``forward``;
 :class:`AttributeInt` is an int module attribute, so a literal size that is in fact
 ``self.num_heads`` follows pruning too (an int field of a module's ``config`` object is one as well:
 ``self.config.num_attention_heads``), and :class:`AttributeTerms` is an int computed from attributes by
-``+``, ``-`` and ``*`` (``num_heads * head_dim``: a slice bound of a fused projection). A comparison of a ShapeInt made by the model's own Python
+``+``, ``-`` and ``*`` (``num_heads * head_dim``: a slice bound of a fused projection). Any other arithmetic
+on attributes (``self.num_heads // self.num_kv``) gives a :class:`DerivedInt`: it changes after pruning in
+a way no rule computes, so a rule never takes it for a literal that stays. A comparison of a ShapeInt made by the model's own Python
 (``if x.shape[1] >= 8:``) is reported to the recorder listening (:func:`comparisons_to`): Python
 control flow on a channel count flips after pruning unless that count is kept.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ShapeInt", "AttributeInt", "AttributeTerms", "attribute_ints", "comparisons_to"]
+__all__ = ["ShapeInt", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints", "comparisons_to"]
 
 # Listeners of ShapeInt comparisons (the active recorder's); only the innermost one hears them.
 _LISTENERS: list[Callable[[str, "ShapeInt", Any], None]] = []
@@ -86,6 +88,33 @@ class AttributeTerms(int):
     __hash__ = int.__hash__
 
 
+class DerivedInt(int):
+    """An int computed from module attributes by arithmetic that :class:`AttributeTerms` does not follow
+    (``self.num_heads // self.num_kv``, ``%``): after pruning it may be another value, which no rule can
+    compute. ``attributes`` holds the ``(module path, attribute)`` it was computed from."""
+
+    def __new__(cls, value: int, attributes: frozenset):
+        obj = super().__new__(cls, value)
+        obj.attributes = attributes
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    __hash__ = int.__hash__
+
+
+def _attributes_of(value: Any) -> frozenset:
+    """The ``(module path, attribute)`` an attribute-derived int was computed from."""
+    if isinstance(value, AttributeInt):
+        return frozenset({(value.module_path, value.attribute)})
+    if isinstance(value, AttributeTerms):
+        return frozenset(key[:2] for key in value.values)
+    if isinstance(value, (DerivedInt, ShapeInt)):
+        return value.attributes
+    return frozenset()
+
+
 def terms_of(value: Any) -> tuple[dict, dict] | None:
     """``(terms, values)`` of an attribute-derived int (a plain int is a constant term); None otherwise."""
     if isinstance(value, AttributeTerms):
@@ -93,7 +122,7 @@ def terms_of(value: Any) -> tuple[dict, dict] | None:
     if isinstance(value, AttributeInt):
         key = (value.module_path, value.attribute, value.divisor)
         return {(key,): 1}, {key: int(value)}
-    if isinstance(value, int) and not isinstance(value, ShapeInt):
+    if isinstance(value, int) and not isinstance(value, (ShapeInt, DerivedInt)):
         return ({(): int(value)} if value else {}), {}
     return None
 
@@ -113,7 +142,7 @@ def _terms_op(name: str):
             return _combined(result, (self, other))
         mine, theirs = terms_of(self), terms_of(other)
         if theirs is None:
-            return result
+            return _combined(result, (self, other))
         left, right = (theirs, mine) if name.startswith("__r") else (mine, theirs)
         terms: dict = {}
         if name in ("__mul__", "__rmul__"):
@@ -138,13 +167,13 @@ def _negated(self):
 
 def _combined(result: Any, operands: tuple) -> Any:
     """``result`` of int arithmetic on ``operands``: a ShapeInt (remembering what it was computed
-    from) when any operand was one, else a plain int."""
-    if type(result) is not int or not any(isinstance(o, ShapeInt) for o in operands):
+    from) when any operand was one, a DerivedInt when any was computed from attributes, else a plain int."""
+    if type(result) is not int:
         return result
+    attributes = frozenset().union(*(_attributes_of(o) for o in operands))
+    if not any(isinstance(o, ShapeInt) for o in operands):
+        return DerivedInt(result, attributes) if attributes else result
     sources = frozenset().union(*(o.sources for o in operands if isinstance(o, ShapeInt)))
-    attributes = frozenset().union(*(o.attributes for o in operands if isinstance(o, ShapeInt)))
-    attributes |= {(o.module_path, o.attribute) for o in operands if isinstance(o, AttributeInt)}
-    attributes |= {key[:2] for o in operands if isinstance(o, AttributeTerms) for key in o.values}
     return ShapeInt(result, None, sources, attributes)
 
 
@@ -169,6 +198,9 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
         setattr(AttributeTerms, _name, _negated)
     elif _name != "__floordiv__":
         setattr(AttributeInt, _name, _int_op(_name))
+    if _name not in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__neg__"):
+        setattr(AttributeTerms, _name, _int_op(_name))
+    setattr(DerivedInt, _name, _int_op(_name))
 
 
 def _comparison(name: str, symbol: str):

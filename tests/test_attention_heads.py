@@ -10,9 +10,13 @@ per-head interleaved qkv). Each must tie head h of q, k and v, prune exactly and
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pruning_ir import PruningIR, UniformLabelSelector
 from reference_patterns import ATTENTION_LAYOUTS, attention_entry, qkv_parameters
@@ -53,3 +57,50 @@ def test_qkv_heads_are_one_group_and_prune_exactly(num_heads, head_dim, layout):
                                                         for h, d in ((2, 2), (3, 3), (4, 8), (8, 4))])
 def test_attention_prunes_everything_and_runs(num_heads, head_dim, layout):
     check_prunes_everything(attention_entry(num_heads, head_dim, layout), UniformLabelSelector(0.5))
+
+
+class FalconGroupedHeads(nn.Module):
+    """Falcon-40B's fused projection: key/value groups, each holding its query heads, then its key and its value
+    head: ``view(B, L, -1, self.num_heads // self.num_kv + 2, self.head_dim)``. The group size is a quotient of
+    two attributes, which pruning does not follow: removing a group changes ``num_kv`` and so the view."""
+
+    def __init__(self, num_heads=4, num_kv=2, head_dim=4):
+        super().__init__()
+        self.num_heads, self.num_kv, self.head_dim = num_heads, num_kv, head_dim
+        self.embed = nn.Linear(5, num_heads * head_dim)
+        self.query_key_value = nn.Linear(num_heads * head_dim, (num_heads + 2 * num_kv) * head_dim, bias=False)
+        self.dense = nn.Linear(num_heads * head_dim, num_heads * head_dim)
+        self.head = nn.Linear(num_heads * head_dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, L, _ = x.shape
+        grouped = self.query_key_value(x).view(B, L, -1, self.num_heads // self.num_kv + 2, self.head_dim)
+        q, k, v = grouped.split([self.num_heads // self.num_kv, 1, 1], dim=3)
+        q = q.reshape(B, L, -1, self.head_dim)
+        k, v = (t.expand(B, L, self.num_kv, self.num_heads // self.num_kv, self.head_dim).reshape(B, L, -1,
+                                                                                                 self.head_dim)
+                for t in (k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=0.5).transpose(1, 2).reshape(B, L, -1)
+        return self.head(x + self.dense(y))
+
+
+def test_falcon_grouped_view_sized_by_a_quotient_of_attributes_is_pinned_with_its_reason():
+    """A size computed by ``//`` from attributes is no literal that stays: the channels it sizes are kept, with a
+    reason, rather than reported exact and then refused (or silently wrong) when pruned."""
+    torch.manual_seed(0)
+    model = FalconGroupedHeads().eval()
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1))
+    ir = PruningIR(model).infer_labels(x)
+    group = next(g for g in ir.groups if "query_key_value" in g.modules and "embed" not in g.modules)
+    assert not group.prunable
+    assert any("computed from channel counts or module attributes" in r for r in group.unprunable_reasons), \
+        ir.describe()
+    labels = [label for g in ir.groups if g.prunable for label in g.labels[:len(g.labels) // 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no group is refused at prune() time
+        pruned = ir.prune(labels=labels).model
+    assert (pruned.num_heads, pruned.num_kv, pruned.head_dim) == (4, 2, 4)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 6, 3)

@@ -718,3 +718,70 @@ def test_a_config_field_sizes_the_heads_of_every_block_that_shares_it():
     assert pruned.blocks[0].config is pruned.blocks[1].config is pruned.config
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), zeroed, atol=1e-5, rtol=0)
+
+
+class FalconSummedHeads(nn.Module):
+    """Falcon's multi-query attention as its fused projection is often written: ``view(B, L, self.num_heads + 2,
+    self.head_dim)`` (query heads, one key head, one value head), attention scaled by ``self.head_dim ** -0.5``.
+    ``heads``: how the head count is written in the view (``sum``, ``-1``, or the literal ``num_heads + 2``);
+    ``merge``: how the heads are merged back (``-1`` or ``num_heads * head_dim``)."""
+
+    def __init__(self, heads="sum", merge="-1", num_heads=4, head_dim=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.heads, self.merge = num_heads, head_dim, heads, merge
+        dim = num_heads * head_dim
+        self.embed = nn.Linear(5, dim)
+        self.query_key_value = nn.Linear(dim, (num_heads + 2) * head_dim, bias=False)
+        self.dense = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, L, _ = x.shape
+        size = {"sum": self.num_heads + 2, "-1": -1, "literal": 6}[self.heads]
+        fused = self.query_key_value(x).view(B, L, size, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in fused.split([self.num_heads, 1, 1], dim=2))
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim ** -0.5
+        y = (scores.softmax(dim=-1) @ v).transpose(1, 2)
+        y = y.reshape(B, L, -1) if self.merge == "-1" else y.reshape(B, L, self.num_heads * self.head_dim)
+        return self.head(x + self.dense(y))
+
+
+def _attention_group(ir: PruningIR):
+    return next(g for g in ir.groups if "dense" in g.modules and "embed" not in g.modules)
+
+
+def _zeroed_then_pruned(model: nn.Module, x: torch.Tensor, **kwargs):
+    """Half the labels of the attention group zeroed, then removed: the two models' outputs and the IR."""
+    model.eval()
+    ir = PruningIR(model, **kwargs).infer_labels(x)
+    group = _attention_group(ir)
+    labels = group.labels[:len(group.labels) // 2]
+    ir.zero_labels(labels)
+    with torch.no_grad():
+        zeroed = model(x)
+    pruned = ir.prune(labels=labels).model
+    with torch.no_grad():
+        return ir, group, pruned, zeroed, pruned(x)
+
+
+@pytest.mark.parametrize("heads, merge", [("sum", "-1"), ("sum", "product"), ("-1", "-1"), ("-1", "product")])
+def test_falcon_view_by_head_count_plus_two_removes_whole_heads(heads, merge):
+    """``num_heads + 2`` is an attribute plus a constant: the heads are the unit (never positions within a head,
+    whose removal would leave the scale computed from ``head_dim`` behind), the key and value heads are kept."""
+    ir, group, pruned, zeroed, out = _zeroed_then_pruned(seeded(lambda: FalconSummedHeads(heads, merge)), image(2, 6, 5))
+    assert group.exact and len(group.labels) == 4, ir.describe()
+    assert (pruned.num_heads, pruned.head_dim) == (2, 4)
+    assert pruned.query_key_value.out_features == (2 + 2) * 4 == pruned.query_key_value.weight.shape[0]
+    assert pruned.dense.in_features == 8
+    torch.testing.assert_close(out, zeroed, atol=1e-5, rtol=0)
+
+
+def test_falcon_view_by_a_literal_head_count_is_not_reported_exact():
+    """``view(B, L, 6, self.head_dim)``: the literal keeps the heads, so positions within a head are the unit;
+    the scale computed from ``head_dim`` does not follow them, and the group says so."""
+    model = seeded(lambda: FalconSummedHeads("literal"))
+    ir = PruningIR(model).infer_labels(image(2, 6, 5))
+    group = _attention_group(ir)
+    assert group.prunable and not group.exact
+    assert any("a batched product of two tensors over channels" in r for r in group.inexact_reasons), ir.describe()

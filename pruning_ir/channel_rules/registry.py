@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels import AttributeBinding, TensorLayout
-from ..recorded_ints import AttributeTerms
+from ..recorded_ints import AttributeTerms, DerivedInt
 from ..tracing import AttributeInt, ShapeInt
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ def counting_terms(terms: dict, values: dict) -> tuple[tuple, int, int] | None:
     if counting is None or constant < 0:
         return None
     return counting[0], counting[1], constant
+
+
+def _names(attributes: frozenset) -> str:
+    return ", ".join(sorted(f"{path}.{name}" if path else name for path, name in attributes))
 
 
 def channel_rule(*names: str) -> Callable[[Rule], Rule]:
@@ -255,8 +259,10 @@ class RuleContext:
 
     def size_kind(self, value: Any) -> str:
         """``free``: -1 or read from a tensor; ``attribute``: a module attribute (traced as one,
-        or a literal equal to a known size attribute of an enclosing module); ``literal``:
-        hard-coded in forward()."""
+        or a literal equal to a known size attribute of an enclosing module); ``derived``: computed from
+        attributes in a way pruning does not follow (:class:`DerivedInt`); ``literal``: hard-coded in forward()."""
+        if isinstance(value, DerivedInt):
+            return "derived"
         if value is None or isinstance(value, (ShapeInt, fx.Node)) or value == -1:
             return "free"
         if isinstance(value, AttributeInt) and value.module_path in self.state.modules:
@@ -270,7 +276,7 @@ class RuleContext:
         equal to a known attribute, 2 a literal."""
         kind = self.size_kind(value)
         traced = isinstance(value, AttributeInt) or self.counted(value) is not None
-        return 0 if kind == "free" or traced else {"attribute": 1, "literal": 2}[kind]
+        return 0 if kind == "free" or traced else {"attribute": 1, "literal": 2, "derived": 2}[kind]
 
     def counted(self, value: Any) -> tuple[tuple, int, int] | None:
         """For a product of module attributes plus a constant (``self.num_heads * self.head_dim``,
@@ -335,7 +341,10 @@ class RuleContext:
 
     def size_is_fixed(self, value: Any) -> bool:
         """Whether a size stays what it is after pruning: a literal, an unbound attribute,
-        or computed only from tensor dimensions that carry no channels."""
+        or computed only from tensor dimensions that carry no channels (not :class:`DerivedInt`: its
+        attributes may be bound anywhere in the model)."""
+        if isinstance(value, DerivedInt):
+            return False
         if not isinstance(value, ShapeInt):
             return True
         return not value.attributes and all(atoms is None for _, _, atoms in self.source_atoms(value))
@@ -377,4 +386,7 @@ class RuleContext:
                 self.bind_attribute(path, name, atoms)
         elif kind == "literal":
             self.pin(atoms, f"{what} is the literal {value} in forward()")
-        return kind != "literal"
+        elif kind == "derived":
+            self.pin(atoms, f"{what} ({int(value)}) is computed from {_names(value.attributes)} by arithmetic "
+                            "that pruning does not follow (such as //)")
+        return kind not in ("literal", "derived")

@@ -87,7 +87,8 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
                 ctx.bind_head_count(block.shape[axis], moved[:, 0])
             for d in chunk_out:
                 if d != chunk_out[axis] and size_arguments and not ctx.size_is_fixed(size_arguments[d]):
-                    reason = f"the size of output dim {d} must not change, but is computed from channel counts"
+                    reason = f"the size of output dim {d} must not change, but is computed from channel counts " \
+                             "or module attributes"
                     ctx.pin(moved[:, 0], reason)
                     ctx.pin_size_sources(size_arguments[d], reason)
         atoms = np.moveaxis(block, axis, 0).reshape(block.shape[axis], -1)[:, 0].copy()
