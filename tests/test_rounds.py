@@ -239,3 +239,27 @@ def test_an_optimizer_that_cannot_follow_is_refused_before_the_first_round():
         prune_in_rounds(ir, UniformLabelSelector, 0.5, rounds=2, criterion=MagnitudeCriterion, inplace=True,
                         optimizer=optimizer, verbose=False)
     assert not torch_prune.is_pruned(model) and model.conv1.out_channels == 8
+
+
+def test_later_rounds_score_every_site_after_reconstruction_created_biases():
+    """Round 2 calibrates a model whose bias-free projections got a bias from round 1's refit: the
+    criterion still finds every activation site of the recorded graph (a created bias is not a
+    different call)."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    from hf_models import HF_ZOO
+    entry = HF_ZOO["llama"]
+    (ids,) = entry.example_inputs()
+
+    def calibrate(collector):
+        for shift in range(2):
+            batch = (ids + shift) % 100
+            collector(input_ids=batch, labels=batch).loss.backward()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = prune_in_rounds(PruningIR(entry.build()), UniformLabelSelector, 0.5, calibrate, rounds=2,
+                                 reconstruct="least_squares", verbose=False)
+    assert any(name.endswith("o_proj.bias") for name in pruned.created_parameters)
+    assert not [w for w in caught if "sites were not found" in str(w.message)]

@@ -33,11 +33,14 @@ _INPLACE_FLAG = {"relu", "relu6", "hardtanh", "elu", "selu", "celu", "leaky_relu
                  "silu", "mish", "hardswish", "hardsigmoid"}
 
 
-def _key(node: fx.Node, match: Callable[[fx.Node], Any]) -> tuple:
+def _key(node: fx.Node, match: Callable[[fx.Node], Any], attributes: set[str] | None = None) -> tuple:
+    """The structural key of ``node``; with ``attributes``, parameters outside them are left out (a bias
+    that reconstruction created after the reference graph was recorded matches the call without it)."""
     inputs = []
     for value in node.all_input_nodes:
         if value.op == "get_attr":
-            inputs.append(("attr", value.target))
+            if attributes is None or value.target in attributes:
+                inputs.append(("attr", value.target))
         elif value.op == "placeholder":
             inputs.append(("input", value.target))
         else:
@@ -50,6 +53,7 @@ class ReplayPlan:
 
     def __init__(self, graph: fx.Graph, watched: set[str]):
         self.names_by_key: dict[tuple, list[str]] = defaultdict(list)
+        self.attributes = {node.target for node in graph.nodes if node.op == "get_attr"}
         for node in graph.nodes:
             if node.op in ("call_function", "call_method", "call_module"):
                 self.names_by_key[_key(node, lambda n: n.name)].append(node.name)
@@ -91,7 +95,7 @@ class SiteRecorder(Recorder):
             return self.matched[node]
         name = None
         if node.op in ("call_function", "call_method", "call_module"):
-            key = _key(node, self.match)
+            key = _key(node, self.match, self.plan.attributes)
             names = self.plan.names_by_key.get(key)
             if names is not None:
                 position = self.counts[key]
