@@ -61,39 +61,45 @@ def test_attention_prunes_everything_and_runs(num_heads, head_dim, layout):
 
 class FalconGroupedHeads(nn.Module):
     """Falcon-40B's fused projection: key/value groups, each holding its query heads, then its key and its value
-    head: ``view(B, L, -1, self.num_heads // self.num_kv + 2, self.head_dim)``. The group size is a quotient of
-    two attributes, which pruning does not follow: removing a group changes ``num_kv`` and so the view."""
+    head: ``view(B, L, -1, group_size + 2, self.head_dim)``, the group size written as the quotient
+    ``self.num_heads // self.num_kv_heads`` or as the attribute ``self.num_key_value_groups``."""
 
-    def __init__(self, num_heads=4, num_kv=2, head_dim=4):
+    def __init__(self, quotient=True, num_heads=4, num_kv_heads=2, head_dim=4):
         super().__init__()
-        self.num_heads, self.num_kv, self.head_dim = num_heads, num_kv, head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.num_key_value_groups, self.quotient = num_heads // num_kv_heads, quotient
         self.embed = nn.Linear(5, num_heads * head_dim)
-        self.query_key_value = nn.Linear(num_heads * head_dim, (num_heads + 2 * num_kv) * head_dim, bias=False)
+        self.query_key_value = nn.Linear(num_heads * head_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=False)
         self.dense = nn.Linear(num_heads * head_dim, num_heads * head_dim)
         self.head = nn.Linear(num_heads * head_dim, 3)
 
     def forward(self, x):
         x = self.embed(x)
         B, L, _ = x.shape
-        grouped = self.query_key_value(x).view(B, L, -1, self.num_heads // self.num_kv + 2, self.head_dim)
-        q, k, v = grouped.split([self.num_heads // self.num_kv, 1, 1], dim=3)
+        group_size = self.num_heads // self.num_kv_heads if self.quotient else self.num_key_value_groups
+        grouped = self.query_key_value(x).view(B, L, -1, group_size + 2, self.head_dim)
+        q, k, v = grouped.split([group_size, 1, 1], dim=3)
         q = q.reshape(B, L, -1, self.head_dim)
-        k, v = (t.expand(B, L, self.num_kv, self.num_heads // self.num_kv, self.head_dim).reshape(B, L, -1,
-                                                                                                 self.head_dim)
+        k, v = (t.expand(B, L, self.num_kv_heads, group_size, self.head_dim).reshape(B, L, -1, self.head_dim)
                 for t in (k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, scale=0.5).transpose(1, 2).reshape(B, L, -1)
-        return self.head(x + self.dense(y))
+        y = F.scaled_dot_product_attention(q, k, v, scale=0.5).transpose(1, 2)
+        return self.head(x + self.dense(y.reshape(B, L, self.num_heads * self.head_dim)))
+
+
+def _falcon_grouped(quotient: bool, unit: str = "query_heads"):
+    torch.manual_seed(0)
+    model = FalconGroupedHeads(quotient).eval()
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1))
+    ir = PruningIR(model, gqa_unit=unit).infer_labels(x)
+    group = next(g for g in ir.groups if "query_key_value" in g.modules and "embed" not in g.modules)
+    return model, x, ir, group
 
 
 def test_falcon_grouped_view_sized_by_a_quotient_of_attributes_is_pinned_with_its_reason():
     """A size computed by ``//`` from attributes is no literal that stays: the channels it sizes are kept, with a
     reason, rather than reported exact and then refused (or silently wrong) when pruned."""
-    torch.manual_seed(0)
-    model = FalconGroupedHeads().eval()
-    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1))
-    ir = PruningIR(model).infer_labels(x)
-    group = next(g for g in ir.groups if "query_key_value" in g.modules and "embed" not in g.modules)
+    model, x, ir, group = _falcon_grouped(quotient=True, unit="kv_groups")
     assert not group.prunable
     assert any("computed from channel counts or module attributes" in r for r in group.unprunable_reasons), \
         ir.describe()
@@ -101,6 +107,24 @@ def test_falcon_grouped_view_sized_by_a_quotient_of_attributes_is_pinned_with_it
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no group is refused at prune() time
         pruned = ir.prune(labels=labels).model
-    assert (pruned.num_heads, pruned.num_kv, pruned.head_dim) == (4, 2, 4)
+    assert (pruned.num_heads, pruned.num_kv_heads, pruned.head_dim) == (4, 2, 4)
     with torch.no_grad():
         assert pruned(x).shape == (2, 6, 3)
+
+
+def test_falcon_grouped_view_sized_by_the_group_size_attribute_loses_whole_groups():
+    """``view(B, L, -1, self.num_key_value_groups + 2, self.head_dim)``: with the ``kv_groups`` unit a label is a
+    key/value group with its query heads, removed exactly; with ``query_heads`` the key/value heads are kept and
+    the group size is fixed by the view, so nothing in the attention is prunable (and the IR says why)."""
+    model, x, ir, group = _falcon_grouped(quotient=False, unit="kv_groups")
+    assert group.exact and len(group.labels) == 2, ir.describe()
+    ir.zero_labels(group.labels[:1])
+    with torch.no_grad():
+        zeroed = model(x)
+    pruned = ir.prune(labels=group.labels[:1]).model
+    assert (pruned.num_heads, pruned.num_kv_heads, pruned.num_key_value_groups, pruned.head_dim) == (2, 1, 2, 4)
+    assert pruned.query_key_value.out_features == (2 + 2) * 4 and pruned.dense.in_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed, atol=1e-5, rtol=0)
+    _, _, ir, group = _falcon_grouped(quotient=False, unit="query_heads")
+    assert not group.prunable and any("key/value heads are kept whole" in r for r in group.unprunable_reasons)

@@ -361,7 +361,8 @@ class RuleContext:
         dimension's channels to these position by position (both keep the same count), or
         pins these when that dimension carries none. A module attribute is bound (prune()
         updates it), and so is the head count of a product of attributes (``self.num_heads *
-        self.head_dim``); any other literal is hard-coded, and the dimension's channels are pinned.
+        self.head_dim``, plus a constant: ``self.num_heads + 2``); any other literal is hard-coded, and
+        so is a size computed from attributes by other arithmetic: the dimension's channels are pinned.
         ``heads``: the dimension counts heads, so a head-count attribute is preferred when
         several attributes hold the same value (``num_heads == head_dim == 4``).
         """

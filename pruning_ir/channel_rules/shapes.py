@@ -49,11 +49,13 @@ def reshape_layout(ctx: RuleContext, layout: TensorLayout | None, in_shape, out_
     Input dims merged into one output dim broadcast their atoms over it. An input dim split
     into several output dims must stay a product set after pruning, so its atoms are
     unioned along all split dims but one (the carrier): the outermost whose size follows pruning
-    (``-1``, read from a tensor, or a module attribute) is preferred, then one equal to a known
-    attribute name, then the outermost. ``view(B, T, -1, head_dim)`` and ``view(B, T, self.heads,
-    -1)`` so remove whole heads (q, k and v alike, whatever the head count and size), and
+    (``-1``, read from a tensor, a module attribute, or one attribute times a size plus a constant:
+    Falcon's ``self.num_heads + 2``) is preferred, then one equal to a known attribute name, then the
+    outermost. ``view(B, T, -1, head_dim)``, ``view(B, T, self.heads, -1)`` and ``view(B, T,
+    self.num_heads + 2, self.head_dim)`` so remove whole heads (q, k and v alike), and
     ``view(b, g, c // g, h, w)`` (channel shuffle, ``g`` literal) the same channel of every group.
-    The other split dims must keep their size: one computed from channel counts pins.
+    The other split dims must keep their size: one computed from channel counts, or from attributes
+    by arithmetic pruning does not follow (``num_heads // num_kv``), pins.
     """
     out_dims: list = [None] * len(out_shape)
     split_carriers: set[int] = set()
