@@ -783,9 +783,7 @@ def test_falcon_view_by_head_count_plus_two_removes_whole_heads(heads, merge, sd
     torch.testing.assert_close(out, zeroed, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("sdpa", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="the SDPA rule (channel_rules/attention.py) marks positions within a head inexact only "
-                        "when no scale is given; a given scale may be computed from head_dim"))])
+@pytest.mark.parametrize("sdpa", [False, True])
 def test_falcon_view_by_a_literal_head_count_is_not_reported_exact(sdpa):
     """``view(B, L, 6, self.head_dim)``: the literal keeps the heads, so positions within a head are the unit;
     the scale computed from ``head_dim`` does not follow them, and the group says so."""

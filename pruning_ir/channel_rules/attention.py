@@ -94,12 +94,13 @@ def scaled_dot_product_attention(ctx: RuleContext) -> TensorLayout:
     :func:`grouped_query_heads`). E is contracted between q and k, S between k and v.
     """
     query, key, value = ctx.argument(0, "query"), ctx.argument(1, "key"), ctx.argument(2, "value")
-    mask, scale = ctx.argument(3, "attn_mask"), ctx.argument(6, "scale")
+    mask = ctx.argument(3, "attn_mask")
     q_shape, k_shape = ctx.shape(query), ctx.shape(key)
     contracted = ctx.tie([ctx.atoms_of(query, -1), ctx.atoms_of(key, -1)], "attention over a head dim "
                          "without channel identity")
-    if contracted is not None and scale is None:
-        ctx.mark_inexact(contracted, "the default attention scale depends on the head dim")
+    if contracted is not None:
+        ctx.mark_inexact(contracted, "attention over positions within a head: its scale (the default, or one "
+                                     "computed from the head dim) does not follow their removal")
     ctx.tie([ctx.atoms_of(key, -2), ctx.atoms_of(value, -2)], "keys and values disagree on positions")
     batch = []
     for d in range(len(q_shape) - 2):
