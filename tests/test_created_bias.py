@@ -5,7 +5,6 @@ parameters are refused with the freshly built model bit-identical (issue 24)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import dill
@@ -19,7 +18,7 @@ from pruning_ir import PruningIR, Reconstruction, UniformLabelSelector, collect_
     prune_in_rounds, save_pruned
 from pruning_ir.errors import PrunedModelFormatError
 from pruning_ir.saving import CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE, TORCH_WEIGHTS_FILE
-from test_saving_tampered import FORMATS, Heads, assert_unchanged, snapshot
+from test_saving_tampered import FORMATS, Heads, assert_unchanged, copy_saved, edit_config, edit_weights, snapshot
 
 CREATED = ["conv2.bias", "fc1.bias", "fc2.bias"]
 
@@ -215,30 +214,6 @@ def saved(tmp_path_factory):
     return pruned.model, folders
 
 
-def _copy(saved, tmp_path: Path, weights_format: str = "torch") -> Path:
-    folder = tmp_path / "saved"
-    shutil.copytree(saved[1][weights_format], folder)
-    return folder
-
-
-def _edit_config(folder: Path, edit) -> None:
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    edit(config)
-    (folder / CONFIG_FILE).write_text(json.dumps(config))
-
-
-def _edit_weights(folder: Path, edit) -> None:
-    if (folder / TORCH_WEIGHTS_FILE).exists():
-        state = torch.load(folder / TORCH_WEIGHTS_FILE, weights_only=True)
-        edit(state)
-        torch.save(state, folder / TORCH_WEIGHTS_FILE)
-    else:
-        from safetensors.torch import load_file, save_file
-        state = load_file(folder / SAFETENSORS_WEIGHTS_FILE)
-        edit(state)
-        save_file(state, folder / SAFETENSORS_WEIGHTS_FILE)
-
-
 def _assert_refused(folder: Path, match: str, cls: type[NoBiasNet] = NoBiasNet,
                     error: type[Exception] = PrunedModelFormatError) -> None:
     model = cls()
@@ -270,20 +245,20 @@ def _bias_of(module: str, size: int):
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_the_untampered_files_load(saved, tmp_path, weights_format):
-    loaded = load_pruned(NoBiasNet(), _copy(saved, tmp_path, weights_format))
+    loaded = load_pruned(NoBiasNet(), copy_saved(saved, tmp_path, weights_format))
     assert all(torch.equal(loaded.get_parameter(n), saved[0].get_parameter(n)) for n in CREATED)
 
 
 def test_a_created_bias_on_a_module_that_has_one(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _create("conv1", "bias", [saved[0].conv1.out_channels]))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _create("conv1", "bias", [saved[0].conv1.out_channels]))
     _assert_refused(folder, "conv1 .*already has one")
 
 
 @pytest.mark.parametrize("name", ["weight", "forward", "bias_orig", 3])
 def test_a_created_parameter_that_is_not_a_bias(saved, tmp_path, name):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config["created_parameters"][1].update({"name": name}))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config["created_parameters"][1].update({"name": name}))
     _assert_refused(folder, "only ever creates a bias")
 
 
@@ -291,8 +266,8 @@ def test_a_created_parameter_that_is_not_a_bias(saved, tmp_path, name):
                                            ("ghost", "'ghost', which the model does not have"),
                                            (["fc1"], "which the model does not have")])
 def test_a_created_bias_on_a_module_of_another_kind(saved, tmp_path, module, match):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _create(module, "bias", [5]))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _create(module, "bias", [5]))
     _assert_refused(folder, match)
 
 
@@ -300,44 +275,44 @@ def test_a_created_bias_on_a_module_of_another_kind_with_consistent_weights(tmp_
     """Gated's gate (a user module) holds no bias: a bias created there, in the entry and the weights, is refused."""
     pruned, _ = _reconstructed(cls=Gated)
     save_pruned(pruned, tmp_path)
-    _edit_config(tmp_path, _create("gate", "bias", [5]))
-    _edit_config(tmp_path, lambda config: config["modules"]["gate"].update({"parameters": {"bias": [5]}}))
-    _edit_weights(tmp_path, lambda state: state.update({"gate.bias": torch.zeros(5)}))
+    edit_config(tmp_path, _create("gate", "bias", [5]))
+    edit_config(tmp_path, lambda config: config["modules"]["gate"].update({"parameters": {"bias": [5]}}))
+    edit_weights(tmp_path, lambda state: state.update({"gate.bias": torch.zeros(5)}))
     _assert_refused(tmp_path, "Heads.*only on a Linear or a convolution", cls=Gated)
 
 
 def test_a_created_bias_whose_shape_contradicts_the_out_channels(saved, tmp_path):
     """Entry, record and weights agree on one more output than fc1 has: the layer's sizes refuse it."""
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     config_edit, weights_edit = _bias_of("fc1", saved[0].fc1.out_features + 1)
-    _edit_config(folder, config_edit)
-    _edit_weights(folder, weights_edit)
+    edit_config(folder, config_edit)
+    edit_weights(folder, weights_edit)
     _assert_refused(folder, r"fc1 \(Linear\) is inconsistent after loading: bias")
 
 
 @pytest.mark.parametrize("shape", [[3, 1], [0], [-2], ["4"], [2 ** 40], 7, None])
 def test_a_created_bias_with_an_invalid_shape(saved, tmp_path, shape):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config["created_parameters"][0].update({"shape": shape}))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config["created_parameters"][0].update({"shape": shape}))
     _assert_refused(folder, r"the shape .*\[out channels\]")
 
 
 def test_a_created_bias_whose_record_and_module_entry_disagree(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     size = saved[0].fc1.out_features
-    _edit_config(folder, lambda config: config["modules"]["fc1"]["parameters"].update({"bias": [size - 1]}))
+    edit_config(folder, lambda config: config["modules"]["fc1"]["parameters"].update({"bias": [size - 1]}))
     _assert_refused(folder, f"fc1.bias is created with shape \\[{size}\\], but module fc1 gives it \\[{size - 1}\\]")
 
 
 def test_a_created_bias_the_module_entry_does_not_list(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config["modules"]["fc1"]["parameters"].pop("bias"))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config["modules"]["fc1"]["parameters"].pop("bias"))
     _assert_refused(folder, r"fc1 has parameters \['bias', 'weight'\] here but \['weight'\]")
 
 
 def test_a_created_bias_recorded_twice(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config["created_parameters"].append(dict(config["created_parameters"][0])))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config["created_parameters"].append(dict(config["created_parameters"][0])))
     _assert_refused(folder, "twice")
 
 
@@ -345,34 +320,34 @@ def test_a_created_bias_recorded_twice(saved, tmp_path):
                                             ([{"module": "fc1", "name": "bias"}], "keys"),
                                             ([{"module": "fc1", "name": "bias", "shape": [3], "init": 1}], "keys")])
 def test_malformed_created_parameters(saved, tmp_path, records, match):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config.update({"created_parameters": records}))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config.update({"created_parameters": records}))
     _assert_refused(folder, match)
 
 
 def test_the_record_dropped_from_the_configuration(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config.pop("created_parameters"))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config.pop("created_parameters"))
     _assert_refused(folder, "created by prune")
 
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_weights_without_the_created_bias(saved, tmp_path, weights_format):
-    folder = _copy(saved, tmp_path, weights_format)
-    _edit_weights(folder, lambda state: state.pop("fc1.bias"))
+    folder = copy_saved(saved, tmp_path, weights_format)
+    edit_weights(folder, lambda state: state.pop("fc1.bias"))
     _assert_refused(folder, r"missing \['fc1.bias'\]")
 
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_weights_with_a_created_bias_of_another_shape(saved, tmp_path, weights_format):
-    folder = _copy(saved, tmp_path, weights_format)
-    _edit_weights(folder, lambda state: state.update({"fc1.bias": torch.zeros(len(state["fc1.bias"]) - 1)}))
+    folder = copy_saved(saved, tmp_path, weights_format)
+    edit_weights(folder, lambda state: state.update({"fc1.bias": torch.zeros(len(state["fc1.bias"]) - 1)}))
     _assert_refused(folder, "fc1.bias has shape")
 
 
 def test_weights_with_an_integer_created_bias(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_weights(folder, lambda state: state.update({"fc1.bias": state["fc1.bias"].to(torch.int64)}))
+    folder = copy_saved(saved, tmp_path)
+    edit_weights(folder, lambda state: state.update({"fc1.bias": state["fc1.bias"].to(torch.int64)}))
     _assert_refused(folder, "fc1.bias.*floating")
 
 
@@ -380,5 +355,5 @@ def test_a_failure_after_the_created_bias_is_written_restores_the_model(tmp_path
     """The checks pass, but setting the gate's heads fails after the biases were created: roll back."""
     pruned, _ = _reconstructed(cls=Gated)
     save_pruned(pruned, tmp_path)
-    _edit_config(tmp_path, lambda config: config["modules"]["gate"].update({"attributes": {"heads": 2}}))
+    edit_config(tmp_path, lambda config: config["modules"]["gate"].update({"attributes": {"heads": 2}}))
     _assert_refused(tmp_path, "heads cannot be set", cls=Gated, error=RuntimeError)

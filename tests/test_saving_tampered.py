@@ -41,27 +41,33 @@ def saved(tmp_path_factory):
     return pruned, folders
 
 
-def _copy(saved, tmp_path: Path, weights_format: str = "torch") -> Path:
+def copy_saved(saved, tmp_path: Path, weights_format: str = "torch") -> Path:
     folder = tmp_path / "saved"
     shutil.copytree(saved[1][weights_format], folder)
     return folder
 
 
-def _edit_config(folder: Path, edit) -> None:
+def edit_config(folder: Path, edit) -> None:
     config = json.loads((folder / CONFIG_FILE).read_text())
     edit(config)
     (folder / CONFIG_FILE).write_text(json.dumps(config))
 
 
-def _edit_weights(folder: Path, edit) -> None:
+def _edited(state: dict, edit) -> dict:
+    """``edit`` changes the weights in place, or returns new ones (a dict)."""
+    returned = edit(state)
+    return returned if isinstance(returned, dict) else state
+
+
+def edit_weights(folder: Path, edit) -> None:
     if (folder / TORCH_WEIGHTS_FILE).exists():
         state = torch.load(folder / TORCH_WEIGHTS_FILE, weights_only=True)
-        state = edit(state) or state
+        state = _edited(state, edit)
         torch.save(state, folder / TORCH_WEIGHTS_FILE)
     else:
         from safetensors.torch import load_file, save_file
         state = load_file(folder / SAFETENSORS_WEIGHTS_FILE)
-        state = edit(state) or state
+        state = _edited(state, edit)
         save_file(state, folder / SAFETENSORS_WEIGHTS_FILE)
 
 
@@ -109,40 +115,40 @@ def _drop(key: str):
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_weights_missing_a_key(saved, tmp_path, weights_format):
-    folder = _copy(saved, tmp_path, weights_format)
-    _edit_weights(folder, _drop("fc2.bias"))
+    folder = copy_saved(saved, tmp_path, weights_format)
+    edit_weights(folder, _drop("fc2.bias"))
     assert_refused(folder, r"missing \['fc2.bias'\]")
 
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_weights_with_an_extra_key(saved, tmp_path, weights_format):
-    folder = _copy(saved, tmp_path, weights_format)
-    _edit_weights(folder, lambda state: state.update({"fc2.scale": torch.ones(1)}))
+    folder = copy_saved(saved, tmp_path, weights_format)
+    edit_weights(folder, lambda state: state.update({"fc2.scale": torch.ones(1)}))
     assert_refused(folder, r"unexpected \['fc2.scale'\]")
 
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_a_weight_with_a_wrong_shape(saved, tmp_path, weights_format):
-    folder = _copy(saved, tmp_path, weights_format)
-    _edit_weights(folder, lambda state: state.update({"fc2.bias": torch.zeros(state["fc2.bias"].numel() - 1)}))
+    folder = copy_saved(saved, tmp_path, weights_format)
+    edit_weights(folder, lambda state: state.update({"fc2.bias": torch.zeros(state["fc2.bias"].numel() - 1)}))
     assert_refused(folder, "fc2.bias has shape")
 
 
 @pytest.mark.parametrize("weights_format", FORMATS)
 def test_an_integer_weight_where_the_model_has_floats(saved, tmp_path, weights_format):
-    folder = _copy(saved, tmp_path, weights_format)
-    _edit_weights(folder, lambda state: state.update({"fc2.weight": state["fc2.weight"].to(torch.int32)}))
+    folder = copy_saved(saved, tmp_path, weights_format)
+    edit_weights(folder, lambda state: state.update({"fc2.weight": state["fc2.weight"].to(torch.int32)}))
     assert_refused(folder, "fc2.weight.*floating")
 
 
 def test_weights_that_are_not_a_state_dict(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     torch.save([torch.zeros(1)], folder / TORCH_WEIGHTS_FILE)
     assert_refused(folder, "not a state dict")
 
 
 def test_weights_that_do_not_unpickle(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     (folder / TORCH_WEIGHTS_FILE).write_bytes(b"not a torch file")
     assert_refused(folder, TORCH_WEIGHTS_FILE)
 
@@ -153,61 +159,61 @@ def test_weights_that_do_not_unpickle(saved, tmp_path):
 
 
 def test_config_with_a_huge_shape(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "parameters", "weight", [2 ** 40, saved[0].fc1.in_features]))
-    _edit_weights(folder, _drop("fc1.weight"))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "parameters", "weight", [2 ** 40, saved[0].fc1.in_features]))
+    edit_weights(folder, _drop("fc1.weight"))
     assert_refused(folder, r"fc1: parameter weight .*2\*\*31")
 
 
 def test_config_with_a_negative_shape(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "parameters", "weight", [-3, saved[0].fc1.in_features]))
-    _edit_weights(folder, _drop("fc1.weight"))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "parameters", "weight", [-3, saved[0].fc1.in_features]))
+    edit_weights(folder, _drop("fc1.weight"))
     assert_refused(folder, "fc1: parameter weight .*is -3, not positive")
 
 
 def test_config_with_a_zero_in_a_shape(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "parameters", "weight", [0, saved[0].fc1.in_features]))
-    _edit_weights(folder, lambda state: state.update({"fc1.weight": torch.zeros(0, saved[0].fc1.in_features)}))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "parameters", "weight", [0, saved[0].fc1.in_features]))
+    edit_weights(folder, lambda state: state.update({"fc1.weight": torch.zeros(0, saved[0].fc1.in_features)}))
     assert_refused(folder, "fc1: parameter weight .*is 0, not positive")
 
 
 @pytest.mark.parametrize("value", [30.5, "30", True, None])
 def test_config_with_a_non_int_in_a_shape(saved, tmp_path, value):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "parameters", "weight", [value, saved[0].fc1.in_features]))
-    _edit_weights(folder, _drop("fc1.weight"))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "parameters", "weight", [value, saved[0].fc1.in_features]))
+    edit_weights(folder, _drop("fc1.weight"))
     assert_refused(folder, "fc1: parameter weight .*not an int")
 
 
 def test_config_with_a_shape_larger_than_the_models(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     inputs = saved[0].fc1.in_features
-    _edit_config(folder, _set("fc1", "parameters", "weight", [121, inputs]))
-    _edit_config(folder, _set("fc1", "parameters", "bias", [121]))
-    _edit_weights(folder, lambda state: state.update({"fc1.weight": torch.ones(121, inputs),
+    edit_config(folder, _set("fc1", "parameters", "weight", [121, inputs]))
+    edit_config(folder, _set("fc1", "parameters", "bias", [121]))
+    edit_weights(folder, lambda state: state.update({"fc1.weight": torch.ones(121, inputs),
                                                       "fc1.bias": torch.ones(121)}))
     assert_refused(folder, "fc1: parameter weight .*121.*larger than .*120.*only shrinks")
 
 
 def test_config_with_a_wrong_rank(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     shape = list(saved[0].fc1.weight.shape) + [1]
-    _edit_config(folder, _set("fc1", "parameters", "weight", shape))
-    _edit_weights(folder, lambda state: state.update({"fc1.weight": state["fc1.weight"].unsqueeze(-1)}))
+    edit_config(folder, _set("fc1", "parameters", "weight", shape))
+    edit_weights(folder, lambda state: state.update({"fc1.weight": state["fc1.weight"].unsqueeze(-1)}))
     assert_refused(folder, "fc1: parameter weight .*rank 3.*rank 2")
 
 
 def test_config_with_an_unknown_module_path(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config["modules"].update({"ghost": {"type": "Linear"}}))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config["modules"].update({"ghost": {"type": "Linear"}}))
     assert_refused(folder, r"unexpected \['ghost'\]|modules differ")
 
 
 def test_config_with_an_unknown_parameter_name(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "parameters", "weight_v", [1]))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "parameters", "weight_v", [1]))
     assert_refused(folder, "fc1.*weight_v")
 
 
@@ -215,7 +221,7 @@ def test_tied_tensors_with_conflicting_shapes(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = model[0].weight
     save_pruned(model, tmp_path)
-    _edit_config(tmp_path, _set("0", "parameters", "weight", [2, 4]))
+    edit_config(tmp_path, _set("0", "parameters", "weight", [2, 4]))
     fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     fresh[1].weight = fresh[0].weight
     before = snapshot(fresh)
@@ -228,58 +234,58 @@ def test_tied_tensors_with_conflicting_shapes(tmp_path):
 
 
 def test_config_setting_padding_mode(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("conv1", "attributes", "padding_mode", "circular"))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("conv1", "attributes", "padding_mode", "circular"))
     assert_refused(folder, "conv1.padding_mode.*not an integer size attribute")
 
 
 def test_config_setting_forward(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "attributes", "forward", 3))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "attributes", "forward", 3))
     assert_refused(folder, "fc1.forward.*not an integer size attribute")
 
 
 def test_config_setting_a_huge_out_channels(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("conv1", "attributes", "out_channels", 10 ** 18))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("conv1", "attributes", "out_channels", 10 ** 18))
     assert_refused(folder, "conv1.out_channels.*larger than")
 
 
 @pytest.mark.parametrize("value", ["3", True, 2.0, [3], None])
 def test_config_with_a_non_int_for_an_int_attribute(saved, tmp_path, value):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("conv1", "attributes", "out_channels", value))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("conv1", "attributes", "out_channels", value))
     assert_refused(folder, "conv1.out_channels")
 
 
 def test_config_with_an_attribute_larger_than_the_models(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc1", "attributes", "out_features", 121))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc1", "attributes", "out_features", 121))
     assert_refused(folder, "fc1.out_features.*121.*larger than.*120.*only shrinks")
 
 
 @pytest.mark.parametrize("name, value", [("kernel_size", [3, 3]), ("stride", [2, 2]), ("_version", 3),
                                          ("training", 0)])
 def test_config_changing_an_attribute_pruning_never_changes(saved, tmp_path, name, value):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("conv2", "attributes", name, value))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("conv2", "attributes", name, value))
     assert_refused(folder, f"conv2.{name}")
 
 
 def test_config_whose_attributes_contradict_its_shapes(saved, tmp_path):
     """conv1 loses an output channel in its tensors but keeps out_channels."""
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     weight = list(saved[0].conv1.weight.shape)
-    _edit_config(folder, _set("conv1", "parameters", "weight", [weight[0] - 1] + weight[1:]))
-    _edit_config(folder, _set("conv1", "parameters", "bias", [weight[0] - 1]))
-    _edit_weights(folder, lambda state: state.update({"conv1.weight": state["conv1.weight"][1:],
+    edit_config(folder, _set("conv1", "parameters", "weight", [weight[0] - 1] + weight[1:]))
+    edit_config(folder, _set("conv1", "parameters", "bias", [weight[0] - 1]))
+    edit_weights(folder, lambda state: state.update({"conv1.weight": state["conv1.weight"][1:],
                                                       "conv1.bias": state["conv1.bias"][1:]}))
     assert_refused(folder, "conv1.*out_channels")
 
 
 def test_config_whose_linear_contradicts_its_weight(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, _set("fc2", "attributes", "in_features", saved[0].fc2.in_features - 1))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, _set("fc2", "attributes", "in_features", saved[0].fc2.in_features - 1))
     assert_refused(folder, "fc2.*in_features")
 
 
@@ -301,7 +307,7 @@ class Block(nn.Module):
                                                 ("num_heads", "2", "a size is a positive int")])
 def test_user_module_attributes_outside_what_pruning_writes(tmp_path, name, value, match):
     save_pruned(Block(), tmp_path)
-    _edit_config(tmp_path, _set("", "attributes", name, value))
+    edit_config(tmp_path, _set("", "attributes", name, value))
     model = Block()
     before = snapshot(model)
     with pytest.raises(PrunedModelFormatError, match=match):
@@ -311,7 +317,7 @@ def test_user_module_attributes_outside_what_pruning_writes(tmp_path, name, valu
 
 def test_user_module_size_attribute_that_pruning_writes_loads(tmp_path):
     save_pruned(Block(), tmp_path)
-    _edit_config(tmp_path, _set("", "attributes", "num_heads", 2))
+    edit_config(tmp_path, _set("", "attributes", "num_heads", 2))
     assert load_pruned(Block(), tmp_path).num_heads == 2
 
 
@@ -319,21 +325,21 @@ def test_user_module_size_attribute_that_pruning_writes_loads(tmp_path):
 
 
 def test_config_from_another_model_class(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config.update({"model_class": "zoo.ResNet"}))
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config.update({"model_class": "zoo.ResNet"}))
     assert_refused(folder, "saved from 'zoo.ResNet'")
 
 
 @pytest.mark.parametrize("version", [0, 3, "1", None, True])
 def test_config_with_an_unknown_format_version(saved, tmp_path, version):
-    folder = _copy(saved, tmp_path)
-    _edit_config(folder, lambda config: config.update({"version": version}) if version is not None
+    folder = copy_saved(saved, tmp_path)
+    edit_config(folder, lambda config: config.update({"version": version}) if version is not None
                  else config.pop("version"))
     assert_refused(folder, "version")
 
 
 def test_config_that_is_not_json(saved, tmp_path):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     (folder / CONFIG_FILE).write_text('{"format": ')
     assert_refused(folder, "not valid JSON")
 
@@ -370,11 +376,11 @@ class Fragile(nn.Module):
 def test_a_failure_after_the_first_write_restores_the_model(tmp_path):
     """The checks pass, but setting an attribute fails after tensors were swapped in: roll back."""
     save_pruned(Fragile(), tmp_path)
-    _edit_config(tmp_path, _set("gate", "attributes", "heads", 2))
-    _edit_config(tmp_path, _set("proj", "parameters", "weight", [4, 8]))
-    _edit_config(tmp_path, _set("proj", "parameters", "bias", [4]))
-    _edit_config(tmp_path, _set("proj", "attributes", "out_features", 4))
-    _edit_weights(tmp_path, lambda state: state.update({"proj.weight": torch.ones(4, 8), "proj.bias": torch.ones(4),
+    edit_config(tmp_path, _set("gate", "attributes", "heads", 2))
+    edit_config(tmp_path, _set("proj", "parameters", "weight", [4, 8]))
+    edit_config(tmp_path, _set("proj", "parameters", "bias", [4]))
+    edit_config(tmp_path, _set("proj", "attributes", "out_features", 4))
+    edit_weights(tmp_path, lambda state: state.update({"proj.weight": torch.ones(4, 8), "proj.bias": torch.ones(4),
                                                         "norm.weight": torch.full((8,), 2.0)}))
     model = Fragile()
     before = snapshot(model)
@@ -387,7 +393,7 @@ def test_a_failure_after_the_first_write_restores_the_model(tmp_path):
 
 
 def test_a_failed_save_leaves_the_folder_as_it_was(saved, tmp_path, monkeypatch):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
 
     def failing_save(obj, file, *args, **kwargs):
@@ -402,7 +408,7 @@ def test_a_failed_save_leaves_the_folder_as_it_was(saved, tmp_path, monkeypatch)
 
 
 def test_a_failed_config_write_leaves_the_folder_as_it_was(saved, tmp_path, monkeypatch):
-    folder = _copy(saved, tmp_path)
+    folder = copy_saved(saved, tmp_path)
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     model = ZOO["lenet"].build()
     monkeypatch.setattr(json, "dump", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("no json")))
