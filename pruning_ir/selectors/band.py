@@ -104,14 +104,18 @@ class _LabelCost:
         return (reference - latency) / counts.sum() if counts.sum() else 0.0
 
 
-def _solve_window(values: list[list[int]], weights: list[list[int]], low: int, high: int) -> list[int] | None:
-    """One choice per group with the most value and the total weight in ``[low, high]`` (CP-SAT;
-    one worker, fixed seed: deterministic), or None if no choice fits."""
+def _solve_window(values: list[list[int]], weights: list[list[int]], low: int, high: int,
+                  covers: list[list[tuple[int, int]]]) -> list[int] | None:
+    """One choice per group with the most value and the total weight in ``[low, high]``, at least
+    one (group, choice) pair of every list in ``covers`` chosen (CP-SAT; one worker, fixed seed:
+    deterministic), or None if no choice fits."""
     model = cp_model.CpModel()
     rows = []
     for g, row in enumerate(values):
         rows.append([model.new_bool_var(f"g{g}_c{j}") for j in range(len(row))])
         model.add_exactly_one(rows[-1])
+    for pairs in covers:
+        model.add_bool_or([rows[g][j] for g, j in pairs])
     weight = sum(int(w) * x for ws, xs in zip(weights, rows) for w, x in zip(ws, xs))
     model.add(weight <= high)
     model.add(weight >= low)
@@ -132,20 +136,35 @@ def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray
     (more if that reaches no window), so one group can give labels back while others lose some."""
     total = sum(float(np.abs(g.scores).sum()) for g in plan.groups) or 1.0
     scale = _WEIGHT_UNITS / latency
+    above = latency > windows[0][1]
+
+    def seconds(index: int, count: int) -> float:
+        """A group's move, never faster for keeping more labels (a noisy table can say so)."""
+        move = cost.move(index, counts, count) * gain
+        return min(move, 0.0) if count > counts[index] else max(move, 0.0)
+
     for radius in _RADII:
         grids, values, weights = [], [], []
         for index, g in enumerate(plan.groups):
             here = int(np.searchsorted(g.counts, counts[index]))
             grid = g.counts if radius is None else g.counts[max(0, here - radius):here + radius + 1]
             grid = np.union1d(grid, [counts[index]]).astype(np.int64)
+            if above:   # above the target: only remove (a swap would trust the table's noise too far)
+                grid = grid[grid >= counts[index]]
             grids.append(grid)
             values.append([round(g.kept_score(int(c)) * _SCORE_UNITS / total) for c in grid])
-            weights.append([round(cost.move(index, counts, int(c)) * gain * scale) for c in grid])
+            weights.append([round(seconds(index, int(c)) * scale) for c in grid])
+        # a tensor made of several groups' labels keeps one: some member group keeps its label there
+        covers = [[(gi, j) for gi in sorted({gi for gi, _ in members}) for j, count in enumerate(grids[gi])
+                   if count <= max(rank for g, rank in members if g == gi)] for members in plan.cover_sets]
         for low, high in windows:
             chosen = _solve_window(values, weights, int(np.ceil((low - latency) * scale)),
-                                   int(np.floor((high - latency) * scale)))
-            if chosen is not None:
-                return plan.repair(np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64))
+                                   int(np.floor((high - latency) * scale)), covers)
+            if chosen is None:
+                continue
+            moved = plan.repair(np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64))
+            change = sum(seconds(index, int(c)) for index, c in enumerate(moved) if c != counts[index])
+            return moved if (change < 0 if above else change > 0) else counts   # never a step the wrong way
     return counts
 
 
