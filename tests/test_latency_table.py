@@ -2,8 +2,10 @@
 
 Cache keys (one timing per signature; threads, device and dtype change the key; a disk cache
 is only read on the machine that wrote it), the table's pruned widths against a really pruned
-model, CP-SAT against brute force, budgets met with a deterministic cost, and one real CPU
-measurement within a loose bound.
+model, CP-SAT against brute force, budgets met with a deterministic cost, the check that settles
+a selection in its band (settle_in_band, with deterministic fake latency functions: a lucky first
+reading, load that changes mid-selection, a grid with nothing in the band, a noisy table), and
+one real CPU measurement within a loose bound.
 """
 
 from __future__ import annotations
