@@ -373,3 +373,27 @@ def test_measure_latency_pins_threads_and_restores_them():
     assert set(seen) == {1} and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         measure_latency(Probe(), torch.randn(2), threads=0)
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_the_selector_checks_its_answer_on_the_real_model_and_ends_in_the_band(table):
+    """``KnapsackLabelSelector`` settles its loop's answer (``max_checks``); ``max_checks=0`` returns the loop's."""
+    x = torch.randn(1, 3, 16, 16)
+    count = bind(macs, x)
+    ir = scored_ir(64)
+    target = 0.5 * count(ir.model)
+    options = dict(tolerance=0.02, verbose=False, max_iterations=1,
+                   latency_table=MacsTable(x, threads=1, grid_points=24) if table else None)
+    loop_only = KnapsackLabelSelector(target, count, max_checks=0, **options)
+    loop_labels = loop_only.select(ir)
+    assert loop_only.in_band is None and not any(record.checked for record in loop_only.history)
+    checked = KnapsackLabelSelector(target, count, **options)
+    labels = checked.select(ir)
+    measured = count(ir.prune(labels=labels).model)
+    assert checked.latency == measured and any(record.checked for record in checked.history)
+    assert checked.in_band == (0.98 * target <= measured <= target)
+    assert measured <= target
+    if not 0.98 * target <= count(ir.prune(labels=loop_labels).model) <= target:
+        assert checked.in_band  # the loop's one iteration missed the band; the check stepped into it
+    with pytest.raises(ValueError, match="max_checks"):
+        KnapsackLabelSelector(target, count, max_checks=-1)

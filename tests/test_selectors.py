@@ -316,7 +316,8 @@ def test_knapsack_verbose_prints_each_iteration_and_quiet_prints_nothing(capsys)
     selector = KnapsackLabelSelector(target, latency, verbose=True)
     selector.select(ir)
     out = capsys.readouterr().out
-    assert out.count("estimated") == len(selector.history) >= 1 and "measured" in out and "kept score" in out
+    loop = [record for record in selector.history if not record.checked]   # the band's checks print their own line
+    assert out.count("estimated") == len(loop) >= 1 and "measured" in out and "kept score" in out
 
 
 def test_binary_search_takes_the_fewest_lowest_scores_that_meet_the_target():

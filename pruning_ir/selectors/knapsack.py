@@ -24,6 +24,7 @@ from ..checks import check_share
 from ..errors import LatencyMeasurementError
 from ..latency import TableLatency
 from .base import LabelSelector
+from .band import settle_in_band
 from .binary_search import check_reachable, shortest_feasible_prefix
 from .constraint import ChannelConstraint
 from .iteration import KnapsackIteration
@@ -45,8 +46,11 @@ class KnapsackLabelSelector(LabelSelector):
     returning the feasible selection with the most score. ``strict_label_order`` makes labels
     leave each group in ascending score order. A target at or above the current latency
     selects nothing; one below the smallest reachable model raises ValueError naming it.
-    After ``select``: ``history`` (one :class:`KnapsackIteration` each), ``latency_calls``,
-    ``latency`` (measured latency of the returned selection). The kept score is a sum over
+    The loop's answer is then checked on the real model (``check_repeats`` fresh pruned/unpruned
+    pairs, ``selectors/band.py``) and stepped until it lies in the band, at most ``max_checks``
+    checks (0: no check). After ``select``: ``history`` (one :class:`KnapsackIteration` each,
+    checks included), ``latency_calls``, ``latency`` (measured latency of the returned
+    selection), ``in_band``. The kept score is a sum over
     groups, so scores must be comparable across groups: ``normalize`` as in
     :class:`LabelSelector` (LossAwareCriterion scores: raw, with its default joint scores).
     With ``latency_table=`` a :class:`LatencyTable` (or a ``pruning_ir.latency.TableLatency`` as
@@ -63,7 +67,7 @@ class KnapsackLabelSelector(LabelSelector):
                  max_iterations: int = 15, solver_execution_time_limit: float = 60, verbose: bool = True, *,
                  max_relative_latency_step: float = 0.5, constraint: ChannelConstraint | None = None,
                  tolerance: float = 0.02, chunk_fraction: float = 0.5, normalize: str | None = None,
-                 latency_table: LatencyTable | None = None):
+                 latency_table: LatencyTable | None = None, check_repeats: int = 3, max_checks: int = 6):
         if channels_constraint is not None and constraint is not None and channels_constraint != constraint:
             raise ValueError("pass the channel constraint once: channels_constraint= and constraint= are one argument")
         super().__init__(channels_constraint if channels_constraint is not None else constraint, normalize)
@@ -87,6 +91,10 @@ class KnapsackLabelSelector(LabelSelector):
         self.latency_calls = 0
         self._latency_cache: dict = {}  # IR token -> counts -> latency (LatencyOracle)
         self.latency: float | None = None
+        if isinstance(max_checks, bool) or not isinstance(max_checks, int) or max_checks < 0:
+            raise ValueError(f"max_checks must be an int >= 0 (0: no check), got {max_checks!r}")
+        self.check_repeats, self.max_checks = check_repeats, max_checks
+        self.in_band: bool | None = None
         if latency_table is not None and not isinstance(latency_table, LatencyTable):
             raise TypeError(f"latency_table must be a LatencyTable, got {type(latency_table).__name__}")
         # a table (given, or described by a TableLatency function): multiple-choice knapsack
@@ -107,8 +115,17 @@ class KnapsackLabelSelector(LabelSelector):
                 counts, self.latency = select_with_table(self, plan, oracle, self.latency_table)
             else:
                 counts, self.latency = self._iterate(plan, oracle)
+            calls = 0
+            if self.max_checks:   # the loop's answer checked on the real model, stepped into the band
+                band = settle_in_band(plan, oracle, counts, self.target_latency, self.tolerance,
+                                      table=self.latency_table, repeats=self.check_repeats,
+                                      max_checks=self.max_checks, first_iteration=len(self.history) + 1,
+                                      verbose=self.verbose)
+                self.history += band.checks
+                counts, self.latency, self.in_band, calls = band.counts, band.latency, band.in_band, band.latency_calls
         finally:
             self.latency_calls = oracle.calls
+        self.latency_calls += calls
         if self.verbose:
             tqdm.write(f"selected {int(counts.sum())} labels: latency {self.latency:.6g} "
                        f"({self.latency / self.target_latency:.3f} x target), {oracle.calls} latency calls")
