@@ -100,8 +100,9 @@ class Reconstruction:
         ridge: ``lambda`` relative to the mean variance of the kept inputs; it keeps the solve
             well-posed when kept inputs are (nearly) collinear, and pulls towards the old weights.
         create_bias: where a consumer has no bias and no batch norm right after it (whose running
-            mean takes the shift instead), create one; a created bias is not in an optimizer passed
-            to prune(), and ``load_pruned`` cannot rebuild it. False: the refit is uncentred
+            mean takes the shift instead), create one; it joins an optimizer passed to prune() and is
+            listed in the IR's ``created_parameters``, which ``save_pruned(ir)`` records for
+            ``load_pruned``; a Hugging Face config cannot describe it. False: the refit is uncentred
             instead (``C`` is the second moment), and bias compensation skips the layer.
         warn: warn when a consumer that lost inputs could not be reconstructed.
         verbose: a progress bar over the consumers.
