@@ -18,7 +18,8 @@ from pruning_ir import PruningIR, Reconstruction, UniformLabelSelector, collect_
     prune_in_rounds, save_pruned
 from pruning_ir.errors import PrunedModelFormatError
 from pruning_ir.saving import CONFIG_FILE, SAFETENSORS_WEIGHTS_FILE, TORCH_WEIGHTS_FILE
-from test_saving_tampered import FORMATS, Heads, assert_unchanged, copy_saved, edit_config, edit_weights, snapshot
+from test_saving_tampered import (FORMATS, Heads, assert_unchanged, copy_saved, edit_config, edit_weights,
+                                  saved_in_each_format, snapshot)
 
 CREATED = ["conv2.bias", "fc1.bias", "fc2.bias"]
 
@@ -205,13 +206,7 @@ def test_dill_round_trip_of_an_ir_with_created_biases(tmp_path):
 def saved(tmp_path_factory):
     """A reconstructed NoBiasNet (created biases) saved in both weight formats: (pruned model, {format: folder})."""
     pruned, _ = _reconstructed()
-    folders = {}
-    for weights_format in ("torch", "safetensors"):
-        if weights_format == "safetensors" and not __import__("importlib").util.find_spec("safetensors"):
-            continue
-        folders[weights_format] = save_pruned(pruned, tmp_path_factory.mktemp(weights_format),
-                                              weights_format=weights_format)
-    return pruned.model, folders
+    return pruned.model, saved_in_each_format(pruned, tmp_path_factory)
 
 
 def _assert_refused(folder: Path, match: str, cls: type[NoBiasNet] = NoBiasNet,

@@ -32,13 +32,18 @@ def saved(tmp_path_factory):
     ir = PruningIR(entry.build().eval()).infer_labels(*entry.example_inputs())
     pruned = ir.prune(labels=pick_labels(ir, 0.5)).model.eval()
     assert pruned.fc1.out_features < 120 and pruned.conv1.out_channels < 6
+    return pruned, saved_in_each_format(pruned, tmp_path_factory)
+
+
+def saved_in_each_format(pruned, tmp_path_factory) -> dict:
+    """``save_pruned(pruned)`` into a fresh folder per weights format installed: {format: folder}."""
     folders = {}
     for weights_format in ("torch", "safetensors"):
         if weights_format == "safetensors" and not __import__("importlib").util.find_spec("safetensors"):
             continue
         folders[weights_format] = save_pruned(pruned, tmp_path_factory.mktemp(weights_format),
                                               weights_format=weights_format)
-    return pruned, folders
+    return folders
 
 
 def copy_saved(saved, tmp_path: Path, weights_format: str = "torch") -> Path:
