@@ -23,7 +23,7 @@ from torch import nn
 
 from pruning_ir import ChannelConstraint, KnapsackLabelSelector, PruningIR, TableLatency
 from pruning_ir.criteria import MagnitudeCriterion
-from pruning_ir.latency import bind, macs, measure_latency
+from pruning_ir.latency import bind, compare_latency, macs, measure_latency
 from pruning_ir.selectors import LatencyTable
 from pruning_ir.selectors.band import counts_of, settle_in_band
 from pruning_ir.selectors.latency_table import OpSignature, build_op, machine_key, module_arguments
@@ -223,8 +223,9 @@ def test_table_latency_drives_the_multiple_choice_knapsack_on_a_real_cpu():
     assert selector.latency <= target
     assert selector.latency_table.measurements > 0
     pruned = ir.prune(labels=labels).model
-    remeasured = min(measure_latency(pruned, x, warmup=3, repeats=10, statistic="min", threads=1) for _ in range(3))
-    assert remeasured <= 1.15 * target   # loose: CI machines are noisy
+    # measured in rotation with the unpruned model, so load that comes and goes on a shared CI machine cancels
+    pruned_s, unpruned_s = compare_latency([pruned, ir.model], x, rounds=5, warmup=3, repeats=5, threads=1)
+    assert pruned_s / unpruned_s <= 1.15 * 0.5   # loose: CI machines are noisy
 
 
 # -- settling in the band on the real model ---------------------------------------------------------
