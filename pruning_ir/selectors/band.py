@@ -22,13 +22,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from ortools.sat.python import cp_model
 from tqdm.auto import tqdm
 
 from ..errors import LatencyMeasurementError
 from ..labels import Label
 from .iteration import KnapsackIteration
 from .latency_table import LatencyTable
+from .multiple_choice import cover_constraints, solve_multiple_choice
 from .oracle import LatencyOracle
 from .plan import SelectionPlan
 
@@ -104,30 +104,6 @@ class _LabelCost:
         return (reference - latency) / counts.sum() if counts.sum() else 0.0
 
 
-def _solve_window(values: list[list[int]], weights: list[list[int]], low: int, high: int,
-                  covers: list[list[tuple[int, int]]]) -> list[int] | None:
-    """One choice per group with the most value and the total weight in ``[low, high]``, at least
-    one (group, choice) pair of every list in ``covers`` chosen (CP-SAT; one worker, fixed seed:
-    deterministic), or None if no choice fits."""
-    model = cp_model.CpModel()
-    rows = []
-    for g, row in enumerate(values):
-        rows.append([model.new_bool_var(f"g{g}_c{j}") for j in range(len(row))])
-        model.add_exactly_one(rows[-1])
-    for pairs in covers:
-        model.add_bool_or([rows[g][j] for g, j in pairs])
-    weight = sum(int(w) * x for ws, xs in zip(weights, rows) for w, x in zip(ws, xs))
-    model.add(weight <= high)
-    model.add(weight >= low)
-    model.maximize(sum(int(v) * x for vs, xs in zip(values, rows) for v, x in zip(vs, xs)))
-    solver = cp_model.CpSolver()
-    solver.parameters.num_workers, solver.parameters.random_seed = 1, 0
-    solver.parameters.max_time_in_seconds = _SOLVER_SECONDS
-    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return None
-    return [next(j for j, x in enumerate(xs) if solver.boolean_value(x)) for xs in rows]
-
-
 def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray, gain: float, latency: float,
           windows: list[tuple[float, float]]) -> np.ndarray:
     """The selection near ``counts`` keeping the most score with a predicted latency (``latency``
@@ -154,12 +130,11 @@ def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray
             grids.append(grid)
             values.append([round(g.kept_score(int(c)) * _SCORE_UNITS / total) for c in grid])
             weights.append([round(seconds(index, int(c)) * scale) for c in grid])
-        # a tensor made of several groups' labels keeps one: some member group keeps its label there
-        covers = [[(gi, j) for gi in sorted({gi for gi, _ in members}) for j, count in enumerate(grids[gi])
-                   if count <= max(rank for g, rank in members if g == gi)] for members in plan.cover_sets]
+        covers = cover_constraints(plan, grids)
         for low, high in windows:
-            chosen = _solve_window(values, weights, int(np.ceil((low - latency) * scale)),
-                                   int(np.floor((high - latency) * scale)), covers)
+            chosen = solve_multiple_choice(values, weights, int(np.floor((high - latency) * scale)),
+                                           min_weight=int(np.ceil((low - latency) * scale)), at_least_one_of=covers,
+                                           time_limit=_SOLVER_SECONDS, prefer_heavier=False)
             if chosen is None:
                 continue
             moved = plan.repair(np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64))

@@ -39,8 +39,9 @@ _INNER_ROUNDS = 3                # re-solves on re-estimated rows before measuri
 def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Sequence[int]], capacity: int, *,
                           at_least_one_of: Sequence[Sequence[tuple[int, int]]] = (), time_limit: float = 60.0,
                           relative_gap: float = 0.0, prefer_heavier: bool = True,
-                          same_choice: Sequence[Sequence[int]] = ()) -> list[int] | None:
-    """One choice per group maximizing the total value with the total weight <= ``capacity``.
+                          same_choice: Sequence[Sequence[int]] = (), min_weight: int | None = None) -> list[int] | None:
+    """One choice per group maximizing the total value with the total weight <= ``capacity``
+    (and >= ``min_weight`` when given: a window, as the band's steps need).
 
     ``values[g][j]``/``weights[g][j]``: integers of choice ``j`` of group ``g``.
     ``at_least_one_of``: lists of (group, choice) pairs, at least one of each list chosen (a
@@ -60,6 +61,8 @@ def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Seq
         choices.append(row_vars)
     total_weight = sum(int(w) * x for row, ws in zip(choices, weights) for x, w in zip(row, ws))
     model.add(total_weight <= int(capacity))
+    if min_weight is not None:
+        model.add(total_weight >= int(min_weight))
     for pairs in at_least_one_of:
         model.add_bool_or([choices[g][j] for g, j in pairs])
     for tied in same_choice:
@@ -87,8 +90,9 @@ def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Seq
     return [next(j for j, x in enumerate(row) if solver.boolean_value(x)) for row in choices]
 
 
-def _cover_constraints(plan: SelectionPlan, grids: list[np.ndarray]) -> list[list[tuple[int, int]]]:
-    """Tensors made of several groups' labels keep one: some member group keeps its label."""
+def cover_constraints(plan: SelectionPlan, grids: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
+    """Tensors made of several groups' labels keep one: some member group keeps its label
+    (the (group, choice) pairs of each cover set whose count keeps it, per ``grids``)."""
     constraints = []
     for members in plan.cover_sets:
         pairs = []
@@ -130,7 +134,7 @@ def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, bu
     values = [[round(g.kept_score(int(c)) * _SCORE_UNITS / total) for c in grid] for g, grid in zip(plan.groups, grids)]
     weights = [[round(t * scale) for t in row] for row in rows]
     capacity = int(np.floor((budget - fixed) * scale))
-    chosen = solve_multiple_choice(values, weights, capacity, at_least_one_of=_cover_constraints(plan, grids),
+    chosen = solve_multiple_choice(values, weights, capacity, at_least_one_of=cover_constraints(plan, grids),
                                    time_limit=time_limit, relative_gap=1e-4, same_choice=plan.ties)
     if chosen is None:
         return None
