@@ -11,16 +11,20 @@ removed uniformly, at the smallest share that meets the MACs budget; then each a
 * ``none``, ``bias``, ``least_squares``: ``ir.prune(labels, reconstruct=Reconstruction(stats, method))``,
   the statistics collected once on the unpruned model (``InputStatistics.run`` over the training
   images in eval mode, batches of 64);
+* ``least_squares_seq``: the same, then the sequential refit (``Reconstruction(..., sequential=loader)``:
+  the consumers refit again one after the other, on the inputs the pruned model gives them, to
+  reproduce the unpruned outputs; ``loader``: the training images, batches of 64);
 * ``none_x3``, ``least_squares_x3`` (``--rounds``): the same share in 3 rounds of ``prune_in_rounds(..., reconstruct=method)``,
   statistics re-collected during each round's calibration pass, batch norms not re-estimated
   between rounds (so the ``pruned`` column is still without any re-estimation);
+  ``least_squares_seq_x3``: the rounds with the sequential refit at every round;
 * ``tp_magnitude``, ``tp_taylor``: Torch-Pruning's ``GroupMagnitudeImportance`` and
   ``GroupTaylorImportance`` (same calibration gradients), its ratio bisected to the MACs nearest the budget;
   ``tp_best`` is the better of the two on the ``bn`` column.
 
 Reported: test accuracy right after pruning (``pruned``) and after re-estimating the batch norms on
 the training images (``bn``); the time and peak memory (RSS above the start) of collecting the
-statistics, the size of the sums, and the time of the refit in ``prune``. JSON:
+statistics, the size of the sums, the time of the refit in ``prune`` and of the sequential refit. JSON:
 ``{"seeds", "tasks": {task: {"unpruned", "table", "rows", "cost"}}}``; accuracies are fractions::
 
     python benchmarks/reconstruction.py --seeds 0 1 2 --rounds
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import statistics
 import time
@@ -51,7 +56,7 @@ from pruning_ir.demo.digits import accuracy, batches, reestimate_batchnorm, trai
 from pruning_ir.latency import macs
 
 RATIOS = (0.5, 0.7, 0.85)
-METHODS = ("none", "bias", "least_squares")
+METHODS = ("none", "bias", "least_squares", "least_squares_seq")
 ROUNDS = 3
 STATISTICS_BATCH = 64
 
@@ -142,19 +147,33 @@ def collected(ir: PruningIR, x_train: torch.Tensor) -> tuple:
     return stats, {"collect_s": seconds, "collect_peak_mb": peak.mb, "statistics_mb": size / 2 ** 20}
 
 
-def rounds_arm(trained: nn.Module, share: float, method: str, data: tuple) -> nn.Module:
+def refit_loader(x_train: torch.Tensor) -> list[torch.Tensor]:
+    """The batches of the sequential refit: the training images, as for the statistics."""
+    return [x for x, _ in batches(x_train, x_train, STATISTICS_BATCH, seed=None)]
+
+
+def reconstruction_for(stats, method: str, ridge: float, x_train: torch.Tensor) -> Reconstruction | None:
+    if method == "none":
+        return None
+    sequential = refit_loader(x_train) if method.endswith("_seq") else None
+    return Reconstruction(stats, method.removesuffix("_seq"), ridge=ridge, sequential=sequential, warn=False)
+
+
+def rounds_arm(trained: nn.Module, share: float, method: str, data: tuple, ridge: float) -> nn.Module:
     x_train, y_train = data[0], data[1]
     ir = PruningIR(copy.deepcopy(trained).eval()).infer_labels(x_train[:1])
+    factory = None if method == "none" else functools.partial(reconstruction_for, method=method, ridge=ridge,
+                                                              x_train=x_train)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         pruned = prune_in_rounds(ir, UniformLabelSelector, share, calibration(x_train, y_train), rounds=ROUNDS,
-                                 criterion=LossAwareCriterion, reconstruct=None if method == "none" else method,
-                                 inplace=True, verbose=False)
+                                 criterion=LossAwareCriterion, reconstruct=factory, inplace=True, verbose=False)
     pruned.model.zero_grad(set_to_none=True)
     return pruned.model.eval()
 
 
-def run_seed(task: str, seed: int, with_rounds: bool, ridge: float) -> tuple[list[dict], dict, float]:
+def run_seed(task: str, seed: int, with_rounds: bool, ridge: float,
+             ratios: tuple[float, ...] = RATIOS) -> tuple[list[dict], dict, float]:
     trained, data = trained_task(task, seed)
     x_train, y_train = data[0], data[1]
     example = x_train[:1]
@@ -165,20 +184,24 @@ def run_seed(task: str, seed: int, with_rounds: bool, ridge: float) -> tuple[lis
     score_loss_aware(ir, x_train, y_train)
     stats, cost = collected(ir, x_train)
     graded = tp_calibrated(trained, x_train, y_train, CALIBRATION_BATCH)
-    rows, refit_s = [], []
-    for ratio in RATIOS:
+    rows, refit_s, sequential_s = [], [], []
+    for ratio in ratios:
         budget = (1 - ratio) * base
         share = uniform_share(ir, budget, example)
         labels = UniformLabelSelector(share).select(ir)
         for method in METHODS:
-            reconstruction = None if method == "none" else Reconstruction(stats, method, ridge=ridge, warn=False)
+            reconstruction = reconstruction_for(stats, method, ridge, x_train)
             pruned = ir.prune(labels=labels, reconstruct=reconstruction).model.eval()
             if reconstruction is not None:
-                refit_s.append(reconstruction.report.seconds)
+                report = reconstruction.report
+                if report.sequential is None:
+                    refit_s.append(report.seconds)
+                else:
+                    sequential_s.append(report.seconds + report.sequential_seconds)
             rows.append({"seed": seed, "ratio": ratio, "arm": method, "macs": macs(pruned, example) / base,
                          **accuracies(pruned, data)})
             if with_rounds and method != "bias":
-                pruned = rounds_arm(trained, share, method, data)
+                pruned = rounds_arm(trained, share, method, data, ridge)
                 rows.append({"seed": seed, "ratio": ratio, "arm": f"{method}_x{ROUNDS}",
                              "macs": macs(pruned, example) / base, **accuracies(pruned, data)})
         for importance in ("magnitude", "taylor"):
@@ -187,13 +210,14 @@ def run_seed(task: str, seed: int, with_rounds: bool, ridge: float) -> tuple[lis
             rows.append({"seed": seed, "ratio": ratio, "arm": f"tp_{importance}", "macs": reached / base,
                          **accuracies(pruned.eval(), data)})
     cost["refit_s_mean"] = statistics.mean(refit_s)
+    cost["sequential_s_mean"] = statistics.mean(sequential_s)
     cost["unpruned_bn"] = unpruned_bn
     return rows, cost, unpruned
 
 
 def summary(rows: list[dict], unpruned: float) -> list[dict]:
     entries = []
-    for ratio in RATIOS:
+    for ratio in sorted({r["ratio"] for r in rows}):
         arms = list(dict.fromkeys(r["arm"] for r in rows if r["ratio"] == ratio))
         for arm in arms:
             group = [r for r in rows if r["ratio"] == ratio and r["arm"] == arm]
@@ -218,7 +242,8 @@ def markdown(result: dict) -> list[str]:
         cost = found["cost"]
         lines += [f"**{task}** (unpruned test accuracy {found['unpruned']:.3f}, mean of seeds {result['seeds']}; "
                   f"statistics: {cost['collect_s']:.2f} s to collect, {cost['statistics_mb']:.2f} MB of sums, "
-                  f"peak RSS +{cost['collect_peak_mb']:.0f} MB; refit in prune {cost['refit_s_mean'] * 1000:.0f} ms; "
+                  f"peak RSS +{cost['collect_peak_mb']:.0f} MB; refit in prune {cost['refit_s_mean'] * 1000:.0f} ms, "
+                  f"with the sequential refit {cost['sequential_s_mean']:.2f} s; "
                   f"the unpruned model with its batch norms re-estimated: {cost['unpruned_bn']:.3f})", ""]
         rows = [[f"{int(e['ratio'] * 100)}%", e["arm"], f"{e['macs']:.3f}", f"{e['pruned']:.3f}",
                  f"{e['pruned_drop_pts']:+.1f}", f"{e['bn']:.3f}", f"{e['bn_drop_pts']:+.1f}"]
@@ -233,14 +258,16 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["digits", "shapes"])
     parser.add_argument("--rounds", action="store_true", help=f"add the {ROUNDS}-round arms")
     parser.add_argument("--ridge", type=float, default=1e-3)
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="shares of MACs to remove")
     parser.add_argument("--json", default=f"{harness.RESULTS}/reconstruction.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = {"seeds": args.seeds, "ridge": args.ridge, "rounds": ROUNDS if args.rounds else None, "tasks": {}}
+    result = {"seeds": args.seeds, "ridge": args.ridge, "rounds": ROUNDS if args.rounds else None,
+              "ratios": args.ratios, "tasks": {}}
     for task in args.tasks:
         rows, costs, unpruned = [], [], []
         for seed in args.seeds:
-            found, cost, accuracy_ = run_seed(task, seed, args.rounds, args.ridge)
+            found, cost, accuracy_ = run_seed(task, seed, args.rounds, args.ridge, tuple(args.ratios))
             rows += found
             costs.append(cost)
             unpruned.append(accuracy_)

@@ -16,14 +16,20 @@ covariance ``C`` of each consumer's input features, ``K`` kept and ``R`` removed
 
 ``ir.prune(labels=..., reconstruct=Reconstruction(stats))`` computes the new weights from the
 unpruned model before slicing and writes them into the pruned model after; ``reconstruction.report``
-says, per consumer that lost inputs, what was done or why it was skipped.
+says, per consumer that lost inputs, what was done or why it was skipped. Each consumer is refit
+independently, as if the layers before it were unpruned; ``sequential=loader`` (or :meth:`Reconstruction.refine`
+after the prune) then refits them one after the other on the inputs the pruned model really gives
+them (:mod:`pruning_ir.sequential_refit`).
 """
 
 from __future__ import annotations
 
+import copy
+import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,6 +39,7 @@ from tqdm.auto import tqdm
 from .input_statistics import ConsumerStatistics, InputStatistics, collect_statistics
 from .channels import ParameterBinding
 from .labels import ChannelIndex, ClassBinding
+from .sequential_refit import RefitTarget, refit_sequentially
 
 __all__ = ["Reconstruction", "ReconstructionReport", "ConsumerOutcome", "InputStatistics", "collect_statistics",
            "METHODS"]
@@ -52,11 +59,16 @@ class ConsumerOutcome:
 
 
 class ReconstructionReport:
-    """The outcome of every consumer that lost input features (``outcomes``), and the time taken."""
+    """The outcome of every consumer that lost input features (``outcomes``), and the time taken;
+    after a sequential refit, ``sequential`` (the consumers refit again, in that order) and
+    ``sequential_skipped`` (those it could not reach, with the reason), ``sequential_seconds``."""
 
     def __init__(self, outcomes: list[ConsumerOutcome], seconds: float):
         self.outcomes = outcomes
         self.seconds = seconds
+        self.sequential: list[str] | None = None
+        self.sequential_skipped: dict[str, str] = {}
+        self.sequential_seconds = 0.0
 
     @property
     def refit(self) -> list[str]:
@@ -73,6 +85,10 @@ class ReconstructionReport:
             what = o.method or "skipped"
             lines.append(f"  {o.name}: {what} ({o.removed} of {o.removed + o.kept} input features removed)"
                          + (f": {o.reason}" if o.reason else ""))
+        if self.sequential is not None:
+            lines.append(f"sequential refit: {len(self.sequential)} consumers, in this order "
+                         f"({self.sequential_seconds:.3g} s): {', '.join(self.sequential)}")
+            lines += [f"  {name}: not refit sequentially: {why}" for name, why in self.sequential_skipped.items()]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -83,6 +99,7 @@ class _Refit:
     """New values for one pruned consumer: weight (all output rows, kept inputs) and bias."""
 
     name: str
+    method: str
     weight: torch.Tensor
     shift: torch.Tensor | None          # added to the output: into the bias, or out of a batch norm's mean
     into: str | None                    # "bias", "create" (a new bias) or "running_mean"
@@ -104,6 +121,12 @@ class Reconstruction:
             listed in the IR's ``created_parameters``, which ``save_pruned(ir)`` records for
             ``load_pruned``; a Hugging Face config cannot describe it. False: the refit is uncentred
             instead (``C`` is the second moment), and bias compensation skips the layer.
+        sequential: calibration batches (a list or a DataLoader: run once per refit consumer, through
+            the unpruned and the pruned model): after the independent refit, refit the consumers one
+            after the other on the inputs the pruned model gives them (:meth:`refine`). The prune then
+            holds a copy of the unpruned model until it returns. None (default): independent only.
+        forward: ``forward(model, batch)`` for ``sequential`` (default: a tensor, the first item of a
+            tuple, a dict of keyword inputs); max_batches: the batches of it to use (None: all).
         warn: warn when a consumer that lost inputs could not be reconstructed.
         verbose: a progress bar over the consumers.
 
@@ -111,28 +134,37 @@ class Reconstruction:
     """
 
     def __init__(self, statistics: InputStatistics, method: str = "least_squares", *, ridge: float = 1e-3,
-                 create_bias: bool = True, warn: bool = True, verbose: bool = False):
+                 create_bias: bool = True, sequential: Iterable[Any] | None = None,
+                 forward: Callable[[nn.Module, Any], Any] | None = None, max_batches: int | None = None,
+                 warn: bool = True, verbose: bool = False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if not isinstance(statistics, InputStatistics):
             raise TypeError(f"Reconstruction expects InputStatistics, got {type(statistics).__name__}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if sequential is not None and iter(sequential) is sequential:
+            raise TypeError("Reconstruction(sequential=...) runs the batches once per refit consumer: pass a "
+                            "re-iterable loader (a list of batches or a DataLoader), not an iterator")
         self.statistics = statistics
         self.method = method
         self.ridge = float(ridge)
         self.create_bias = create_bias
+        self.sequential = sequential
+        self.forward = forward
+        self.max_batches = max_batches
         self.warn = warn
         self.verbose = verbose
         self.report: ReconstructionReport | None = None
+        self._targets: list[RefitTarget] | None = None
 
     # -- called by PruningIR.prune -------------------------------------------------------------
     def prepare(self, model: nn.Module, index: ChannelIndex,
                 removed: np.ndarray) -> Callable[[nn.Module, ChannelIndex], None]:
         """Compute the refit weights from ``model`` (unpruned, masks baked) before it is sliced;
         returns ``apply(pruned_model, pruned_index)``, which writes them into the pruned model
-        (and binds a created bias to its output channels in the pruned index)."""
-        import time
+        (and binds a created bias to its output channels in the pruned index), then, with
+        ``sequential``, refits them one after the other."""
         started = time.perf_counter()
         stats = self.statistics
         if stats.active:
@@ -175,13 +207,54 @@ class Reconstruction:
             warnings.warn(f"reconstruction: {len(skipped)} consumers that lose input channels are not refit:\n"
                           f"{listing}", stacklevel=3)
 
+        targets = [RefitTarget(r.name, r.method, r.kept_out, r.into, r.target) for r in refits]
+        dense = copy.deepcopy(model) if self.sequential is not None and targets else None  # model is sliced next
+
         def apply(pruned: nn.Module, pruned_index: ChannelIndex) -> None:
             with torch.no_grad():
                 for refit in refits:
                     _write(pruned, pruned_index, refit)
+            self._targets = targets
             self.report = ReconstructionReport(self._outcomes, time.perf_counter() - self._started)
+            if dense is not None:
+                self.refine(dense, pruned, self.sequential, forward=self.forward, max_batches=self.max_batches)
 
         return apply
+
+    def refine(self, unpruned: nn.Module, pruned: Any, loader: Iterable[Any], *,
+               forward: Callable[[nn.Module, Any], Any] | None = None,
+               max_batches: int | None = None) -> ReconstructionReport:
+        """Refit the consumers this reconstruction refit, one after the other in the order the pruned
+        model calls them, each on the inputs the pruned model now gives it (the layers before it pruned
+        and refit), to reproduce ``unpruned``'s output (:mod:`pruning_ir.sequential_refit`).
+
+        ``unpruned``: the model that was pruned (``ir.model`` after ``ir.prune(...)`` on a copy, the
+        default); ``pruned``: the pruned model or its IR; ``loader``: calibration batches, run once per
+        consumer through both models (a list or a DataLoader). Conv patches are sampled as the
+        statistics sample them (``max_positions``, on the same positions in both models), in their
+        ``dtype``. Returns the report, with ``sequential`` filled in; on an error the pruned model
+        is left as it was.
+        """
+        if self._targets is None or self.report is None:
+            raise RuntimeError("refine() refits what a prune with this Reconstruction refit: call "
+                               "ir.prune(labels=..., reconstruct=reconstruction) first")
+        model = pruned if isinstance(pruned, nn.Module) else getattr(pruned, "model", None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"refine() needs the pruned model or its PruningIR, got {type(pruned).__name__}")
+        if model is unpruned:
+            raise ValueError("refine() got the same model twice: pass the unpruned model and its pruned copy")
+        started = time.perf_counter()
+        stats = self.statistics
+        order, skipped = refit_sequentially(unpruned, model, self._targets, loader, forward=forward,
+                                            max_batches=max_batches, ridge=self.ridge,
+                                            max_positions=stats.max_positions, dtype=stats.dtype,
+                                            seed=0, verbose=self.verbose)
+        self.report.sequential, self.report.sequential_skipped = order, skipped
+        self.report.sequential_seconds = time.perf_counter() - started
+        if skipped and self.warn:
+            warnings.warn(f"sequential refit: {len(skipped)} consumers were not called on the loader's batches "
+                          f"and keep their independent refit: {sorted(skipped)[:8]}", stacklevel=2)
+        return self.report
 
     @torch.no_grad()
     def _refit(self, model: nn.Module, consumer: ConsumerStatistics, drop: np.ndarray, method: str,
@@ -209,7 +282,7 @@ class Reconstruction:
         channels = int(len(kept) // max(int(np.prod(consumer.kernel)) if consumer.kernel else 1, 1))
         shaped = w_kept.reshape(original.shape[0], channels, *consumer.kernel) if consumer.kernel else w_kept
         shift = None if into is None else shift.to(original.dtype)
-        return _Refit(consumer.name, shaped.to(original.dtype), shift, into, target)
+        return _Refit(consumer.name, method, shaped.to(original.dtype), shift, into, target)
 
 
 def _batchnorm_after(graph) -> dict[str, str]:
