@@ -11,8 +11,10 @@ MACs removed (50/70/85%), every arm prunes the same trained model to the same MA
 * ``one_call_no_reconstruction``: the same with ``reconstruct=None``;
 * ``four_steps``: the README's four steps with a knapsack to the budget (``LossAwareCriterion``
   with its defaults over the same batches of 16, model in eval mode, ``KnapsackLabelSelector(macs)``,
-  ``ir.prune``); ``four_steps_batch``: the same with ``LossAwareCriterion(batch_statistics="auto")``,
-  the candidate default (scores in batch statistics), measured and not adopted;
+  ``ir.prune``), which refit by least squares from the criterion's input statistics by default;
+  ``four_steps_exact``: the same with ``LossAwareCriterion(input_statistics=False)``, ENOT's exact
+  slicing (the four steps before that default); ``four_steps_batch``: with
+  ``LossAwareCriterion(batch_statistics="auto")``, a candidate default measured and not adopted;
 * ``tp_magnitude`` / ``tp_taylor``: Torch-Pruning's MetaPruner, uniform per layer, its ratio
   bisected to the budget (``harness.rival.tp_at_macs``; Taylor on the same calibration batches).
 
@@ -172,10 +174,13 @@ def torch_pruning(importance: str):
 
 
 ARMS = {"one_call": one_call_arm("least_squares"), "one_call_no_reconstruction": one_call_arm(None),
-        "four_steps": four_steps_arm(), "four_steps_batch": four_steps_arm(batch_statistics="auto"),
+        "four_steps": four_steps_arm(), "four_steps_exact": four_steps_arm(input_statistics=False),
+        "four_steps_batch": four_steps_arm(batch_statistics="auto"),
         "tp_magnitude": torch_pruning("magnitude"), "tp_taylor": torch_pruning("taylor")}
 # differences reported as their own table: (arm, baseline) -> what the change does
 CHANGES = {("one_call", "one_call_no_reconstruction"): "least-squares reconstruction in the one call",
+           ("four_steps", "four_steps_exact"): "the four steps' default refit (input statistics left by the "
+                                               "criterion, least squares in prune)",
            ("four_steps_batch", "four_steps"): "LossAwareCriterion(batch_statistics='auto'), the candidate default"}
 
 

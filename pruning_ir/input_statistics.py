@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from .conv_patches import call_argument, conv_patches
 from .criteria._distributed import all_reduce_sum, world_size
 from .errors import PruningIRError
 
@@ -80,14 +81,6 @@ class _Interceptor(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
-    return args[position] if len(args) > position else kwargs.get(name, default)
-
-
-def _pairs(value: Any, n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
-
-
 class InputStatistics:
     """Mean and second moment of the input features of every consumer of ``ir``'s labels.
 
@@ -105,12 +98,21 @@ class InputStatistics:
             the consumers of its head and MLP groups: ``o_proj``, ``down_proj``; the projections
             reading the residual stream would cost ``hidden_size^2`` numbers each). None: all.
         dtype: accumulation dtype (float64; float32 halves the memory on a GPU).
+        max_bytes: a cap on the second moments' memory: consumers keep them in order of fewest
+            features while the sums fit; the others keep means only (None: no cap).
+        max_rows: a consumer stops collecting once it has this many rows (None: no cap): the
+            statistics settle long before a long calibration (or a training run) ends.
+        product_dtype: the dtype of one call's outer products before they are added up in ``dtype``
+            (float32: faster on CPU, rounding within a call only; None: ``dtype``).
     """
 
     def __init__(self, ir: Any, *, max_features: int = 4096, max_positions: int | None = 1024,
                  second_moments: bool = True, exclude: Iterable[str] = (),
                  groups: Iterable[int] | Callable[[Any], bool] | None = None, dtype: torch.dtype = torch.float64,
-                 seed: int = 0, verbose: bool = False):
+                 seed: int = 0, verbose: bool = False, max_bytes: int | None = None,
+                 max_rows: int | None = None, product_dtype: torch.dtype | None = None):
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         if max_positions is not None and max_positions < 1:
             raise ValueError(f"max_positions must be >= 1 or None, got {max_positions}")
         self.ir = ir
@@ -120,6 +122,9 @@ class InputStatistics:
         self.exclude = set(exclude)
         self.groups = groups if groups is None or callable(groups) else {int(g) for g in groups}
         self.dtype = dtype
+        self.max_bytes = max_bytes
+        self.max_rows = max_rows
+        self.product_dtype = product_dtype
         self.verbose = verbose
         self._generator = torch.Generator().manual_seed(seed)
         self.token: str | None = None
@@ -129,6 +134,7 @@ class InputStatistics:
         self._handles: list = []
         self._owners: list[tuple[nn.Module, str, str]] = []
         self._mode: _Interceptor | None = None
+        self._paused = False
         self._ready = False
         self._reduced = False
 
@@ -157,13 +163,32 @@ class InputStatistics:
         if self._mode is None:
             return
         mode, self._mode = self._mode, None
-        mode.__exit__(None, None, None)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._unwatch(mode)
         if not failed and world_size() > 1:
             self._setup()
             self._all_reduce()
+
+    def _unwatch(self, mode: "_Interceptor") -> None:
+        if not self._paused:
+            mode.__exit__(None, None, None)
+        self._paused = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def pause_when_full(self) -> bool:
+        """Stop watching, between forward passes, once every consumer seen has ``max_rows`` rows: the
+        rest of a long calibration then runs at full speed (stop() still sums over the ranks)."""
+        if self._mode is None or self._paused or self.max_rows is None or not self._ready:
+            return self._paused
+        counts = [s.count for s in self.consumers.values() if s.skipped is None and s.count > 0]
+        if counts and min(counts) >= self.max_rows:
+            self._mode.__exit__(None, None, None)
+            self._paused = True
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+        return self._paused
 
     @property
     def active(self) -> bool:
@@ -251,9 +276,31 @@ class InputStatistics:
             self._current_id[name] = id(weight)
             if owner is not None and stats.skipped is None:
                 self._owners.append((owner, attribute, name))
+        self._cap_second_moments()
         self._parameter_names = {id(p): n for n, p in parameters.items()}
         self._ready = True
         self._install()
+
+    def _cap_second_moments(self) -> None:
+        """Within ``max_bytes``: second moments for the consumers with the fewest features first."""
+        if self.max_bytes is None:
+            return
+        itemsize, used = torch.empty(0, dtype=self.dtype).element_size(), 0
+        for stats in sorted(self.consumers.values(), key=lambda s: (s.features, s.name)):
+            if stats.skipped is not None or stats.outer_skipped is not None:
+                continue
+            cost = stats.features ** 2 * itemsize
+            if used + cost > self.max_bytes:
+                stats.outer_skipped = (f"the second moments would exceed max_bytes={self.max_bytes} "
+                                       "(kept for consumers with fewer features): bias compensation only")
+            else:
+                used += cost
+
+    def second_moment_bytes(self) -> int:
+        """Memory the second moments take (or will take, once every consumer was seen)."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(s.features ** 2 * itemsize for s in self.consumers.values()
+                   if s.skipped is None and s.outer_skipped is None)
 
     def _wanted_classes(self, index: Any) -> np.ndarray | None:
         """The classes of the groups asked for (``groups=``), as a mask; None when all are."""
@@ -296,61 +343,26 @@ class InputStatistics:
             return  # the tracer's own pass
         if not self._ready:
             self._setup()
-        weight = _argument(args, kwargs, 1, "weight")
+        weight = call_argument(args, kwargs, 1, "weight")
         name = self._by_id.get(id(weight)) if isinstance(weight, torch.Tensor) else None
         stats = None if name is None else self.consumers[name]
-        if stats is None or stats.skipped is not None:
+        if stats is None or stats.skipped is not None or (self.max_rows is not None and stats.count >= self.max_rows):
             return
-        x = _argument(args, kwargs, 0, "input")
-        bias = _argument(args, kwargs, 2, "bias")
+        x = call_argument(args, kwargs, 0, "input")
+        bias = call_argument(args, kwargs, 2, "bias")
         with torch.no_grad():
             if kind == "linear":
                 rows = x.detach().reshape(-1, stats.features)
             else:
-                groups = _argument(args, kwargs, 6, "groups", 1)
+                groups = call_argument(args, kwargs, 6, "groups", 1)
                 if groups != 1:
                     stats.skipped = f"a grouped or depthwise convolution (groups={groups}): not reconstructed"
                     return
-                rows = self._patches(kind, x.detach(), weight, args, kwargs)
+                rows = conv_patches(kind, x.detach(), weight, args, kwargs, self.max_positions, self._generator)
             if not stats.creatable_bias and bias is not None:
                 stats.bias = self._parameter_names.get(id(bias), stats.bias)
             stats.kinds.add(kind)
             self._accumulate(stats, rows)
-
-    def _patches(self, kind: str, x: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        """im2col rows (channel-major, then kernel offsets, as ``weight.reshape(out, -1)``) at up to
-        ``max_positions`` output positions drawn at random (every position when None)."""
-        n = 1 if kind == "conv1d" else 2
-        if x.ndim == n + 1:
-            x = x.unsqueeze(0)
-        kernel = tuple(weight.shape[2:])
-        stride = _pairs(_argument(args, kwargs, 3, "stride", 1), n)
-        padding = _argument(args, kwargs, 4, "padding", 0)
-        dilation = _pairs(_argument(args, kwargs, 5, "dilation", 1), n)
-        if padding == "valid":
-            pads = [(0, 0)] * n
-        elif padding == "same":
-            pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
-        else:
-            pads = [(p, p) for p in _pairs(padding, n)]
-        if any(p for pair in pads for p in pair):
-            x = F.pad(x, [p for pair in reversed(pads) for p in pair])
-        if n == 1:
-            x, kernel, stride, dilation = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
-        batch, channels, height, width = x.shape
-        out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-        out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-        total = batch * out_h * out_w
-        if self.max_positions is None or total <= self.max_positions:
-            flat = torch.arange(total)
-        else:
-            flat = torch.randperm(total, generator=self._generator)[:self.max_positions]
-        flat = flat.to(x.device)
-        b, rest = flat // (out_h * out_w), flat % (out_h * out_w)
-        rows, cols = (rest // out_w) * stride[0], (rest % out_w) * stride[1]
-        parts = [x[b, :, rows + i * dilation[0], cols + j * dilation[1]]
-                 for i in range(kernel[0]) for j in range(kernel[1])]
-        return torch.stack(parts, dim=2).reshape(len(flat), channels * kernel[0] * kernel[1])
 
     def _accumulate(self, stats: ConsumerStatistics, rows: torch.Tensor) -> None:
         rows = rows.to(self.dtype)
@@ -360,8 +372,11 @@ class InputStatistics:
                 stats.outer = torch.zeros(stats.features, stats.features, dtype=self.dtype, device=rows.device)
         stats.count += float(rows.shape[0])
         stats.total += rows.sum(0)
-        if stats.outer is not None:
+        if stats.outer is not None and self.product_dtype in (None, self.dtype):
             stats.outer.addmm_(rows.T, rows)
+        elif stats.outer is not None:  # one call's products in a faster dtype, summed over calls in dtype
+            part = rows.to(self.product_dtype)
+            stats.outer += (part.T @ part).to(self.dtype)
 
     def _all_reduce(self) -> None:
         """Sum every consumer's count and sums over the ranks (zeros where a rank saw none)."""

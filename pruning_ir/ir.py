@@ -20,13 +20,14 @@ from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
 from .pruning import prune_model, slice_plans
 from .recorded_paths import examples_of, trace_paths
-from .summary import summary
+from .summary import describe_groups, summary
 from .tracing import LeafModule, LeafPolicy, trace_model
 from .verification import RemovalCheck, output_signature, without_culprits
 
 if TYPE_CHECKING:
     import networkx
 
+    from .input_statistics import InputStatistics
     from .reconstruction import Reconstruction
 
 # Modules whose internals are not recorded because a rule describes them whole.
@@ -69,6 +70,8 @@ class PruningIR:
         self._graph = None
         self._consumed = False
         self._masked_classes: np.ndarray | None = None
+        self.reconstruction: Reconstruction | None = None  # what the prune() that returned this IR refit with
+        self.reconstruction_note = ""                       # and why (see prune's reconstruct=)
 
     @classmethod
     def _derived(cls, source: "PruningIR", model: nn.Module, index: ChannelIndex,
@@ -82,6 +85,7 @@ class PruningIR:
         derived._leaf_policy = source._leaf_policy.moved_to(source._model, model)
         derived._consumed = False
         derived._masked_classes = None
+        derived._held_statistics = None  # they describe the unpruned layers
         return derived
 
     # -- labels ---------------------------------------------------------------------------
@@ -207,7 +211,7 @@ class PruningIR:
     def prune(self, name: str | Iterable[Label] = "main", *, labels: Iterable[Label] | None = None,
               inplace: bool = False, skip_label_checking: bool = False,
               optimizer: torch.optim.Optimizer | None = None, verify: bool = True,
-              strict: bool = False, reconstruct: "Reconstruction | None" = None) -> "PruningIR":
+              strict: bool = False, reconstruct: "Reconstruction | str | None" = "auto") -> "PruningIR":
         """Remove ``labels`` physically; returns the IR of the pruned model.
 
         ``ir.prune(labels=labels)`` (ENOT's form, ``name`` a snapshot name) and ``ir.prune(labels)``
@@ -227,6 +231,9 @@ class PruningIR:
         ``reconstruct`` joins the param group of its layer's weight.
         ``reconstruct`` (a ``pruning_ir.Reconstruction`` over input statistics of this IR) refits the
         layers that read removed channels, so they lose less of their output (``pruning_ir.reconstruction``).
+        ``"auto"`` (default): a least-squares refit (no bias created) from the statistics the criterion
+        left with this IR (:meth:`hold_statistics`) when they still describe its weights; otherwise none,
+        the reason in the pruned IR's ``reconstruction_note``. None: no refit (ENOT's exact slicing).
         """
         if not isinstance(name, str):  # ir.prune(labels): the labels given positionally
             if labels is not None:
@@ -236,6 +243,9 @@ class PruningIR:
             raise TypeError("prune() needs the labels to remove: ir.prune(labels=selector.select(ir))")
         self.snapshot(name)
         index = self._require_index()
+        from .held_statistics import chosen_reconstruction
+        reconstruct, note = chosen_reconstruction(reconstruct, self.__dict__.get("_held_statistics"), self._model,
+                                                  index, self.masked)
         labels = list(labels)
         if not skip_label_checking:
             self._check_labels(labels)
@@ -259,9 +269,28 @@ class PruningIR:
         if move is not None:
             move_optimizer(optimizer, move, model, created)
         pruned = PruningIR._derived(self, model, kept_index, created)
+        pruned.reconstruction, pruned.reconstruction_note = reconstruct, note
         if inplace:
             self._consumed = True
         return pruned
+
+    def hold_statistics(self, statistics: "InputStatistics | None") -> None:
+        """Keep input statistics collected on this IR (``collect_statistics(ir)``, or a criterion's) for
+        ``prune()``'s default refit, noting every parameter's version so stale ones are not used;
+        None forgets them."""
+        if statistics is None:
+            self._held_statistics = None
+            return
+        from .held_statistics import HeldStatistics
+        if statistics.ir is not self:
+            raise PruningIRError("hold_statistics: these statistics were collected on another IR")
+        self._held_statistics = HeldStatistics.taken_now(statistics, self._model)
+
+    @property
+    def input_statistics(self) -> "InputStatistics | None":
+        """The input statistics held for prune()'s default refit (None when none are)."""
+        held = self.__dict__.get("_held_statistics")
+        return None if held is None else held.statistics
 
     def _verified(self, removed: np.ndarray, inplace: bool,
                   strict: bool) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
@@ -388,22 +417,7 @@ class PruningIR:
         """Per group: modules and parameters it ties, channel counts, and why channels are unprunable."""
         if self._index is None:
             return f"PruningIR({type(self._model).__name__}): labels not inferred yet"
-        groups = self._index.groups
-        prunable = [g for g in groups if g.prunable]
-        lines = [f"PruningIR({type(self._model).__name__}): {sum(len(g.classes) for g in prunable)} labels "
-                 f"in {len(prunable)} prunable groups, {len(groups) - len(prunable)} unprunable groups"]
-        for group in groups:
-            status = "exact" if group.exact else "inexact"
-            lines.append(f"group {group.id}: {len(group.classes)}/{group.channel_count} channels prunable "
-                         f"({status}); modules: {', '.join(group.modules[:6]) or '-'}"
-                         f"{' ...' if len(group.modules) > 6 else ''}")
-            lines.append(f"    parameters: {', '.join(group.parameters[:8]) or '-'}"
-                         f"{' ...' if len(group.parameters) > 8 else ''}")
-            for reason in group.unprunable_reasons:
-                lines.append(f"    unprunable: {reason}")
-            for reason in group.inexact_reasons[:2]:
-                lines.append(f"    inexact: {reason}")
-        return "\n".join(lines)
+        return describe_groups(self._model, self._index)
 
     def summary(self, compact: bool | None = None) -> str:
         """A table of the groups: labels and channels per label, channels, the parameters and MACs they
@@ -423,4 +437,5 @@ class PruningIR:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_graph", None)  # the recorded graph is for inspection; it is not needed to prune
+        state.pop("_held_statistics", None)  # calibration-time sums, not saved: hold them again after loading
         return state

@@ -165,3 +165,23 @@ def summary_title(model: nn.Module, index: ChannelIndex) -> str:
 
 def summary(model: nn.Module, index: ChannelIndex, inputs: Any, compact: bool | None = None) -> str:
     return format_rows(summary_title(model, index), group_rows(model, index, inputs), compact)
+
+
+def describe_groups(model: nn.Module, index: ChannelIndex) -> str:
+    """Per group: modules and parameters it ties, channel counts, and why channels are unprunable."""
+    groups = index.groups
+    prunable = [g for g in groups if g.prunable]
+    lines = [f"PruningIR({type(model).__name__}): {sum(len(g.classes) for g in prunable)} labels "
+             f"in {len(prunable)} prunable groups, {len(groups) - len(prunable)} unprunable groups"]
+    for group in groups:
+        status = "exact" if group.exact else "inexact"
+        lines.append(f"group {group.id}: {len(group.classes)}/{group.channel_count} channels prunable "
+                     f"({status}); modules: {', '.join(group.modules[:6]) or '-'}"
+                     f"{' ...' if len(group.modules) > 6 else ''}")
+        lines.append(f"    parameters: {', '.join(group.parameters[:8]) or '-'}"
+                     f"{' ...' if len(group.parameters) > 8 else ''}")
+        for reason in group.unprunable_reasons:
+            lines.append(f"    unprunable: {reason}")
+        for reason in group.inexact_reasons[:2]:
+            lines.append(f"    inexact: {reason}")
+    return "\n".join(lines)

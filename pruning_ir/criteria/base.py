@@ -9,7 +9,7 @@ criterion produced them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.fx as fx
@@ -18,6 +18,9 @@ from ..errors import LabelsNotInferredError, PruningIRError
 from ..ir import PruningIR
 from ..labels import ChannelIndex
 from ._analysis import GraphFacts
+
+if TYPE_CHECKING:
+    from ..input_statistics import InputStatistics
 
 
 class Criterion:
@@ -35,6 +38,8 @@ class Criterion:
         self.ir = ir.snapshot(snapshot_name)
         self.snapshot_name = snapshot_name
         self._active = False
+        self.input_statistics: bool | str = False  # data-driven subclasses take it as a parameter
+        self._statistics: InputStatistics | None = None
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> "Criterion":
@@ -52,6 +57,8 @@ class Criterion:
         self._active = True
         try:
             self._enter()
+            if self.ir.labels_inferred:
+                self._start_statistics()
         except BaseException:
             self._active = False
             raise
@@ -63,7 +70,14 @@ class Criterion:
         if not self._active:
             return
         self._active = False
-        self._exit(failed=failed)
+        statistics, self._statistics = self._statistics, None
+        try:
+            if statistics is not None:
+                statistics.stop(failed=failed)
+        finally:
+            self._exit(failed=failed)
+        if statistics is not None and not failed:
+            self.ir.hold_statistics(statistics)  # prune()'s default refit uses them while the weights stay
 
     @property
     def active(self) -> bool:
@@ -88,7 +102,22 @@ class Criterion:
         if not self.ir.labels_inferred:
             self.ir.infer_labels(*args, **kwargs)
             self._labels_ready(args, kwargs)
-        return self._run(args, kwargs)
+            self._start_statistics()  # after the tracer's pass, which is not a calibration batch
+        output = self._run(args, kwargs)
+        if self._statistics is not None:
+            self._statistics.pause_when_full()
+        return output
+
+    def _start_statistics(self) -> None:
+        """Collect the input statistics of the layers that read prunable channels, for prune()'s
+        default refit (``input_statistics``: "auto" caps their memory, True does not)."""
+        if self.input_statistics is False or self._statistics is not None:
+            return
+        from ..held_statistics import auto_statistics
+        from ..input_statistics import InputStatistics
+        auto = self.input_statistics == "auto"
+        self._statistics = auto_statistics(self.ir, self.ir.model) if auto else InputStatistics(self.ir)
+        self._statistics.start()
 
     # -- for subclasses -------------------------------------------------------------------
     def _enter(self) -> None:

@@ -58,9 +58,7 @@ class LossAwareCriterion(Criterion):
     read from gradient hooks: no activation is kept. Other sites are reached by replaying the
     forward with the recorder and hooking the activation (``implementation="activations"``
     does so everywhere; the two agree to rounding). Small batches estimate the per-sample
-    (Fisher) score better; inside ``pruning_ir.batch_statistics(model)`` removals are scored
-    with each batch's normalization, as the model will see them once its batch norms are
-    re-estimated.
+    (Fisher) score better.
 
     **Joint scores** (default). Selectors add label scores, but the estimate for a set
     :math:`S` of one group's labels is :math:`C(S) = 1_S^\top M 1_S` with
@@ -89,26 +87,30 @@ class LossAwareCriterion(Criterion):
         keep_gradients: True (default, ENOT-compatible; ``GradualPruner`` relies on it): the calibration
             backward passes leave their ``.grad`` as usual. False: a parameter without ``.grad`` on entry
             gets none while the context is open (each is dropped as soon as it is accumulated).
-        batch_statistics: False (default): the model runs as it is. ``"auto"``: a context whose
-            first call has at least 16 samples, on a model whose batch norms are all in eval mode,
-            runs inside ``batch_statistics(model)`` (modes and running statistics restored on exit),
-            scoring removals as the model normalizes once its batch norms are re-estimated; True:
-            every context does (``criteria/_calibration.py``). Not the default: with knapsack
-            selection it kept less accuracy (``benchmarks/RESULTS.md``, one call section).
+        batch_statistics: False (default): the model runs as it is. True: the context runs inside
+            ``batch_statistics(model)``, scoring removals as the model normalizes once its batch norms
+            are re-estimated; ``"auto"``: when the first call has >= 16 samples and every batch norm is
+            in eval mode (``criteria/_calibration.py``).
+        input_statistics: ``"auto"`` (default): while open, the input statistics of the layers that read
+            prunable channels are collected (memory and rows capped: ``pruning_ir.held_statistics``) and
+            left with the IR, so ``ir.prune(labels=...)`` refits those layers by least squares. True: no
+            cap. False: none (``prune`` then slices exactly, as ENOT).
 
     Scores are written into the IR after every backward pass on CPU (when the context exits on
     accelerators or with joint scores, to avoid a synchronisation or an ordering per step).
-    Under ``torch.distributed`` the sums (and outer products) are all-reduced across ranks when
-    the context exits, so every rank gets the scores of all the data (each rank's batches
-    counted as batches) and selects the same labels; every rank must enter and leave the context.
+    Under ``torch.distributed`` the sums (and outer products, input statistics) are all-reduced
+    across ranks on exit, so every rank gets the same scores; every rank must enter and leave.
     The model is run as the user runs it (train or eval mode, autocast, any batch size);
     outputs, loss and gradients are those without the criterion (unless ``batch_statistics``).
     """
 
     def __init__(self, ir: PruningIR, snapshot_name: str = "main", *, reset: bool = True,
                  implementation: str = "auto", joint: bool | str = "auto", keep_gradients: bool = True,
-                 batch_statistics: bool | str = False):
+                 batch_statistics: bool | str = False, input_statistics: bool | str = "auto"):
         super().__init__(ir, snapshot_name)
+        if input_statistics not in (True, False, "auto"):
+            raise ValueError(f"input_statistics must be True, False or 'auto', got {input_statistics!r}")
+        self.input_statistics = input_statistics
         self.batch_statistics = check_batch_statistics(batch_statistics)
         self.keep_gradients = keep_gradients
         if implementation not in ("auto", "activations"):
@@ -430,9 +432,8 @@ class LossAwareCriterion(Criterion):
         return {} if self._accumulated is None else self._accumulated.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take sums from :meth:`state_dict` (of this or another criterion on the same model) and
-        write the scores they give; a following context with ``reset=False`` continues them.
-        Raises ValueError when they do not fit the IR's labels."""
+        """Take sums from :meth:`state_dict` (of this or another criterion on the same model) and write
+        their scores; a following ``reset=False`` context continues them (ValueError: not this IR's labels)."""
         if not state:
             self._accumulated = None
             return
@@ -445,6 +446,5 @@ class LossAwareCriterion(Criterion):
         return self._count
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
+        if key not in self._warned and not self._warned.add(key):
             warnings.warn(message, stacklevel=3)
