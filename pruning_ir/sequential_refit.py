@@ -149,9 +149,9 @@ class _Pass:
     its rows are taken from the pruned model first (positions drawn), then from the unpruned one at
     the same positions (the k-th call of each model paired)."""
 
-    def __init__(self, pending: dict[str, RefitTarget], dense: nn.Module, pruned: nn.Module,
-                 max_positions: int | None, generator: torch.Generator, dtype: torch.dtype):
-        self.pending, self.dense, self.pruned = pending, dense, pruned
+    def __init__(self, pending: dict[str, RefitTarget], max_positions: int | None, generator: torch.Generator,
+                 dtype: torch.dtype):
+        self.pending = pending
         self.max_positions, self.generator, self.dtype = max_positions, generator, dtype
         self.target: RefitTarget | None = None
         self.sums: _Sums | None = None
@@ -306,7 +306,7 @@ def refit_sequentially(dense: nn.Module, pruned: nn.Module, targets: Iterable[Re
             pruned.eval()
             bar = tqdm(total=len(pending), desc="sequential refit", disable=not verbose, leave=False)
             while pending:
-                current = _Pass(pending, dense, pruned, max_positions, generator, dtype)
+                current = _Pass(pending, max_positions, generator, dtype)
                 watch_pruned = _Watch({id(pruned.get_parameter(n)): n for n in pending}, current.on_pruned)
                 watch_dense = _Watch({id(dense.get_parameter(n)): n for n in pending}, current.on_dense)
                 batches = loader if max_batches is None else islice(loader, max_batches)
