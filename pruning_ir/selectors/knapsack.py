@@ -29,7 +29,7 @@ from .binary_search import check_reachable, shortest_feasible_prefix
 from .constraint import ChannelConstraint
 from .iteration import KnapsackIteration
 from .latency_table import LatencyTable
-from .multiple_choice import select_with_table
+from .multiple_choice import MIN_TRUST_RADIUS, select_with_table, trust_region
 from .oracle import LatencyOracle, check_function, check_target
 from .plan import SelectionPlan
 from .solver import Linearization, solve_knapsack
@@ -60,7 +60,7 @@ class KnapsackLabelSelector(LabelSelector):
     """
 
     CORRECTIONS_PER_ESTIMATE = 2   # budget corrections on one linearization before measuring a new one
-    MIN_TRUST_RADIUS = 0.05        # a group may always move 5% of its labels per solve
+    MIN_TRUST_RADIUS = MIN_TRUST_RADIUS   # a group may always move this share of its labels per solve
 
     def __init__(self, target_latency: float, latency_calculation_function: Callable[[nn.Module], float],
                  strict_label_order: bool = True, channels_constraint: ChannelConstraint | None = None,
@@ -291,16 +291,8 @@ class KnapsackLabelSelector(LabelSelector):
                 continue   # unknown saving: the groups stay where they are
             for gi in members:
                 savings[gi] = max((latency - probed) / (probe - here), 0.0) / len(members)
-                choices[gi] = self._trust_region(g.counts, here, len(g.labels), radius)
+                choices[gi] = trust_region(g.counts, here, len(g.labels), radius)
         return Linearization(current.copy(), latency, savings, choices)
-
-    @staticmethod
-    def _trust_region(allowed: np.ndarray, current: int, labels: int, radius: float) -> np.ndarray:
-        reach = max(1, int(np.ceil(radius * labels)))
-        inside = allowed[np.abs(allowed - current) <= reach]
-        above, below = allowed[allowed > current], allowed[allowed < current]
-        extra = [above[:1], below[-1:]]    # one allowed step each way, however coarse
-        return np.unique(np.concatenate([inside, *extra, [current]]))
 
     def _probe_count(self, allowed: np.ndarray, current: int, labels: int, shrink: bool) -> int | None:
         """The allowed count a chunk away from ``current``, towards more removal when shrinking."""

@@ -3,13 +3,16 @@
 Each group picks one kept count from a grid (``AddExactlyOne`` over its choice booleans). The
 value of a choice is the score the group keeps (labels leave in ascending score order, so it
 is a suffix sum of the sorted scores); its weight is the table's time of the ops the group
-touches at that count, other groups at their current widths. CP-SAT keeps the most value with
-the total weight within the budget. The table predicts isolated op times, not the model's, so
-each solution is measured on the real model; the budget is then corrected from the
-measured/predicted pairs seen so far (interpolating between the two that bracket the aim, else
-their ratio), the rows are re-estimated around the new widths, and the loop repeats until the
-measured latency lies within the tolerance below the target or ``max_iterations`` is spent.
-Groups the constraint ties (``same_across_layers``) share one grid and take the same choice.
+touches at that count. CP-SAT keeps the most value with the total weight within the budget.
+Ops between two groups change with both, so the rows are taken with the other groups at the
+midpoint between the current widths and the last solution, which prices each such op once
+(``_solve_around``), and solved again until the table's full prediction agrees. The table
+predicts isolated op times, not the model's, so each solution is measured on the real model;
+the budget is then corrected from the measured/predicted pairs seen so far (interpolating
+between the two that bracket the aim, else their ratio), the rows are re-estimated around the
+new widths, and the loop repeats until the measured latency lies within the tolerance below
+the target or ``max_iterations`` is spent. Groups the constraint ties (``same_across_layers``)
+share one grid and take the same choice.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from .latency_table import GroupTable, LatencyTable
 from .oracle import LatencyOracle
 from .plan import SelectionPlan
 
-__all__ = ["solve_multiple_choice", "select_with_table"]
+__all__ = ["solve_multiple_choice", "select_with_table", "trust_region", "cover_constraints"]
 
 _WEIGHT_UNITS = 100_000_000     # weight resolution: 1e-8 of the unpruned model's predicted latency
 _SCORE_UNITS = 1_000_000         # value resolution: 1e-6 of the total |score|
 _MAX_REPEATS = 3                 # budget nudges after a selection comes back, before giving up
-_INNER_ROUNDS = 3                # re-solves on re-estimated rows before measuring the real model
+_INNER_ROUNDS = 6                # solves on rows re-taken at the midpoint, before measuring the real model
+MIN_TRUST_RADIUS = 0.05          # a group may always move 5% of its labels per solve
+_RELATIVE_GAP = 5e-4             # the solver stops this close to the optimum: the table's own error is larger
 
 
 def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Sequence[int]], capacity: int, *,
@@ -90,6 +95,16 @@ def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Seq
     return [next(j for j, x in enumerate(row) if solver.boolean_value(x)) for row in choices]
 
 
+def trust_region(grid: np.ndarray, current: int, labels: int, radius: float) -> np.ndarray:
+    """The counts of ``grid`` within ``radius`` (a share of the group's ``labels``) of ``current``,
+    one more each way however coarse the grid, and ``current``: how far one solve may move a
+    group while a linear estimate around ``current`` still holds."""
+    reach = max(1, int(np.ceil(radius * labels)))
+    inside = grid[np.abs(grid - current) <= reach]
+    above, below = grid[grid > current], grid[grid < current]
+    return np.unique(np.concatenate([inside, above[:1], below[-1:], [current]])).astype(np.int64)
+
+
 def cover_constraints(plan: SelectionPlan, grids: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
     """Tensors made of several groups' labels keep one: some member group keeps its label
     (the (group, choice) pairs of each cover set whose count keeps it, per ``grids``)."""
@@ -120,25 +135,68 @@ def _predicted_budget(aim: float, points: list[tuple[float, float]]) -> float:
 
 
 def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, budget: float, scale: float,
-                  time_limit: float) -> np.ndarray | None:
-    """Counts keeping the most score with the table's separable estimate around ``center`` <= ``budget``."""
-    grids = [bound.grid(gi, int(center[gi])) for gi in range(len(plan.groups))]
-    for members in plan.ties:   # tied groups span one grid, so that they can take the same choice
-        shared = np.unique(np.concatenate([grids[gi] for gi in members]))
-        for gi in members:
-            grids[gi] = shared
-    rows = bound.rows(center, grids)
-    here = [int(np.flatnonzero(grid == center[gi])[0]) for gi, grid in enumerate(grids)]
-    fixed = bound.predict(center) - sum(row[j] for row, j in zip(rows, here))
+                  time_limit: float, tolerance: float) -> np.ndarray | None:
+    """Counts keeping the most score with the table's prediction within ``budget``, near ``center``.
+
+    A group's row is the time of the ops it touches at each count of its grid, the other groups
+    held at ``neighbours``; a selection's estimate is the table's prediction at ``center`` plus
+    each group's change along its row. An op between two groups (a convolution reading one and
+    writing the other) changes with both. Held at ``center``, the neighbours make the rows count
+    the part of its change that comes from both moving together twice or not at all (for a time
+    proportional to the product of the widths, ``(a - a0)(b - b0)``), and the solver picks
+    exactly the selections that error flatters: two groups shrinking together look cheaper than
+    they are, growing together from a narrow selection cheaper still, and successive solutions
+    oscillate. Held at the midpoint between ``center`` and the last solution, the rows price
+    each such op once: for a bilinear time the two rows' changes add up to the op's exact change
+    at that solution (a secant). Each group moves within a trust region around ``center``
+    (twice the relative gap between ``budget`` and the prediction at ``center``, as a share of
+    its labels), halved when a solution lands further from the budget than the one before.
+    It solves, takes the rows again at the midpoint, and repeats until the table's full
+    prediction of the solution lies within ``tolerance / 4`` below ``budget`` or a solution comes
+    back; it returns the solution keeping the most score among those the full prediction puts
+    within the budget (else the one it predicts fastest).
+    """
+    anchor = bound.predict(center)
     total = sum(float(np.abs(g.scores).sum()) for g in plan.groups) or 1.0
-    values = [[round(g.kept_score(int(c)) * _SCORE_UNITS / total) for c in grid] for g, grid in zip(plan.groups, grids)]
-    weights = [[round(t * scale) for t in row] for row in rows]
-    capacity = int(np.floor((budget - fixed) * scale))
-    chosen = solve_multiple_choice(values, weights, capacity, at_least_one_of=cover_constraints(plan, grids),
-                                   time_limit=time_limit, relative_gap=1e-4, same_choice=plan.ties)
-    if chosen is None:
+    radius = float(np.clip(2 * abs(budget - anchor) / anchor, MIN_TRUST_RADIUS, 1.0)) if anchor > 0 else 1.0
+    neighbours, solutions, miss = center, [], None
+    for _ in range(_INNER_ROUNDS):
+        grids = [trust_region(bound.grid(gi, int(center[gi])), int(center[gi]), len(g.labels), radius)
+                 for gi, g in enumerate(plan.groups)]
+        for members in plan.ties:   # tied groups span one grid, so that they can take the same choice
+            shared = np.unique(np.concatenate([grids[gi] for gi in members]))
+            for gi in members:
+                grids[gi] = shared
+        here = [int(np.flatnonzero(grid == center[gi])[0]) for gi, grid in enumerate(grids)]
+        values = [[round(g.kept_score(int(c)) * _SCORE_UNITS / total) for c in grid]
+                  for g, grid in zip(plan.groups, grids)]
+        rows = bound.rows(neighbours, grids)
+        fixed = anchor - sum(row[j] for row, j in zip(rows, here))
+        weights = [[round(t * scale) for t in row] for row in rows]
+        chosen = solve_multiple_choice(values, weights, int(np.floor((budget - fixed) * scale)),
+                                       at_least_one_of=cover_constraints(plan, grids), time_limit=time_limit,
+                                       relative_gap=_RELATIVE_GAP, same_choice=plan.ties)
+        if chosen is None:   # nothing within the budget this close to ``center``: a wider region, or none
+            if radius >= 1.0:
+                break
+            radius = min(2 * radius, 1.0)
+            continue
+        counts = np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64)
+        repeated = any(np.array_equal(counts, c) for c, _ in solutions)
+        predicted = bound.predict(counts)
+        solutions.append((counts, predicted))
+        if repeated or budget * (1 - tolerance / 4) <= predicted <= budget:
+            break
+        if miss is not None and abs(predicted - budget) > miss:
+            radius = max(radius / 2, MIN_TRUST_RADIUS)   # further off than the last solve: smaller steps
+        miss = abs(predicted - budget)
+        neighbours = (center + counts) // 2
+    if not solutions:
         return None
-    return np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64)
+    within = [s for s in solutions if s[1] <= budget]
+    if within:
+        return max(within, key=lambda s: (plan.kept_score(s[0]), s[1]))[0]
+    return min(solutions, key=lambda s: s[1])[0]
 
 
 def select_with_table(selector: Any, plan: SelectionPlan, oracle: LatencyOracle,
@@ -165,15 +223,8 @@ def select_with_table(selector: Any, plan: SelectionPlan, oracle: LatencyOracle,
     current, seen, nudge, repeats, converged = base, set(), 1.0, 0, False
     for iteration in range(1, selector.max_iterations + 1):
         budget = _predicted_budget(aim, points) * nudge
-        center, counts = current, None
-        for _ in range(_INNER_ROUNDS):   # re-estimate the rows around the solution until the table agrees
-            solved = _solve_around(plan, bound, center, budget, scale, selector.solver_execution_time_limit)
-            if solved is None:
-                break
-            counts = solved
-            if abs(bound.predict(counts) - budget) <= tolerance / 4 * budget or np.array_equal(counts, center):
-                break
-            center = counts
+        counts = _solve_around(plan, bound, current, budget, scale, selector.solver_execution_time_limit,
+                               tolerance)
         if counts is None:
             counts = plan.max_counts()
         predicted = bound.predict(counts)
