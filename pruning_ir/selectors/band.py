@@ -109,7 +109,9 @@ def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray
     """The selection near ``counts`` keeping the most score with a predicted latency (``latency``
     plus ``gain`` x each group's move in cost units) in the first of ``windows`` that some
     selection reaches: a multiple-choice knapsack over a few allowed counts each way per group
-    (more if that reaches no window), so one group can give labels back while others lose some."""
+    (more if that reaches no window), so one group can give labels back while others lose some.
+    Tied groups (``same_across_layers``) take the same choice: moved one by one, the plan's
+    repair would set each class back to its smallest count and undo or distort the step."""
     total = sum(float(np.abs(g.scores).sum()) for g in plan.groups) or 1.0
     scale = _WEIGHT_UNITS / latency
     above = latency > windows[0][1]
@@ -134,7 +136,7 @@ def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray
         for low, high in windows:
             chosen = solve_multiple_choice(values, weights, int(np.floor((high - latency) * scale)),
                                            min_weight=int(np.ceil((low - latency) * scale)), at_least_one_of=covers,
-                                           time_limit=_SOLVER_SECONDS, prefer_heavier=False)
+                                           time_limit=_SOLVER_SECONDS, prefer_heavier=False, same_choice=plan.ties)
             if chosen is None:
                 continue
             moved = plan.repair(np.array([grid[j] for grid, j in zip(grids, chosen)], dtype=np.int64))
