@@ -32,6 +32,8 @@ had when masked.
 
 from __future__ import annotations
 
+from functools import partial
+
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -109,6 +111,8 @@ class GradualPruner:
             check_step("score_batches", score_batches)
         self.ir = ir
         self.selector_factory = selector_factory
+        if criterion is LossAwareCriterion:  # masked labels are zeros when pruned: no statistics for a refit
+            criterion = partial(LossAwareCriterion, input_statistics=False)
         self.criterion = criterion
         self.latency_function = latency_function
         self.score_batches = score_batches

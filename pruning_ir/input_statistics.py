@@ -164,6 +164,7 @@ class InputStatistics:
             return
         mode, self._mode = self._mode, None
         self._unwatch(mode)
+        self._paused = False
         if not failed and world_size() > 1:
             self._setup()
             self._all_reduce()
@@ -171,7 +172,6 @@ class InputStatistics:
     def _unwatch(self, mode: "_Interceptor") -> None:
         if not self._paused:
             mode.__exit__(None, None, None)
-        self._paused = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -183,16 +183,11 @@ class InputStatistics:
             return self._paused
         counts = [s.count for s in self.consumers.values() if s.skipped is None and s.count > 0]
         if counts and min(counts) >= self.max_rows:
-            self._mode.__exit__(None, None, None)
+            self._unwatch(self._mode)
             self._paused = True
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
         return self._paused
 
-    @property
-    def active(self) -> bool:
-        return self._mode is not None
+    active = property(lambda self: self._mode is not None, doc="Whether the statistics are being collected.")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run ``ir.model(*args, **kwargs)`` (labels are inferred first when needed); returns its output."""

@@ -22,6 +22,8 @@ statistics scores a broken model. The cost is ``rounds`` calibration passes inst
 
 from __future__ import annotations
 
+from functools import partial
+
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
@@ -96,6 +98,8 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
     check_step("rounds", rounds)
     base_latency = None if latency_function is None else float(latency_function(ir.model))
     share = _share(target, base_latency)
+    if criterion is LossAwareCriterion:  # each round's statistics are collected as reconstruct= asks, not twice
+        criterion = partial(LossAwareCriterion, input_statistics=False)
     data_free = isinstance(criterion(ir), DataFreeCriterion)
     if calibrate is None and not data_free:
         raise TypeError("prune_in_rounds needs calibrate(score_collector) for a data-driven criterion "

@@ -201,3 +201,24 @@ def test_a_hugging_face_llama_refit_by_the_four_steps_reloads_with_from_pretrain
     reloaded = getattr(transformers, FAMILIES["llama"].auto).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**inputs).logits, pruned.model(**inputs).logits, atol=1e-5)
+
+
+def test_collection_pauses_once_every_layer_has_its_rows_and_stop_still_ends_it():
+    from torch.overrides import _get_current_function_mode_stack
+    model = _net()
+    ir = PruningIR(model)
+    ir.infer_labels(_data()[0][0])
+    depth = len(_get_current_function_mode_stack())
+    stats = InputStatistics(ir, max_rows=20).start()
+    model(_data()[0][0])
+    assert not stats.pause_when_full()        # the Linears have 16 rows of 20
+    model(_data()[1][0])
+    assert stats.pause_when_full() and len(_get_current_function_mode_stack()) == depth
+    model(_data()[2][0])                      # runs without the interceptor
+    assert stats.count("8.weight") == 32 and stats.active
+    stats.stop()
+    assert not stats.active and len(_get_current_function_mode_stack()) == depth
+    uncapped = InputStatistics(ir).start()
+    model(_data()[0][0])
+    assert not uncapped.pause_when_full()     # no max_rows: never pauses
+    uncapped.stop()
