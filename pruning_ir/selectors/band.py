@@ -32,7 +32,7 @@ from .multiple_choice import cover_constraints, solve_multiple_choice
 from .oracle import LatencyOracle
 from .plan import SelectionPlan
 
-__all__ = ["BandResult", "settle_in_band", "counts_of"]
+__all__ = ["BandResult", "settle_in_band", "counts_of", "centred"]
 
 _GAIN_LIMITS = (0.5, 2.0)   # one step's measured/predicted change corrects the price by at most this factor
 _RADII = (3, 12, None)      # allowed counts each way a group may move in one step (None: any)
@@ -220,7 +220,7 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
         checks.append((record, current))
         say(f"check {number + 1}: {latency:.6g} ({latency / target:.3f} x target, ratios spread {spread:.3f}), "
             f"{record.removed_labels} labels removed")
-        if low <= latency <= target:
+        if centred(record, low, target):
             break
         if previous is None:
             gain = cost.gain(current, predicted, latency, reference)
@@ -240,6 +240,17 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
     return _best(checks, counts, oracle, target, low, calls)
 
 
+def centred(record: KnapsackIteration, low: float, target: float) -> bool:
+    """Whether a check lies in the band far enough from its edges for its noise: a noisy check
+    that reads a selection just inside an edge says little about which side it lies on (and an
+    independent measurement, other noise, other statistic, can read it outside), so it must lie
+    half its spread (largest over smallest pair ratio, minus one, times its reading) inside, at
+    most a quarter of the band; a deterministic check (spread 1) only needs the band."""
+    spread = 1.0 if record.spread is None else record.spread
+    margin = min((target - low) / 4, record.measured * (spread - 1) / 2)
+    return low + margin <= record.measured <= target - margin
+
+
 def _best(checks: list[tuple[KnapsackIteration, np.ndarray]], counts: np.ndarray, oracle: LatencyOracle,
           target: float, low: float, calls: int) -> BandResult:
     """The checked selection to return: in the band (most score), else meeting the target (most
@@ -249,10 +260,11 @@ def _best(checks: list[tuple[KnapsackIteration, np.ndarray]], counts: np.ndarray
         return BandResult(counts, latency, low <= latency <= target, latency <= target, [], calls,
                           "the selection could not be checked again; the loop's measurement stands")
     records = [record for record, _ in checks]
+    middle = [i for i, r in enumerate(records) if centred(r, low, target)]
     band = [i for i, r in enumerate(records) if low <= r.measured <= target]
     feasible = [i for i, r in enumerate(records) if r.measured <= target]
     if band or feasible:
-        chosen = max(band or feasible, key=lambda i: (records[i].kept_score, records[i].measured))
+        chosen = max(middle or band or feasible, key=lambda i: (records[i].kept_score, records[i].measured))
     else:
         chosen = min(range(len(records)), key=lambda i: records[i].measured)
     record, selection = checks[chosen]

@@ -1,0 +1,68 @@
+"""A noisy check aims at the band's centre, not at its edge (``band.centred``).
+
+A check that reads a selection just inside an edge of the band, with pairs that disagree by a
+few percent, cannot tell which side of the edge it lies on, and an independent re-measurement
+(other noise, the fastest of rotated rounds rather than a median) reads it outside as often as
+not. So a noisy check is accepted only half its spread inside the band (at most a quarter of
+the band); a deterministic one anywhere in it. Fake latency functions: MACs, with every third
+reading of a pruned model slower (the median of three pairs reads the true value), so the
+test is exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pruning_ir.latency import bind, macs
+from pruning_ir.selectors.band import centred, settle_in_band
+from pruning_ir.selectors.iteration import KnapsackIteration
+from test_latency_table import MacsTable, band_case, true_latency
+
+
+class EveryThirdSlow:
+    """MACs; each pruned model's every third reading is ``1 + noise`` times slower, the unpruned
+    model's never: a check of three pairs sees a spread of ``1 + noise`` and a median of the truth."""
+
+    def __init__(self, x: torch.Tensor, unpruned: float, noise: float):
+        self.x, self.unpruned, self.noise, self.readings = x, unpruned, noise, {}
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        value = macs(model, self.x)
+        if value == self.unpruned:
+            return value
+        key = tuple(tuple(p.shape) for p in model.parameters())
+        reading = self.readings[key] = self.readings.get(key, -1) + 1
+        return value * (1 + self.noise) if reading % 3 == 1 else value
+
+
+def record(measured: float, spread: float | None) -> KnapsackIteration:
+    return KnapsackIteration(1, 1.0, measured, measured, 0.0, 0, 0, True, spread)
+
+
+def test_centred_needs_half_the_spread_inside_the_band_and_at_most_a_quarter_of_it():
+    low, target = 0.95, 1.0
+    assert centred(record(0.951, 1.0), low, target) and centred(record(0.999, None), low, target)
+    assert not centred(record(0.955, 1.04), low, target)        # 0.0125 (a quarter) needed, 0.005 inside
+    assert centred(record(0.9626, 1.04), low, target)
+    assert centred(record(0.955, 1.008), low, target)           # half the spread: 0.0038 needed
+    assert not centred(record(0.995, 1.02), low, target) and centred(record(0.990, 1.02), low, target)
+    assert not centred(record(1.001, 1.0), low, target) and not centred(record(0.949, 1.0), low, target)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.04])
+def test_a_noisy_check_at_the_edge_of_the_band_steps_to_its_middle(noise):
+    ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: EveryThirdSlow(x, full, noise), 0.48)
+    target = true_latency(ir, count, plan, counts) / 0.955   # the selection lies just above the band's floor
+    result = settle_in_band(plan, oracle, counts, target, 0.05, table=MacsTable(torch.randn(2, 3, 16, 16)),
+                            max_checks=6)
+    achieved = true_latency(ir, count, plan, result.counts)
+    assert result.in_band and result.latency == pytest.approx(achieved, rel=1e-12)
+    assert result.checks[0].measured == pytest.approx(0.955 * target, rel=1e-12)
+    if noise == 0:   # deterministic: the edge is as good as the middle
+        assert len(result.checks) == 1 and np.array_equal(result.counts, counts)
+    else:            # spread 1.04: at least a quarter of the band inside
+        assert result.checks[0].spread == pytest.approx(1 + noise)
+        assert len(result.checks) >= 2 and 0.9625 * target <= achieved <= 0.9875 * target
+        assert plan.kept_score(result.counts) > plan.kept_score(counts)
