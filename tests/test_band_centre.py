@@ -4,9 +4,9 @@ A check that reads a selection just inside an edge of the band, with pairs that 
 few percent, cannot tell which side of the edge it lies on, and an independent re-measurement
 (other noise, the fastest of rotated rounds rather than a median) reads it outside as often as
 not. So a noisy check is accepted only half its spread inside the band (at most a quarter of
-the band); a deterministic one anywhere in it. Fake latency functions: MACs, with every third
-reading of a pruned model slower (the median of three pairs reads the true value), so the
-test is exact.
+the band); a deterministic one anywhere in it. And a check can read its pairs as
+``compare_latency`` does (``statistic="fastest"``), so that time noise adds to both models does
+not pull the ratio towards 1. Fake latency functions built on MACs, so the tests are exact.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_ir.latency import bind, macs
+from pruning_ir import KnapsackLabelSelector
+from pruning_ir.latency import macs
 from pruning_ir.selectors.band import centred, settle_in_band
 from pruning_ir.selectors.iteration import KnapsackIteration
 from test_latency_table import MacsTable, band_case, true_latency
@@ -66,3 +67,34 @@ def test_a_noisy_check_at_the_edge_of_the_band_steps_to_its_middle(noise):
         assert result.checks[0].spread == pytest.approx(1 + noise)
         assert len(result.checks) >= 2 and 0.9625 * target <= achieved <= 0.9875 * target
         assert plan.kept_score(result.counts) > plan.kept_score(counts)
+
+
+class AddedTime:
+    """MACs plus time that noise adds to every model's readings alike: the k-th reading of a model
+    ``k % 3`` times ``added``. The pairs of a check share the added time, so the median pair
+    ratio is pulled towards 1; each model's fastest reading is the truth."""
+
+    def __init__(self, x: torch.Tensor, added: float):
+        self.x, self.added, self.readings = x, added, {}
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        value = macs(model, self.x)
+        reading = self.readings[value] = self.readings.get(value, -1) + 1
+        return value + self.added * (reading % 3)
+
+
+def test_the_fastest_statistic_drops_time_that_noise_adds_to_both_models():
+    ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: AddedTime(x, 0.02 * full), 0.45)
+    truth = true_latency(ir, count, plan, counts)
+    target = truth / 0.97
+    read = {}
+    for statistic in ("median", "fastest"):
+        result = settle_in_band(plan, oracle, counts, target, 0.05, statistic=statistic, max_checks=1,
+                                reference=full)
+        read[statistic] = result.checks[0].measured
+    assert read["fastest"] == pytest.approx(truth, rel=1e-12)
+    assert read["median"] > 1.01 * truth   # the added time makes the pruned model look relatively slower
+    with pytest.raises(ValueError, match="statistic"):
+        settle_in_band(plan, oracle, counts, target, 0.05, statistic="mean")
+    with pytest.raises(ValueError, match="check_statistic"):
+        KnapsackLabelSelector(1.0, count, check_statistic="min")

@@ -32,13 +32,14 @@ from .multiple_choice import cover_constraints, solve_multiple_choice
 from .oracle import LatencyOracle
 from .plan import SelectionPlan
 
-__all__ = ["BandResult", "settle_in_band", "counts_of", "centred"]
+__all__ = ["BandResult", "settle_in_band", "counts_of", "centred", "CHECK_STATISTICS"]
 
 _GAIN_LIMITS = (0.5, 2.0)   # one step's measured/predicted change corrects the price by at most this factor
 _RADII = (3, 12, None)      # allowed counts each way a group may move in one step (None: any)
 _WEIGHT_UNITS = 100_000_000  # integer seconds for CP-SAT: 1e-8 of the checked latency
 _SCORE_UNITS = 1_000_000     # integer score: 1e-6 of the total |score|
 _SOLVER_SECONDS = 10.0
+CHECK_STATISTICS = ("median", "fastest")
 
 
 @dataclass
@@ -147,7 +148,8 @@ def _step(plan: SelectionPlan, cost: _TableCost | _LabelCost, counts: np.ndarray
 
 def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarray, target: float,
                    tolerance: float, *, table: LatencyTable | None = None, repeats: int = 3, max_checks: int = 6,
-                   reference: float | None = None, first_iteration: int = 1, verbose: bool = False) -> BandResult:
+                   reference: float | None = None, first_iteration: int = 1, verbose: bool = False,
+                   statistic: str = "median") -> BandResult:
     """Check ``counts`` on the real model and step until it lies in ``[1 - tolerance, 1] x target``.
 
     ``oracle``: the selection's latency oracle (its function measures). ``reference``: the
@@ -157,9 +159,14 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
     (None: every label the same). ``repeats``: fresh pruned/unpruned pairs per check, up to
     twice as many while their ratios spread wider than the band (a deterministic function is
     detected on the first pair and measured once). ``max_checks``:
-    checks in all, the first included. Warns (RuntimeWarning) when no checked selection lies
-    in the band.
+    checks in all, the first included. ``statistic``: how a check reads its pairs: ``"median"``
+    of the pruned/unpruned ratios (one odd reading cannot move it), or ``"fastest"`` pruned
+    reading over the fastest unpruned one, as ``compare_latency`` compares models measured in
+    rotation (time that noise adds to every reading of both models, which pulls a ratio towards
+    1, drops out of both). Warns (RuntimeWarning) when no checked selection lies in the band.
     """
+    if statistic not in CHECK_STATISTICS:
+        raise ValueError(f"statistic must be one of {CHECK_STATISTICS}, got {statistic!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if isinstance(max_checks, bool) or not isinstance(max_checks, int) or max_checks < 1:
@@ -186,7 +193,7 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
         nonlocal deterministic
         if deterministic:
             return fresh(selection), 1.0
-        ratios, pruned, repeat = [], [], 0
+        ratios, pruned, unpruneds, repeat = [], [], [], 0
         while repeat < repeats or (repeat < 2 * repeats and ratios and max(ratios) > (1 + tolerance) * min(ratios)):
             first, second = (selection, base) if repeat % 2 == 0 else (base, selection)
             values = [fresh(first), fresh(second)]
@@ -196,12 +203,14 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
                 if deterministic:
                     return latency, 1.0
             pruned.append(latency)
+            unpruneds.append(unpruned)
             if unpruned > 0:
                 ratios.append(latency / unpruned)
             repeat += 1   # noisier than the band is wide: up to twice the pairs
         if len(ratios) < len(pruned) or min(ratios) <= 0:   # a zero reading: no ratio to take
             return statistics.median(pruned), 1.0
-        return statistics.median(ratios) * reference, max(ratios) / min(ratios)
+        ratio = min(pruned) / min(unpruneds) if statistic == "fastest" else statistics.median(ratios)
+        return ratio * reference, max(ratios) / min(ratios)
 
     cost = _LabelCost() if table is None else _TableCost(table, plan)
     say = tqdm.write if verbose else (lambda line: None)

@@ -24,7 +24,7 @@ from ..checks import check_share
 from ..errors import LatencyMeasurementError
 from ..latency import TableLatency
 from .base import LabelSelector
-from .band import settle_in_band
+from .band import CHECK_STATISTICS, settle_in_band
 from .binary_search import check_reachable, shortest_feasible_prefix
 from .constraint import ChannelConstraint
 from .iteration import KnapsackIteration
@@ -47,7 +47,8 @@ class KnapsackLabelSelector(LabelSelector):
     leave each group in ascending score order. A target at or above the current latency
     selects nothing; one below the smallest reachable model raises ValueError naming it.
     The loop's answer is then checked on the real model (``check_repeats`` fresh pruned/unpruned
-    pairs, ``selectors/band.py``) and stepped until it lies in the band, at most ``max_checks``
+    pairs, read by ``check_statistic``: ``"median"`` pair ratio or ``"fastest"`` of each model,
+    ``selectors/band.py``) and stepped until it lies in the band, at most ``max_checks``
     checks (0: no check). After ``select``: ``history`` (one :class:`KnapsackIteration` each,
     checks included), ``latency_calls``, ``latency`` (measured latency of the returned
     selection), ``in_band``. The kept score is a sum over
@@ -67,7 +68,8 @@ class KnapsackLabelSelector(LabelSelector):
                  max_iterations: int = 15, solver_execution_time_limit: float = 60, verbose: bool = True, *,
                  max_relative_latency_step: float = 0.5, constraint: ChannelConstraint | None = None,
                  tolerance: float = 0.02, chunk_fraction: float = 0.5, normalize: str | None = None,
-                 latency_table: LatencyTable | None = None, check_repeats: int = 3, max_checks: int = 6):
+                 latency_table: LatencyTable | None = None, check_repeats: int = 3, max_checks: int = 6,
+                 check_statistic: str = "median"):
         if channels_constraint is not None and constraint is not None and channels_constraint != constraint:
             raise ValueError("pass the channel constraint once: channels_constraint= and constraint= are one argument")
         super().__init__(channels_constraint if channels_constraint is not None else constraint, normalize)
@@ -94,6 +96,9 @@ class KnapsackLabelSelector(LabelSelector):
         if isinstance(max_checks, bool) or not isinstance(max_checks, int) or max_checks < 0:
             raise ValueError(f"max_checks must be an int >= 0 (0: no check), got {max_checks!r}")
         self.check_repeats, self.max_checks = check_repeats, max_checks
+        if check_statistic not in CHECK_STATISTICS:
+            raise ValueError(f"check_statistic must be one of {CHECK_STATISTICS}, got {check_statistic!r}")
+        self.check_statistic = check_statistic
         self.in_band: bool | None = None
         if latency_table is not None and not isinstance(latency_table, LatencyTable):
             raise TypeError(f"latency_table must be a LatencyTable, got {type(latency_table).__name__}")
@@ -120,7 +125,7 @@ class KnapsackLabelSelector(LabelSelector):
                 band = settle_in_band(plan, oracle, counts, self.target_latency, self.tolerance,
                                       table=self.latency_table, repeats=self.check_repeats,
                                       max_checks=self.max_checks, first_iteration=len(self.history) + 1,
-                                      verbose=self.verbose)
+                                      verbose=self.verbose, statistic=self.check_statistic)
                 self.history += band.checks
                 counts, self.latency, self.in_band, calls = band.counts, band.latency, band.in_band, band.latency_calls
         finally:
