@@ -277,24 +277,26 @@ class InputStatistics:
         self._install()
 
     def _cap_second_moments(self) -> None:
-        """Within ``max_bytes``: second moments for the consumers with the fewest features first."""
+        """Within ``max_bytes``, second moments first for the consumers that alone read their channels (an
+        MLP's down projection, not the residual stream's many readers: one refit repairs a whole group),
+        then for those with the fewest features."""
         if self.max_bytes is None:
             return
         itemsize, used = torch.empty(0, dtype=self.dtype).element_size(), 0
-        for stats in sorted(self.consumers.values(), key=lambda s: (s.features, s.name)):
+        readers = np.bincount(np.concatenate([np.unique(s.classes) for s in self.consumers.values()] or [[0]]))
+        for stats in sorted(self.consumers.values(), key=lambda s: (readers[s.classes].max(), s.features, s.name)):
             if stats.skipped is not None or stats.outer_skipped is not None:
                 continue
             cost = stats.features ** 2 * itemsize
             if used + cost > self.max_bytes:
-                stats.outer_skipped = (f"the second moments would exceed max_bytes={self.max_bytes} "
-                                       "(kept for consumers with fewer features): bias compensation only")
+                stats.outer_skipped = (f"the second moments would exceed max_bytes={self.max_bytes} (kept for "
+                                       "consumers read alone or with fewer features first): bias compensation only")
             else:
                 used += cost
 
     def second_moment_bytes(self) -> int:
         """Memory the second moments take (or will take, once every consumer was seen)."""
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(s.features ** 2 * itemsize for s in self.consumers.values()
+        return sum(s.features ** 2 * torch.empty(0, dtype=self.dtype).element_size() for s in self.consumers.values()
                    if s.skipped is None and s.outer_skipped is None)
 
     def _wanted_classes(self, index: Any) -> np.ndarray | None:
@@ -416,10 +418,9 @@ class InputStatistics:
         return self._collected(name).count
 
     def _collected(self, name: str) -> ConsumerStatistics:
-        stats = self.consumers.get(name)
-        if stats is None or stats.total is None:
+        if self.consumers.get(name) is None or self.consumers[name].total is None:
             raise KeyError(f"no input statistics for '{name}' (collected: {self.collected()})")
-        return stats
+        return self.consumers[name]
 
     def state_dict(self) -> dict[str, Any]:
         """The sums, per consumer weight, as tensors and plain values (``torch.save`` them)."""
@@ -436,12 +437,11 @@ class InputStatistics:
         for name, values in state["consumers"].items():
             stats = self.consumers[name]
             stats.count, stats.total, stats.outer = values["count"], values["total"], values["outer"]
-            stats.skipped, stats.outer_skipped, stats.bias = values["skipped"], values["outer_skipped"], values["bias"]
-            stats.kinds = set(values["kinds"])
+            stats.skipped, stats.outer_skipped, stats.bias, stats.kinds = (
+                values["skipped"], values["outer_skipped"], values["bias"], set(values["kinds"]))
 
     def __repr__(self) -> str:
-        return (f"<InputStatistics: {len(self.collected())} consumers collected, "
-                f"{len(self.skipped)} without statistics>")
+        return f"<InputStatistics: {len(self.collected())} consumers collected, {len(self.skipped)} without statistics>"
 
 
 def collect_statistics(ir: Any, **options: Any) -> InputStatistics:

@@ -222,3 +222,31 @@ def test_collection_pauses_once_every_layer_has_its_rows_and_stop_still_ends_it(
     model(_data()[0][0])
     assert not uncapped.pause_when_full()     # no max_rows: never pauses
     uncapped.stop()
+
+
+class _Residual(nn.Module):
+    """A residual stream (16 wide) read by every block's up projection and the head; each down projection
+    alone reads its block's 48 hidden units."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ups = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.downs = nn.ModuleList(nn.Linear(48, 16) for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        for up, down in zip(self.ups, self.downs):
+            x = x + down(F.relu(up(x)))
+        return self.head(x)
+
+
+def test_max_bytes_serves_the_layers_that_alone_read_their_channels_first():
+    model = _Residual()
+    ir = PruningIR(model)
+    x = torch.randn(8, 16)
+    ir.infer_labels(x)
+    with InputStatistics(ir, max_bytes=2 * 48 ** 2 * 8) as stats:   # room for the two down projections only
+        model(x)
+    assert [name for name in stats.collected() if stats.second_moment(name) is not None] == \
+        ["downs.0.weight", "downs.1.weight"]     # not the narrower readers of the stream
