@@ -109,6 +109,30 @@ def test_dead_llama_style_mlp_stays_exact():
     assert reconstruction.report.sequential == ["down.0.weight", "down.1.weight"]
 
 
+@pytest.mark.filterwarnings("ignore:the pruned LlamaForCausalLM's config cannot describe it")  # created biases
+@pytest.mark.parametrize("create_bias", [True, False])
+def test_hugging_face_llama_dead_heads_and_mlp_stay_exact_in_call_order(create_bias):
+    """o_proj and down_proj of each layer, refit in the order the model runs them; dead channels: same logits."""
+    from hf_models import HF_ZOO
+    model = HF_ZOO["llama"].build()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(1, 100, (4, 16), generator=generator) for _ in range(4)]
+    ir = PruningIR(model, gqa_unit="kv_groups").infer_labels(batches[0])
+    inner = [g for g in ir.groups if g.prunable and all("self_attn" in m or ".mlp" in m for m in g.modules)]
+    labels = [label for group in inner for label in group.labels[::2]]
+    ir.zero_labels(labels)
+    with collect_statistics(ir) as stats, torch.no_grad():
+        reference = [model(ids).logits for ids in batches]
+    reconstruction = Reconstruction(stats, create_bias=create_bias, sequential=batches[:3])
+    pruned = ir.prune(labels=labels, reconstruct=reconstruction).model
+    layers = range(len(model.model.layers))
+    assert reconstruction.report.sequential == [f"model.layers.{i}.{name}.weight" for i in layers
+                                                for name in ("self_attn.o_proj", "mlp.down_proj")]
+    with torch.no_grad():
+        for ids, expected in zip(batches, reference):
+            torch.testing.assert_close(pruned(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 # -- the fit ------------------------------------------------------------------------------------
 def test_each_layer_is_the_least_squares_fit_on_its_pruned_inputs():
     """Brute force: the refit layer k equals the affine least squares of the unpruned output of
