@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .input_statistics import ConsumerStatistics, InputStatistics, collect_statistics
 from .channels import ParameterBinding
 from .labels import ChannelIndex, ClassBinding
-from .sequential_refit import RefitTarget, refit_sequentially
+from .sequential_refit import RefitTarget, check_batches, refit_sequentially
 
 __all__ = ["Reconstruction", "ReconstructionReport", "ConsumerOutcome", "InputStatistics", "collect_statistics",
            "METHODS"]
@@ -209,6 +209,8 @@ class Reconstruction:
 
         targets = [RefitTarget(r.name, r.method, r.kept_out, r.into, r.target) for r in refits]
         dense = copy.deepcopy(model) if self.sequential is not None and targets else None  # model is sliced next
+        if dense is not None:  # batches the forward cannot run fail now, before the prune writes anything
+            check_batches(dense, self.sequential, self.forward)
 
         def apply(pruned: nn.Module, pruned_index: ChannelIndex) -> None:
             with torch.no_grad():

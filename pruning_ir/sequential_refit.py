@@ -40,7 +40,7 @@ from .batchnorm import _default_forward
 from .latency import to_device
 from .modes import kept_training_flags
 
-__all__ = ["RefitTarget", "refit_sequentially", "patch_rows"]
+__all__ = ["RefitTarget", "refit_sequentially", "check_batches", "patch_rows"]
 
 _OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d"}
 
@@ -272,6 +272,27 @@ def _check(dense: nn.Module, pruned: nn.Module, targets: list[RefitTarget]) -> N
             pruned.get_parameter(target.target)
 
 
+def _checked_loader(loader: Iterable[Any]) -> None:
+    if iter(loader) is loader:
+        raise TypeError("the sequential refit runs the loader once per consumer: pass a re-iterable loader "
+                        "(a list of batches or a DataLoader), not an iterator")
+
+
+@torch.no_grad()
+def check_batches(model: nn.Module, loader: Iterable[Any],
+                  forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    """Run the first batch of ``loader`` through ``model`` in eval mode: an iterator, an empty loader, or
+    batches ``forward`` cannot run fail here, before a prune writes anything."""
+    _checked_loader(loader)
+    device = next(model.parameters(), torch.empty(0)).device
+    with kept_training_flags(model):
+        model.eval()
+        for batch in loader:
+            (forward or _default_forward)(model, to_device(batch, device))
+            return
+    raise ValueError("the sequential refit's loader gave no batch")
+
+
 def refit_sequentially(dense: nn.Module, pruned: nn.Module, targets: Iterable[RefitTarget],
                        loader: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None,
                        max_batches: int | None = None, ridge: float = 1e-3, max_positions: int | None = 1024,
@@ -286,9 +307,7 @@ def refit_sequentially(dense: nn.Module, pruned: nn.Module, targets: Iterable[Re
     the consumers not refit with the reason. On an error, ``pruned`` is restored as it was.
     """
     targets = list(targets)
-    if iter(loader) is loader:
-        raise TypeError("the sequential refit runs the loader once per consumer: pass a re-iterable loader "
-                        "(a list of batches or a DataLoader), not an iterator")
+    _checked_loader(loader)
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     _check(dense, pruned, targets)
@@ -301,7 +320,7 @@ def refit_sequentially(dense: nn.Module, pruned: nn.Module, targets: Iterable[Re
               if name in pending or any(name == t.target for t in targets)}
     order: list[str] = []
     try:
-        with kept_training_flags([dense, pruned]), torch.no_grad():
+        with kept_training_flags(list(dense.modules()) + list(pruned.modules())), torch.no_grad():
             dense.eval()
             pruned.eval()
             bar = tqdm(total=len(pending), desc="sequential refit", disable=not verbose, leave=False)
@@ -310,13 +329,16 @@ def refit_sequentially(dense: nn.Module, pruned: nn.Module, targets: Iterable[Re
                 watch_pruned = _Watch({id(pruned.get_parameter(n)): n for n in pending}, current.on_pruned)
                 watch_dense = _Watch({id(dense.get_parameter(n)): n for n in pending}, current.on_dense)
                 batches = loader if max_batches is None else islice(loader, max_batches)
-                for batch in batches:
+                seen = 0
+                for seen, batch in enumerate(batches, 1):
                     batch = to_device(batch, device)
                     with watch_pruned:
                         forward(pruned, batch)
                     with watch_dense:
                         forward(dense, batch)
                     current.batch_done()
+                if not seen:
+                    raise ValueError("the sequential refit's loader gave no batch")
                 if current.target is None or current.sums is None or current.sums.count == 0:
                     break  # no pending consumer ran on the loader
                 target = current.target

@@ -281,6 +281,39 @@ def test_errors_name_the_problem_and_leave_the_pruned_model_as_it_was():
     assert not torch.equal(pruned.state_dict()["3.weight"], before["3.weight"])
 
 
+def test_batches_that_do_not_run_fail_before_an_inplace_prune_writes_anything():
+    model = _conv_net()
+    data = _batches(2, 8, 3, 8, 8)
+    ir = PruningIR(model).infer_labels(data[0])
+    with collect_statistics(ir) as stats:
+        model(data[0])
+    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):  # 5 input channels: the first conv cannot run them
+        ir.prune(labels=labels, reconstruct=Reconstruction(stats, sequential=[torch.randn(2, 5, 8, 8)]),
+                 inplace=True)
+    with pytest.raises(ValueError, match="gave no batch"):
+        ir.prune(labels=labels, reconstruct=Reconstruction(stats, sequential=[]), inplace=True)
+    assert model.state_dict().keys() == before.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_training_flags_are_restored():
+    model = _conv_net()
+    data = _batches(2, 8, 3, 8, 8)
+    ir = PruningIR(model).infer_labels(data[0])
+    with collect_statistics(ir) as stats:
+        model(data[0])
+    reconstruction = Reconstruction(stats)
+    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply()),
+                      reconstruct=reconstruction).model
+    pruned.train()
+    reconstruction.refine(model, pruned, data)
+    assert all(module.training for module in pruned.modules())
+    assert not any(module.training for module in model.modules())
+
+
 def test_refit_sequentially_refuses_an_iterator_and_unknown_names():
     model = _chain()
     with pytest.raises(TypeError, match="re-iterable"):
