@@ -37,10 +37,11 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .batchnorm import _default_forward
+from .conv_patches import call_argument, conv_patches
 from .latency import to_device
 from .modes import kept_training_flags
 
-__all__ = ["RefitTarget", "refit_sequentially", "check_batches", "patch_rows"]
+__all__ = ["RefitTarget", "refit_sequentially", "check_batches"]
 
 _OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d"}
 
@@ -60,49 +61,14 @@ class RefitTarget:
     target: str | None
 
 
-def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any = None) -> Any:
-    return args[position] if len(args) > position else kwargs.get(name, default)
-
-
-def _pairs(value: Any, n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
-
-
-def patch_rows(kind: str, x: torch.Tensor, weight: torch.Tensor, args: tuple, kwargs: dict,
-               positions: Callable[[int], torch.Tensor | None]) -> torch.Tensor:
-    """The rows a ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` call multiplies by ``weight.reshape(out, -1)``:
-    every row of a linear's input; a conv's im2col patches (channel-major, then kernel offsets) at the
-    flat output positions ``positions(total)`` returns (None: all of them)."""
+def _rows(kind: str, args: tuple, kwargs: dict, max_positions: int | None,
+          generator: torch.Generator) -> torch.Tensor:
+    """The rows a call multiplies by ``weight.reshape(out, -1)``: every row of a linear's input, a conv's
+    im2col patches at up to ``max_positions`` positions drawn with ``generator``."""
+    x, weight = call_argument(args, kwargs, 0, "input").detach(), call_argument(args, kwargs, 1, "weight")
     if kind == "linear":
         return x.reshape(-1, weight.shape[1])
-    n = 1 if kind == "conv1d" else 2
-    if x.ndim == n + 1:
-        x = x.unsqueeze(0)
-    kernel = tuple(weight.shape[2:])
-    stride = _pairs(_argument(args, kwargs, 3, "stride", 1), n)
-    padding = _argument(args, kwargs, 4, "padding", 0)
-    dilation = _pairs(_argument(args, kwargs, 5, "dilation", 1), n)
-    if padding == "valid":
-        pads = [(0, 0)] * n
-    elif padding == "same":
-        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
-    else:
-        pads = [(p, p) for p in _pairs(padding, n)]
-    if any(p for pair in pads for p in pair):
-        x = F.pad(x, [p for pair in reversed(pads) for p in pair])
-    if n == 1:
-        x, kernel, stride, dilation = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
-    batch, channels, height, width = x.shape
-    out_h = (height - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    flat = positions(batch * out_h * out_w)
-    flat = torch.arange(batch * out_h * out_w) if flat is None else flat
-    flat = flat.to(x.device)
-    b, rest = flat // (out_h * out_w), flat % (out_h * out_w)
-    rows, cols = (rest // out_w) * stride[0], (rest % out_w) * stride[1]
-    parts = [x[b, :, rows + i * dilation[0], cols + j * dilation[1]]
-             for i in range(kernel[0]) for j in range(kernel[1])]
-    return torch.stack(parts, dim=2).reshape(len(flat), channels * kernel[0] * kernel[1])
+    return conv_patches(kind, x, weight, args, kwargs, max_positions, generator)
 
 
 class _Watch(TorchFunctionMode):
@@ -116,7 +82,7 @@ class _Watch(TorchFunctionMode):
         kwargs = kwargs or {}
         kind = _OPS.get(func)
         if kind is not None:
-            name = self.weights.get(id(_argument(args, kwargs, 1, "weight")))
+            name = self.weights.get(id(call_argument(args, kwargs, 1, "weight")))
             if name is not None:
                 self.seen(name, kind, args, kwargs)
         return func(*args, **kwargs)
@@ -155,14 +121,9 @@ class _Pass:
         self.max_positions, self.generator, self.dtype = max_positions, generator, dtype
         self.target: RefitTarget | None = None
         self.sums: _Sums | None = None
-        self.positions: list[torch.Tensor | None] = []
+        self.draws: list[torch.Tensor] = []       # the generator's state before each call's draw
         self.rows: list[torch.Tensor] = []
         self.calls = 0
-
-    def _draw(self, total: int) -> torch.Tensor | None:
-        if self.max_positions is None or total <= self.max_positions:
-            return None
-        return torch.randperm(total, generator=self.generator)[:self.max_positions]
 
     def on_pruned(self, name: str, kind: str, args: tuple, kwargs: dict) -> None:
         if self.target is None:
@@ -170,15 +131,9 @@ class _Pass:
             self.sums = _Sums(self.target.method == "least_squares")
         if name != self.target.name:
             return
-        weight = _argument(args, kwargs, 1, "weight")
-        drawn: list[torch.Tensor | None] = [None]  # a linear draws none: every row
-
-        def draw(total: int) -> torch.Tensor | None:
-            drawn[0] = self._draw(total)
-            return drawn[0]
+        self.draws.append(self.generator.get_state())
         with torch.no_grad():
-            rows = patch_rows(kind, _argument(args, kwargs, 0, "input").detach(), weight, args, kwargs, draw)
-        self.positions.append(drawn[0])
+            rows = _rows(kind, args, kwargs, self.max_positions, self.generator)
         self.rows.append(rows.to(self.dtype))
 
     def on_dense(self, name: str, kind: str, args: tuple, kwargs: dict) -> None:
@@ -186,12 +141,11 @@ class _Pass:
             return
         if self.calls >= len(self.rows):
             raise RuntimeError(f"sequential refit: the unpruned model calls {name} more often than the pruned one")
-        positions = self.positions[self.calls]
-        weight = _argument(args, kwargs, 1, "weight")
-        bias = _argument(args, kwargs, 2, "bias")
+        replay = torch.Generator().set_state(self.draws[self.calls])  # the same positions as the pruned call
+        weight = call_argument(args, kwargs, 1, "weight")
+        bias = call_argument(args, kwargs, 2, "bias")
         with torch.no_grad():
-            rows = patch_rows(kind, _argument(args, kwargs, 0, "input").detach(), weight, args, kwargs,
-                              lambda total: positions)
+            rows = _rows(kind, args, kwargs, self.max_positions, replay)
             matrix = weight.detach().reshape(weight.shape[0], -1)
             if bias is not None:
                 bias = bias.detach()
@@ -210,7 +164,7 @@ class _Pass:
         if self.target is not None and self.calls != len(self.rows):
             raise RuntimeError(f"sequential refit: the pruned model called {self.target.name} {len(self.rows)} "
                                f"times on a batch, the unpruned one {self.calls}")
-        self.positions, self.rows, self.calls = [], [], 0
+        self.draws, self.rows, self.calls = [], [], 0
 
 
 def _fit(target: RefitTarget, sums: _Sums, now: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:

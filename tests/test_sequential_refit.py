@@ -16,7 +16,7 @@ from torch import nn
 
 from pruning_ir import PruningIR, Reconstruction, UniformLabelSelector, collect_statistics, prune_in_rounds
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion
-from pruning_ir.sequential_refit import RefitTarget, patch_rows, refit_sequentially
+from pruning_ir.sequential_refit import RefitTarget, refit_sequentially
 from helpers import pick_labels
 
 
@@ -213,17 +213,6 @@ def test_refine_after_the_prune_equals_the_option():
     assert report.sequential == ["3.weight", "8.weight", "10.weight"] and "sequential refit" in str(report)
     for x in data:
         torch.testing.assert_close(pruned_ir.model(x), option(x), atol=1e-6, rtol=1e-6)
-
-
-def test_patch_rows_equal_unfold():
-    torch.manual_seed(0)
-    x, weight = torch.randn(2, 3, 7, 9), torch.randn(4, 3, 3, 3)
-    args = (x, weight, None, 2, 1, 2)
-    rows = patch_rows("conv2d", x, weight, args, {}, lambda total: None)
-    unfolded = F.unfold(x, 3, dilation=2, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)
-    torch.testing.assert_close(rows, unfolded)
-    picked = torch.tensor([0, 5, 7])
-    torch.testing.assert_close(patch_rows("conv2d", x, weight, args, {}, lambda total: picked), unfolded[picked])
 
 
 def test_in_rounds_through_a_factory():
