@@ -158,6 +158,12 @@ class Reconstruction:
         self.report: ReconstructionReport | None = None
         self._targets: list[RefitTarget] | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickled (with the pruned IR that holds it) without the sequential refit's batches and forward."""
+        state = dict(self.__dict__)
+        state["sequential"] = state["forward"] = None
+        return state
+
     # -- called by PruningIR.prune -------------------------------------------------------------
     def prepare(self, model: nn.Module, index: ChannelIndex,
                 removed: np.ndarray) -> Callable[[nn.Module, ChannelIndex], None]:

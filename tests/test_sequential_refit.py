@@ -288,6 +288,24 @@ def test_batches_that_do_not_run_fail_before_an_inplace_prune_writes_anything():
         assert torch.equal(value, before[key]), key
 
 
+def test_a_saved_pruned_ir_does_not_carry_the_batches(tmp_path):
+    import dill
+    model = _conv_net()
+    data = _batches(2, 8, 3, 8, 8)
+    ir = PruningIR(model).infer_labels(data[0])
+    with collect_statistics(ir) as stats:
+        model(data[0])
+    reconstruction = Reconstruction(stats, sequential=data, forward=lambda module, batch: module(batch))
+    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply()),
+                      reconstruct=reconstruction)
+    torch.save(pruned, tmp_path / "ir.pt", pickle_module=dill)
+    loaded = torch.load(tmp_path / "ir.pt", pickle_module=dill, weights_only=False)
+    assert reconstruction.sequential is data  # the object in use keeps them
+    assert loaded.reconstruction.sequential is None and loaded.reconstruction.forward is None
+    assert loaded.reconstruction.report.sequential == reconstruction.report.sequential
+    torch.testing.assert_close(loaded.model(data[0]), pruned.model(data[0]))
+
+
 def test_training_flags_are_restored():
     model = _conv_net()
     data = _batches(2, 8, 3, 8, 8)
