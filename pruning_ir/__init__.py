@@ -18,6 +18,7 @@ from .latency import TableLatency, bind, macs, measure_latency, parameter_count
 from .one_call import PruneReport, prune
 from .reconstruction import InputStatistics, Reconstruction, ReconstructionReport, collect_statistics
 from .rounds import prune_in_rounds
+from .sequential_refit import RefitTarget, refit_sequentially
 from .selectors import (BinarySearchLatencyLabelSelector, ChannelConstraint, GlobalScoreLabelSelector,
                         KnapsackLabelSelector, LabelSelector, LatencyTable, UniformLabelSelector)
 from .huggingface import expressible, load_pretrained_pruned, save_pretrained_pruned, sync_config
@@ -33,7 +34,8 @@ __all__ = [
     "BinarySearchLatencyLabelSelector", "ChannelConstraint", "bind", "macs", "parameter_count", "measure_latency",
     "TableLatency", "LatencyTable",
     "tune_batchnorm_statistics", "batch_statistics", "save_pruned", "load_pruned",
-    "collect_statistics", "InputStatistics", "Reconstruction", "ReconstructionReport",
+    "collect_statistics", "InputStatistics", "Reconstruction", "ReconstructionReport", "refit_sequentially",
+    "RefitTarget",
     "sync_config", "expressible", "save_pretrained_pruned", "load_pretrained_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
     "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError",

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from .latency import to_device
 from .modes import kept_training_flags
 
-__all__ = ["tune_batchnorm_statistics", "batch_statistics", "kept_statistics"]
+__all__ = ["tune_batchnorm_statistics", "batch_statistics", "kept_statistics", "default_forward"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
+def default_forward(model: nn.Module, batch: Any) -> Any:
     """Call the model on a batch: a tensor, the first item of a (inputs, targets) pair, or a dict of kwargs."""
     if isinstance(batch, torch.Tensor):
         return model(batch)
@@ -55,7 +55,7 @@ def tune_batchnorm_statistics(model: nn.Module, loader: Iterable[Any], *, max_ba
         return model
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    forward = forward or _default_forward
+    forward = forward or default_forward
     device = next(model.parameters(), torch.empty(0)).device
     momenta = [norm.momentum for norm in norms]
     for norm in norms:

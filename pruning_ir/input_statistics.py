@@ -208,10 +208,10 @@ class InputStatistics:
             max_batches: int | None = None) -> "InputStatistics":
         """Collect over ``loader`` in eval mode without gradients (``forward(model, batch)`` runs a
         batch; default: a tensor, the first item of a tuple, a dict of keyword inputs); returns self."""
-        from .batchnorm import _default_forward
+        from .batchnorm import default_forward
         from .latency import to_device
         from .modes import kept_training_flags
-        forward = forward or (lambda model, batch: _default_forward(self, batch))
+        forward = forward or (lambda model, batch: default_forward(self, batch))
         device = next(self.ir.model.parameters(), torch.empty(0)).device
         batches = iter(loader) if max_batches is None else islice(loader, max_batches)
         with (contextlib.nullcontext() if self.active else self), kept_training_flags(self.ir.model):

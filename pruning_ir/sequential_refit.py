@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .batchnorm import _default_forward
+from .batchnorm import default_forward
 from .conv_patches import call_argument, conv_patches
 from .latency import to_device
 from .modes import kept_training_flags
@@ -242,7 +242,7 @@ def check_batches(model: nn.Module, loader: Iterable[Any],
     with kept_training_flags(model):
         model.eval()
         for batch in loader:
-            (forward or _default_forward)(model, to_device(batch, device))
+            (forward or default_forward)(model, to_device(batch, device))
             return
     raise ValueError("the sequential refit's loader gave no batch")
 
@@ -265,7 +265,7 @@ def refit_sequentially(dense: nn.Module, pruned: nn.Module, targets: Iterable[Re
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     _check(dense, pruned, targets)
-    forward = forward or _default_forward
+    forward = forward or default_forward
     device = next(pruned.parameters(), torch.empty(0)).device
     generator = torch.Generator().manual_seed(seed)
     pending = {t.name: t for t in targets}
