@@ -38,7 +38,7 @@ _SCORE_UNITS = 1_000_000         # value resolution: 1e-6 of the total |score|
 _MAX_REPEATS = 3                 # budget nudges after a selection comes back, before giving up
 _INNER_ROUNDS = 6                # solves on rows re-taken at the midpoint, before measuring the real model
 MIN_TRUST_RADIUS = 0.05          # a group may always move 5% of its labels per solve
-_RELATIVE_GAP = 5e-4             # the solver stops this close to the optimum: the table's own error is larger
+_RELATIVE_GAP = 1e-3             # the solver stops this close to the optimum: the table's own error is larger
 
 
 def solve_multiple_choice(values: Sequence[Sequence[int]], weights: Sequence[Sequence[int]], capacity: int, *,
