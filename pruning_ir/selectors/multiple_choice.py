@@ -105,6 +105,12 @@ def trust_region(grid: np.ndarray, current: int, labels: int, radius: float) -> 
     return np.unique(np.concatenate([inside, above[:1], below[-1:], [current]])).astype(np.int64)
 
 
+def _moved(counts: np.ndarray, index: int, count: int) -> np.ndarray:
+    moved = counts.copy()
+    moved[index] = count
+    return moved
+
+
 def cover_constraints(plan: SelectionPlan, grids: Sequence[np.ndarray]) -> list[list[tuple[int, int]]]:
     """Tensors made of several groups' labels keep one: some member group keeps its label
     (the (group, choice) pairs of each cover set whose count keeps it, per ``grids``)."""
@@ -151,10 +157,13 @@ def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, bu
     at that solution (a secant). Each group moves within a trust region around ``center``
     (twice the relative gap between ``budget`` and the prediction at ``center``, as a share of
     its labels), halved when a solution lands further from the budget than the one before.
-    It solves, takes the rows again at the midpoint, and repeats until the table's full
-    prediction of the solution lies within ``tolerance / 4`` below ``budget`` or a solution comes
-    back; it returns the solution keeping the most score among those the full prediction puts
-    within the budget (else the one it predicts fastest).
+    Where times are not bilinear (measured ops), the rows still miss part of the change: each
+    solve after the first lowers the budget by what its rows miss at the last solution (its
+    full prediction less the rows' estimate of it). It solves, takes the rows again at the
+    midpoint, and repeats until the table's full prediction of the solution lies within
+    ``tolerance / 4`` below ``budget`` or a solution comes back; it returns the solution
+    keeping the most score among those the full prediction puts within the budget (else the one
+    it predicts fastest).
     """
     anchor = bound.predict(center)
     total = sum(float(np.abs(g.scores).sum()) for g in plan.groups) or 1.0
@@ -172,8 +181,13 @@ def _solve_around(plan: SelectionPlan, bound: GroupTable, center: np.ndarray, bu
                   for g, grid in zip(plan.groups, grids)]
         rows = bound.rows(neighbours, grids)
         fixed = anchor - sum(row[j] for row, j in zip(rows, here))
+        residual = 0.0   # what these rows still miss at the last solution, where the full prediction is known
+        if solutions:
+            last, predicted = solutions[-1]
+            residual = predicted - fixed - sum(bound.group_latency(gi, _moved(neighbours, gi, int(last[gi])))
+                                               for gi in range(len(plan.groups)))
         weights = [[round(t * scale) for t in row] for row in rows]
-        chosen = solve_multiple_choice(values, weights, int(np.floor((budget - fixed) * scale)),
+        chosen = solve_multiple_choice(values, weights, int(np.floor((budget - fixed - residual) * scale)),
                                        at_least_one_of=cover_constraints(plan, grids), time_limit=time_limit,
                                        relative_gap=_RELATIVE_GAP, same_choice=plan.ties)
         if chosen is None:   # nothing within the budget this close to ``center``: a wider region, or none
