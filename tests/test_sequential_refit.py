@@ -20,6 +20,15 @@ from pruning_ir.sequential_refit import RefitTarget, refit_sequentially
 from helpers import pick_labels
 
 
+def _calibrated(model: nn.Module, data: list, share: float = 0.5) -> tuple:
+    """The IR of ``model``, its input statistics over ``data``, and the magnitude labels of ``share``."""
+    ir = PruningIR(model).infer_labels(data[0])
+    with collect_statistics(ir) as stats:
+        for x in data:
+            model(x)
+    return ir, stats, UniformLabelSelector(share).select(MagnitudeCriterion(ir).apply())
+
+
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().pow(2).mean())
 
@@ -139,11 +148,7 @@ def test_each_layer_is_the_least_squares_fit_on_its_pruned_inputs():
     layer k on the inputs the pruned model (layers before k already refit) gives it."""
     model = _chain(depth=3, activation=nn.Tanh)  # no dead units: the fits are well-posed without a ridge
     data = _batches(4, 64, 6)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        for x in data:
-            model(x)
-    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    ir, stats, labels = _calibrated(model, data)
     reconstruction = Reconstruction(stats, ridge=0.0, sequential=data)
     pruned = ir.prune(labels=labels, reconstruct=reconstruction).model
     assert reconstruction.report.sequential == ["2.weight", "4.weight", "6.weight"]
@@ -169,11 +174,7 @@ def test_one_consumer_after_unpruned_layers_equals_the_independent_refit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 5)).eval()
     data = _batches(4, 50, 6)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        for x in data:
-            model(x)
-    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    ir, stats, labels = _calibrated(model, data)
     independent = ir.prune(labels=labels, reconstruct=Reconstruction(stats, ridge=0.0)).model
     sequential = ir.prune(labels=labels, reconstruct=Reconstruction(stats, ridge=0.0, sequential=data)).model
     torch.testing.assert_close(sequential[2].weight, independent[2].weight, atol=1e-5, rtol=1e-4)
@@ -184,11 +185,7 @@ def test_one_consumer_after_unpruned_layers_equals_the_independent_refit():
 def test_sequential_beats_the_independent_refit_on_held_out_data(make, shape):
     model = make(seed=0)
     calibration, held_out = _batches(6, *shape, seed=1), _batches(3, *shape, seed=7)
-    ir = PruningIR(model).infer_labels(calibration[0])
-    with collect_statistics(ir) as stats:
-        for x in calibration:
-            model(x)
-    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    ir, stats, labels = _calibrated(model, calibration)
     reference = torch.cat([model(x) for x in held_out])
     errors = {}
     for name, sequential in (("independent", None), ("sequential", calibration)):
@@ -201,11 +198,7 @@ def test_sequential_beats_the_independent_refit_on_held_out_data(make, shape):
 def test_refine_after_the_prune_equals_the_option():
     model = _conv_net()
     data = _batches(3, 8, 3, 8, 8)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        for x in data:
-            model(x)
-    labels = UniformLabelSelector(0.4).select(MagnitudeCriterion(ir).apply())
+    ir, stats, labels = _calibrated(model, data, 0.4)
     option = ir.prune(labels=labels, reconstruct=Reconstruction(stats, sequential=data)).model
     reconstruction = Reconstruction(stats)
     pruned_ir = ir.prune(labels=labels, reconstruct=reconstruction)
@@ -239,10 +232,7 @@ def test_in_rounds_through_a_factory():
 def test_errors_name_the_problem_and_leave_the_pruned_model_as_it_was():
     model = _conv_net()
     data = _batches(3, 8, 3, 8, 8)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        model(data[0])
-    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    ir, stats, labels = _calibrated(model, data)
     with pytest.raises(TypeError, match="re-iterable"):
         Reconstruction(stats, sequential=iter(data))
     reconstruction = Reconstruction(stats)
@@ -273,10 +263,7 @@ def test_errors_name_the_problem_and_leave_the_pruned_model_as_it_was():
 def test_batches_that_do_not_run_fail_before_an_inplace_prune_writes_anything():
     model = _conv_net()
     data = _batches(2, 8, 3, 8, 8)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        model(data[0])
-    labels = UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply())
+    ir, stats, labels = _calibrated(model, data)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError):  # 5 input channels: the first conv cannot run them
         ir.prune(labels=labels, reconstruct=Reconstruction(stats, sequential=[torch.randn(2, 5, 8, 8)]),
@@ -292,12 +279,9 @@ def test_a_saved_pruned_ir_does_not_carry_the_batches(tmp_path):
     import dill
     model = _conv_net()
     data = _batches(2, 8, 3, 8, 8)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        model(data[0])
+    ir, stats, labels = _calibrated(model, data)
     reconstruction = Reconstruction(stats, sequential=data, forward=lambda module, batch: module(batch))
-    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply()),
-                      reconstruct=reconstruction)
+    pruned = ir.prune(labels=labels, reconstruct=reconstruction)
     torch.save(pruned, tmp_path / "ir.pt", pickle_module=dill)
     loaded = torch.load(tmp_path / "ir.pt", pickle_module=dill, weights_only=False)
     assert reconstruction.sequential is data  # the object in use keeps them
@@ -309,12 +293,9 @@ def test_a_saved_pruned_ir_does_not_carry_the_batches(tmp_path):
 def test_training_flags_are_restored():
     model = _conv_net()
     data = _batches(2, 8, 3, 8, 8)
-    ir = PruningIR(model).infer_labels(data[0])
-    with collect_statistics(ir) as stats:
-        model(data[0])
+    ir, stats, labels = _calibrated(model, data)
     reconstruction = Reconstruction(stats)
-    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(MagnitudeCriterion(ir).apply()),
-                      reconstruct=reconstruction).model
+    pruned = ir.prune(labels=labels, reconstruct=reconstruction).model
     pruned.train()
     reconstruction.refine(model, pruned, data)
     assert all(module.training for module in pruned.modules())
