@@ -10,7 +10,7 @@ The refit is only right for the weights the statistics were collected under: it 
 with the reason in ``pruned_ir.reconstruction_note``, when the labels changed, the model is
 masked (gradual pruning trains with zeros the refit would undo), or any parameter changed
 since collection (a training step, ``zero_labels``): ``torch.Tensor._version`` counts the
-in-place writes.
+in-place writes, and a written parameter whose sum and norm are unchanged was restored.
 """
 
 from __future__ import annotations
@@ -45,10 +45,13 @@ class HeldStatistics:
 
     statistics: InputStatistics
     versions: dict[str, int]
+    fingerprints: dict[str, tuple[float, float]]
 
     @classmethod
     def taken_now(cls, statistics: InputStatistics, model: nn.Module) -> "HeldStatistics":
-        return cls(statistics, {name: p._version for name, p in model.named_parameters(remove_duplicate=False)})
+        parameters = dict(model.named_parameters(remove_duplicate=False))
+        return cls(statistics, {name: p._version for name, p in parameters.items()},
+                   {name: _fingerprint(p) for name, p in parameters.items()})
 
     def stale_reason(self, model: nn.Module, index: ChannelIndex, masked: bool) -> str | None:
         """Why these statistics no longer describe ``model``'s layers, or None when they do."""
@@ -57,7 +60,8 @@ class HeldStatistics:
         if masked:
             return "the model is masked (the masked channels were trained as zeros)"
         parameters = dict(model.named_parameters(remove_duplicate=False))
-        changed = sorted(n for n, p in parameters.items() if self.versions.get(n, -1) != p._version)
+        written = [n for n, p in parameters.items() if self.versions.get(n, -1) != p._version]
+        changed = sorted(n for n in written if self.fingerprints.get(n) != _fingerprint(parameters[n]))
         if changed or set(parameters) != set(self.versions):
             return (f"{len(changed) or 'some'} parameters changed since the statistics were collected"
                     f"{' (' + changed[0] + ', ...)' if changed else ''}")
@@ -68,6 +72,14 @@ class HeldStatistics:
     def reconstruction(self) -> Reconstruction:
         """The default refit: least squares, no bias created (configs and state dicts keep their keys)."""
         return Reconstruction(self.statistics, "least_squares", create_bias=False, warn=False)
+
+
+def _fingerprint(parameter: torch.Tensor) -> tuple[float, float]:
+    """Sum and norm in float64: a parameter written and then restored (``measure_removal_costs`` zeroes
+    labels in place and copies them back) keeps them, any training step changes them."""
+    with torch.no_grad():
+        return (float(torch.sum(parameter, dtype=torch.float64)),
+                float(torch.linalg.vector_norm(parameter, dtype=torch.float64)))
 
 
 def chosen_reconstruction(reconstruct: Reconstruction | str | None, held: HeldStatistics | None, model: nn.Module,

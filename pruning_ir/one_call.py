@@ -360,7 +360,7 @@ def _group_reports(ir: PruningIR, original: list[tuple[DependencyGroup, list[Lab
             if removed:
                 with warnings.catch_warnings():  # a measuring copy: what its prune says is not news
                     warnings.simplefilter("ignore")
-                    alone = ir.prune(labels=removed, verify=False).model  # removed from the verified result
+                    alone = ir.prune(labels=removed, verify=False, reconstruct=None).model  # from the verified result
                 params = int(params_before - parameter_count(alone))
                 flops = macs_before - count_macs(alone, *inputs)
         modules = tuple(name or "<model>" for name in group.modules)

@@ -112,7 +112,7 @@ def prune_in_rounds(ir: PruningIR, selector_factory: Callable[[float], LabelSele
         raise TypeError("prune_in_rounds(reconstruct=...) collects statistics during the calibration pass: "
                         "it needs a data-driven criterion and calibrate")
     move = None if optimizer is None else plan_optimizer_copy(optimizer, ir.model)
-    work = ir if inplace else ir.prune(labels=[]) if ir.labels_inferred else copy.deepcopy(ir)
+    work = ir if inplace else ir.prune(labels=[], reconstruct=None) if ir.labels_inferred else copy.deepcopy(ir)
     with _restored_on_error(optimizer if work is not ir else None):
         if move is not None and work is not ir:
             move_optimizer(optimizer, move, work.model)

@@ -250,3 +250,21 @@ def test_max_bytes_serves_the_layers_that_alone_read_their_channels_first():
         model(x)
     assert [name for name in stats.collected() if stats.second_moment(name) is not None] == \
         ["downs.0.weight", "downs.1.weight"]     # not the narrower readers of the stream
+
+
+def test_measured_removal_costs_restore_the_weights_so_the_refit_still_applies():
+    from pruning_ir import measure_removal_costs
+    x, y = torch.cat([x for x, _ in _data()]), torch.cat([y for _, y in _data()])
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+
+    model = _net()
+    ir = _calibrated(model)
+    measure_removal_costs(ir, loss, verbose=False)   # zeroes labels in place, then copies the weights back
+    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(ir))
+    assert pruned.reconstruction is not None, pruned.reconstruction_note
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-3                # a real change is still seen
+    assert "0.weight" in ir.prune(labels=UniformLabelSelector(0.5).select(ir)).reconstruction_note

@@ -61,7 +61,7 @@ class LatencyOracle:
 
     def _measure(self, counts: np.ndarray) -> _Result:
         labels = self.plan.labels(counts)
-        model = self.plan.ir.prune(labels=labels).model if labels else self.plan.ir.model
+        model = self.plan.ir.prune(labels=labels, reconstruct=None).model if labels else self.plan.ir.model
         what = f"the model with {len(labels)} labels removed" if labels else "the unpruned model"
         self.calls += 1
         try:
