@@ -436,14 +436,13 @@ def main(argv: list[str]) -> int:
 def check_statistic_run() -> int:
     """The table stage with checks read by their fastest pairs, counted against the default run's JSON."""
     torch.set_num_threads(1)
-    result = {"environment": environment(), "load_before": list(os.getloadavg()), "check_statistic": CHECK_STATISTIC}
-    result["table"] = table_rows(MODELS, tuple(INPUTS), THREADS, SHARES, {})
-    result["load_after"] = list(os.getloadavg())
+    result = {"environment": environment(), "load_before": list(os.getloadavg()), "check_statistic": CHECK_STATISTIC,
+              "table": table_rows(MODELS, tuple(INPUTS), THREADS, SHARES, {}), "load_after": list(os.getloadavg())}
     json.dump(result, open(os.path.join(RESULTS, "latency_table_fastest.json"), "w"), indent=1, default=str)
     for name, path in (("median", "latency_table.json"), ("fastest", "latency_table_fastest.json")):
         rows = [r for r in json.load(open(os.path.join(RESULTS, path)))["table"] if "rotated_over_target" in r]
-        inside = sum(0.95 <= r["rotated_over_target"] <= 1.02 for r in rows)
-        print(f"check statistic {name}: rotated within [0.95, 1.02] in {inside} of {len(rows)}; selection s "
+        print(f"check statistic {name}: rotated within [0.95, 1.02] in "
+              f"{sum(0.95 <= r['rotated_over_target'] <= 1.02 for r in rows)} of {len(rows)}; selection s "
               f"{min(r['selection_s'] for r in rows):.1f}-{max(r['selection_s'] for r in rows):.1f}")
     return 0
 
