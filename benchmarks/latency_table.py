@@ -81,8 +81,7 @@ def model_ir(name: str, width: str | None = None) -> PruningIR:
 
 
 def image(batch: int) -> torch.Tensor:
-    size = INPUTS[batch]
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(batch, 3, INPUTS[batch], INPUTS[batch], generator=torch.Generator().manual_seed(0))
 
 
 def remeasure(model: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
