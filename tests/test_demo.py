@@ -36,7 +36,9 @@ def test_demo_meets_half_the_macs_and_keeps_accuracy(demo_output):
     assert summary["after"]["macs"] <= summary["macs_target"] <= 0.5 * summary["before"]["macs"] + 1
     assert summary["after"]["parameters"] < summary["before"]["parameters"]
     assert summary["after"]["accuracy"] > 0.8
-    assert summary["accuracy_path"]["batchnorm_reestimated"] > summary["accuracy_path"]["pruned"]
+    # the four steps refit the layers that read removed channels: accurate right after pruning
+    assert summary["accuracy_path"]["pruned"] >= summary["before"]["accuracy"] - 0.05
+    assert summary["accuracy_path"]["batchnorm_reestimated"] >= summary["accuracy_path"]["pruned"] - 0.02
     assert "| MACs per image |" in stdout and "test accuracy" in stdout
 
 

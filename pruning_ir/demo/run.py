@@ -134,8 +134,9 @@ def _write_outputs(output: str, ir: PruningIR, pruned_ir: PruningIR, labels: lis
         f"at multiples of {CHANNEL_STEP} (CPU kernels run odd widths far slower), batch-norm statistics "
         "re-estimated, a short fine-tune." + (" Quick mode: less training." if summary["quick"] else ""),
         "", table, "",
-        f"Test accuracy right after pruning: {path['pruned']:.3f} (stale batch-norm statistics); after "
-        f"re-estimating them: {path['batchnorm_reestimated']:.3f}; after fine-tuning: {path['fine_tuned']:.3f}.",
+        f"Test accuracy right after pruning: {path['pruned']:.3f} ({pruned_ir.reconstruction_note}); after "
+        f"re-estimating the batch norms: {path['batchnorm_reestimated']:.3f}; after fine-tuning: "
+        f"{path['fine_tuned']:.3f}.",
         "", "## Channels per dependency group", "",
         markdown_table(("group", "modules", "channels before", "channels after"), group_channels(ir, labels)),
         "", "## Knapsack iterations", "",
