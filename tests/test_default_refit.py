@@ -268,3 +268,16 @@ def test_measured_removal_costs_restore_the_weights_so_the_refit_still_applies()
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] += 1e-3                # a real change is still seen
     assert "0.weight" in ir.prune(labels=UniformLabelSelector(0.5).select(ir)).reconstruction_note
+
+
+def test_an_inplace_prune_refits_like_a_copy():
+    model = _net()
+    ir = _calibrated(model)
+    labels = UniformLabelSelector(0.5).select(ir)
+    copy_ir = ir.prune(labels=labels)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        expected = copy_ir.model(x)
+        inplace = ir.prune(labels=labels, inplace=True)
+        assert inplace.model is model and inplace.reconstruction is not None
+        torch.testing.assert_close(inplace.model(x), expected, atol=1e-6, rtol=1e-5)
