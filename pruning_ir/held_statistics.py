@@ -16,6 +16,7 @@ in-place writes, and a written parameter whose sum and norm are unchanged was re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,7 +25,11 @@ from .input_statistics import InputStatistics
 from .labels import ChannelIndex
 from .reconstruction import Reconstruction
 
-__all__ = ["HeldStatistics", "chosen_reconstruction", "AUTO_MEMORY_SHARE", "AUTO_MEMORY_FLOOR", "AUTO_MAX_ROWS", "AUTO_MAX_POSITIONS", "auto_statistics"]
+if TYPE_CHECKING:
+    from .ir import PruningIR
+
+__all__ = ["HeldStatistics", "chosen_reconstruction", "auto_statistics", "AUTO_MEMORY_SHARE", "AUTO_MEMORY_FLOOR",
+           "AUTO_MAX_ROWS", "AUTO_MAX_POSITIONS"]
 
 AUTO_MEMORY_SHARE = 0.25          # second moments kept under "auto": a quarter of the model's parameter memory,
 AUTO_MEMORY_FLOOR = 64 * 2 ** 20  # or 64 MiB when that is more (small models: every consumer)
@@ -32,9 +37,9 @@ AUTO_MAX_ROWS = 2 ** 14           # rows (tokens, sampled conv patches) per laye
 AUTO_MAX_POSITIONS = 256          # conv patches sampled per call: the rows come from more batches
 
 
-def auto_statistics(ir, model: nn.Module) -> InputStatistics:
+def auto_statistics(ir: "PruningIR") -> InputStatistics:
     """Input statistics with the memory cap of ``input_statistics="auto"``."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in ir.model.parameters())
     return InputStatistics(ir, max_bytes=max(AUTO_MEMORY_FLOOR, int(AUTO_MEMORY_SHARE * size)), max_rows=AUTO_MAX_ROWS,
                            max_positions=AUTO_MAX_POSITIONS, product_dtype=torch.float32)
 

@@ -116,7 +116,7 @@ class Criterion:
         from ..held_statistics import auto_statistics
         from ..input_statistics import InputStatistics
         auto = self.input_statistics == "auto"
-        self._statistics = auto_statistics(self.ir, self.ir.model) if auto else InputStatistics(self.ir)
+        self._statistics = auto_statistics(self.ir) if auto else InputStatistics(self.ir)
         self._statistics.start()
 
     # -- for subclasses -------------------------------------------------------------------
