@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import gc
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,11 +30,11 @@ from .errors import LatencyMeasurementError
 from .modes import kept_training_flags
 
 __all__ = ["LatencyMeasurementError", "macs", "parameter_count", "measure_latency", "compare_latency", "bind",
-           "BoundLatency", "TableLatency"]
+           "BoundLatency", "TableLatency", "steady_allocator", "allocator_mode", "eval_mode"]
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode without gradients, then restore every module's training flag."""
     with kept_training_flags(model), torch.no_grad():
         model.eval()
@@ -65,7 +67,7 @@ def macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> float:
     Deterministic and device independent: counted by ``torch.utils.flop_counter`` from the
     shapes of the matmuls and convolutions that actually run.
     """
-    with _eval_mode(model), one_thread(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), one_thread(), FlopCounterMode(display=False) as counter:
         _run(model, inputs, kwargs)
     return counter.get_total_flops() / 2.0
 
@@ -84,6 +86,52 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters
+_HEAP_BUFFERS_UP_TO = 32 << 20                   # the largest mmap threshold glibc accepts on 64-bit
+_steady: bool | None = None
+
+
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt`` where the process allocates with glibc (None elsewhere)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def steady_allocator() -> bool:
+    """Keep CPU buffers of up to 32 MiB in the process heap, and the heap's free memory in the
+    process, so a forward pass reuses memory instead of mapping fresh pages on every call.
+
+    With glibc's adaptive defaults a large activation is ``mmap``-ed and page-faulted on each
+    call, or the heap is trimmed and refilled, depending on what the process freed before: the
+    same op can read several times slower from one call to the next, and a latency table or a
+    selection reads that history instead of the model. Caching allocators (jemalloc, tcmalloc,
+    which tuned CPU deployments preload) behave like the steady heap. Process-wide and one-way
+    (glibc cannot return to its adaptive thresholds): the process keeps freed memory for reuse.
+    Returns whether glibc's settings now apply (False elsewhere: another allocator is in charge).
+    """
+    global _steady
+    if _steady is None:
+        mallopt = _glibc_mallopt()
+        _steady = mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BUFFERS_UP_TO)) and \
+            bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return _steady
+
+
+def allocator_mode(device: str | torch.device, steady: bool) -> str:
+    """What CPU memory a timing runs with (part of a latency table's machine key), without changing
+    it: ``"steady"`` where :func:`steady_allocator` applies, ``"process"`` for the process's own
+    allocator, ``"device"`` off the CPU."""
+    if torch.device(device).type != "cpu":
+        return "device"
+    return "steady" if steady and (_steady or (_steady is None and _glibc_mallopt() is not None)) else "process"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -155,7 +203,7 @@ def _timed_runs(model: nn.Module, inputs: tuple, kwargs: dict, device: torch.dev
 
 def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device = "cpu", warmup: int = 5,
                     repeats: int = 20, statistic: str = "median", threads: int | None = None,
-                    **kwargs: Any) -> float:
+                    steady: bool = True, **kwargs: Any) -> float:
     """Median wall time in seconds of one forward pass on ``inputs`` (eval mode, no gradients).
 
     ``warmup`` untimed runs come first (allocator, caches, lazy kernels), then ``repeats``
@@ -163,8 +211,9 @@ def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device =
     median resists outliers from other processes. ``statistic="min"`` takes the fastest run:
     noise from a shared or virtual machine only ever adds time, so the minimum is the steadier
     estimate there; ``"trimmed"`` averages the central half. ``threads`` pins torch's intra-op
-    thread count for the measurement (restored after). A model on another device is measured
-    on a copy, so the caller's stays put.
+    thread count for the measurement (restored after). ``steady``: on a CPU, measure with
+    :func:`steady_allocator` (process-wide; False: with whatever the process's allocator does).
+    A model on another device is measured on a copy, so the caller's stays put.
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"measure_latency needs warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
@@ -180,7 +229,9 @@ def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device =
     if any(t.device != device for t in tensors):
         model = copy.deepcopy(model).to(device)
     inputs, kwargs = to_device(inputs, device), to_device(kwargs, device)
-    with _eval_mode(model), pinned_threads(threads):
+    if steady and device.type == "cpu":
+        steady_allocator()
+    with eval_mode(model), pinned_threads(threads):
         for _ in range(warmup):
             _run(model, inputs, kwargs)
         _synchronize(device)
@@ -191,7 +242,7 @@ def measure_latency(model: nn.Module, *inputs: Any, device: str | torch.device =
 
 def compare_latency(models: Sequence[nn.Module], *inputs: Any, rounds: int = 5, device: str | torch.device = "cpu",
                     warmup: int = 2, repeats: int = 5, statistic: str = "min", threads: int | None = None,
-                    **kwargs: Any) -> list[float]:
+                    steady: bool = True, **kwargs: Any) -> list[float]:
     """Latency of each of ``models`` on the same inputs, measured in rotation: the fastest of
     ``rounds`` rounds, each measuring every model once (``measure_latency`` with the other
     options), the order reversed every other round.
@@ -210,7 +261,7 @@ def compare_latency(models: Sequence[nn.Module], *inputs: Any, rounds: int = 5, 
         order = range(len(models)) if round_ % 2 == 0 else reversed(range(len(models)))
         for index in order:
             seconds = measure_latency(models[index], *inputs, device=device, warmup=warmup, repeats=repeats,
-                                      statistic=statistic, threads=threads, **kwargs)
+                                      statistic=statistic, threads=threads, steady=steady, **kwargs)
             best[index] = min(best[index], seconds)
     return best
 
@@ -245,16 +296,18 @@ class TableLatency(BoundLatency):
     per-group latency table (``pruning_ir.selectors.latency_table.LatencyTable``) built from
     the same inputs, device, dtype and threads, checking each choice on the real model.
     ``op_warmup``/``op_repeats``: the timing of each isolated op in the table; ``cache_path``:
-    a JSON file the table's op timings persist in (keyed by machine).
+    a JSON file the table's op timings persist in (keyed by machine); ``steady``: as in
+    ``measure_latency``, for the model and the table alike.
     """
 
     def __init__(self, *inputs: Any, device: str | torch.device = "cpu", warmup: int = 3, repeats: int = 10,
                  statistic: str = "min", threads: int | None = None, op_warmup: int = 2, op_repeats: int = 5,
-                 cache_path: str | None = None, grid_points: int = 12, **kwargs: Any):
+                 cache_path: str | None = None, grid_points: int = 12, steady: bool = True, **kwargs: Any):
         super().__init__(measure_latency, *inputs, device=device, warmup=warmup, repeats=repeats,
-                         statistic=statistic, threads=threads, **kwargs)
+                         statistic=statistic, threads=threads, steady=steady, **kwargs)
         self.table_options = {"device": device, "threads": threads, "warmup": op_warmup, "repeats": op_repeats,
-                              "statistic": statistic, "cache_path": cache_path, "grid_points": grid_points}
+                              "statistic": statistic, "cache_path": cache_path, "grid_points": grid_points,
+                              "steady": steady}
 
     def __repr__(self) -> str:
         return "TableLatency" + super().__repr__()[len("bind(measure_latency"):].replace(", ", "(", 1)

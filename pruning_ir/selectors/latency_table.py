@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..latency import TableLatency, _eval_mode, measure_latency, to_device
+from ..latency import TableLatency, allocator_mode, eval_mode, measure_latency, to_device
 from .plan import SelectionPlan
 
 __all__ = ["LatencyTable", "GroupTable", "OpSignature", "machine_key", "build_op", "cpu_model"]
@@ -53,8 +53,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_key(device: str | torch.device = "cpu", threads: int | None = None) -> str:
-    """What a timing is only valid on: CPU model, torch version, intra-op threads, device name."""
+def machine_key(device: str | torch.device = "cpu", threads: int | None = None, steady: bool = True) -> str:
+    """What a timing is only valid on: CPU model, torch version, intra-op threads, device name,
+    and the CPU memory it ran with (``allocator_mode``: a steady heap or the process's own)."""
     device = torch.device(device)
     threads = torch.get_num_threads() if threads is None else threads
     name = "cpu"
@@ -62,7 +63,8 @@ def machine_key(device: str | torch.device = "cpu", threads: int | None = None) 
         name = torch.cuda.get_device_name(device)
     elif device.type != "cpu":
         name = device.type
-    return f"cpu={cpu_model()}; torch={torch.__version__}; threads={threads}; device={name}"
+    return (f"cpu={cpu_model()}; torch={torch.__version__}; threads={threads}; device={name}; "
+            f"memory={allocator_mode(device, steady)}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -150,7 +152,8 @@ class LatencyTable:
     ``example_inputs`` (and keyword inputs) give the shapes the ops see (batch included);
     ``device``, ``dtype`` (default: each module's own) and ``threads`` (default: torch's setting
     when the table is made) are part of every signature. ``warmup``/``repeats``/``statistic``:
-    how each op is timed. ``cache_path``: a JSON file timings are read from and written to,
+    how each op is timed; ``steady``: with ``steady_allocator`` (see ``measure_latency``).
+    ``cache_path``: a JSON file timings are read from and written to,
     under :func:`machine_key` (``machine`` overrides it). ``grid_points``: how many kept
     counts per group a row spans (all allowed counts near the current one, evenly spaced
     ones elsewhere). ``measurements`` counts the ops actually timed.
@@ -159,7 +162,7 @@ class LatencyTable:
     def __init__(self, *example_inputs: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  threads: int | None = None, warmup: int = 2, repeats: int = 5, statistic: str = "min",
                  cache_path: str | os.PathLike | None = None, grid_points: int = 12, machine: str | None = None,
-                 verbose: bool = False, **example_kwargs: Any):
+                 verbose: bool = False, steady: bool = True, **example_kwargs: Any):
         if not isinstance(grid_points, int) or grid_points < 2:
             raise ValueError(f"grid_points must be an int >= 2, got {grid_points!r}")
         self.example_inputs = example_inputs
@@ -167,10 +170,10 @@ class LatencyTable:
         self.device = torch.device(device)
         self.dtype = dtype
         self.threads = torch.get_num_threads() if threads is None else int(threads)
-        self.warmup, self.repeats, self.statistic = warmup, repeats, statistic
+        self.warmup, self.repeats, self.statistic, self.steady = warmup, repeats, statistic, steady
         self.grid_points = grid_points
         self.verbose = verbose
-        self.machine = machine if machine is not None else machine_key(self.device, self.threads)
+        self.machine = machine if machine is not None else machine_key(self.device, self.threads, steady)
         self.cache_path = None if cache_path is None else os.fspath(cache_path)
         self.measurements = 0
         self._timings: dict[str, float] = self._load()
@@ -182,7 +185,7 @@ class LatencyTable:
         options = dict(function.table_options)
         return cls(*function.inputs, verbose=verbose, **options,
                    **{k: v for k, v in function.kwargs.items() if k not in
-                      ("device", "warmup", "repeats", "statistic", "threads")})
+                      ("device", "warmup", "repeats", "statistic", "threads", "steady")})
 
     # -- timings -------------------------------------------------------------------------------
     def signature(self, kind: str, args: dict, input_shape: Iterable[int], dtype: torch.dtype) -> OpSignature:
@@ -212,7 +215,7 @@ class LatencyTable:
         """Time a fresh op of this signature (a subclass may price ops another way)."""
         module, x = build_op(signature)
         return measure_latency(module, x, device=self.device, warmup=self.warmup, repeats=self.repeats,
-                               statistic=self.statistic, threads=self.threads)
+                               statistic=self.statistic, threads=self.threads, steady=self.steady)
 
     def __len__(self) -> int:
         return len(self._timings)
@@ -327,7 +330,7 @@ class GroupTable:
         parameter = next(model.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
         try:
-            with _eval_mode(model):
+            with eval_mode(model):
                 model(*to_device(self.table.example_inputs, device), **to_device(self.table.example_kwargs, device))
         finally:
             for handle in handles:
