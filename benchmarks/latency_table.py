@@ -44,6 +44,7 @@ from harness.digits import accuracy, calibration
 from harness.latency_report import markdown
 from harness.machine import environment, short_error, time_limit
 from harness.rival import tp_at_most
+from harness.tables import write_section
 from pruning_ir import ChannelConstraint, PruningIR, TableLatency
 from pruning_ir.criteria import LossAwareCriterion, MagnitudeCriterion
 from pruning_ir.latency import bind, compare_latency, macs, measure_latency
@@ -304,20 +305,6 @@ def plot(rows: list[dict], tp: list[dict], path: str) -> None:
     figure.savefig(path, dpi=110)
 
 
-def append_section(text: str, path: str) -> None:
-    """Replace (or add) this section of RESULTS.md: a hand-written section that run.py carries over."""
-    heading = text.splitlines()[0]
-    old = open(path).read().rstrip("\n").splitlines() if os.path.exists(path) else []
-    kept, skip = [], False
-    for line in old:
-        if line.startswith("## "):
-            skip = line == heading
-        if not skip:
-            kept.append(line)
-    with open(path, "w") as file:
-        file.write("\n".join(kept).rstrip("\n") + "\n\n" + text)
-
-
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     if "--check-fastest" in argv:
@@ -352,7 +339,7 @@ def main(argv: list[str]) -> int:
         save()
     plot(result["table"], result["tp"], os.path.join(RESULTS, f"latency_table{suffix}.png"))
     if not quick:
-        append_section(markdown(result), os.path.join(os.path.dirname(RESULTS), "RESULTS.md"))
+        write_section(markdown(result).splitlines(), os.path.join(os.path.dirname(RESULTS), "RESULTS.md"))
     print(markdown(result))
     return 0
 
@@ -367,7 +354,7 @@ def accuracy_run() -> int:
     result["accuracy"] = [accuracy_rows(task, seed) for task in TASKS for seed in SEEDS]
     result["accuracy_load"] = list(os.getloadavg())
     json.dump(result, open(path, "w"), indent=1, default=str)
-    append_section(markdown(result), os.path.join(os.path.dirname(RESULTS), "RESULTS.md"))
+    write_section(markdown(result).splitlines(), os.path.join(os.path.dirname(RESULTS), "RESULTS.md"))
     return 0
 
 

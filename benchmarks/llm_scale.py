@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from harness.machine import environment, reset_peak, rss_mb, run_worker, worker_main  # noqa: E402
+from harness.tables import write_section  # noqa: E402
 
 SEQ_LEN, BATCHES, MLP_SHARE = 128, 4, 0.25
 CONFIGS = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab, dtype)
@@ -178,25 +179,6 @@ def markdown(results: list[dict], env: dict) -> list[str]:
     return lines
 
 
-def write_section(lines: list[str], path: str = os.path.join(HERE, "RESULTS.md")) -> None:
-    """Replace this benchmark's section of RESULTS.md (same heading), or append it."""
-    heading = lines[0]
-    text = open(path).read().rstrip("\n").splitlines() if os.path.exists(path) else []
-    out, skip, done = [], False, False
-    for line in text:
-        if line.startswith("## "):
-            skip = line == heading
-            if skip and not done:
-                out += lines + [""]
-                done = True
-        if not skip:
-            out.append(line)
-    if not done:
-        out += ["", *lines]
-    with open(path, "w") as handle:
-        handle.write("\n".join(out).rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, no files written")
@@ -216,7 +198,7 @@ def main() -> None:
     if not args.quick:
         with open(os.path.join(HERE, "results", "llm_scale.json"), "w") as handle:
             json.dump({"environment": env, "results": results}, handle, indent=1)
-        write_section(lines)
+        write_section(lines, os.path.join(HERE, "RESULTS.md"))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def markdown(result: dict) -> str:
              f"torch {env['torch']}, {result['seconds'] / 60:.0f} min. Every CPU timing (ops, models, the referee "
              "measurements) runs with `steady_allocator` (`measure_latency(steady=True)`, the default): with glibc's "
              "adaptive thresholds, large activations are mapped and faulted in afresh on some calls and not others, "
-             "and one op read up to 7x slower from one call to the next (docs/latency-budgets.md).", "",
+             "so one op reads several times slower on some calls than on others (section 4c, docs/latency-budgets.md).",
+             "",
              "Why budgets were unreachable: the smallest reachable model (every group at its narrowest multiple of "
              f"{step}) over the unpruned one, measured in rotation, 1 thread. At the zoo's quarter widths a layer of "
              "16 channels can only halve, and the latency floor lies well above the MACs floor: time that no "

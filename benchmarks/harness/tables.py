@@ -122,3 +122,23 @@ def merge_parts(parts: list[dict], default_finetune_lr: float) -> tuple[tuple, l
     for row in (row for part in parts for row in part["rows"]):
         keys.setdefault((row["seed"], row["selection"], row["ratio"], row["criterion"]), row)
     return settings.pop(), sorted({seed for part in parts for seed in part["seeds"]}), list(keys.values())
+
+
+def write_section(lines: list[str], path: str) -> None:
+    """Replace a benchmark's section of RESULTS.md (the section whose ``## `` heading is ``lines[0]``)
+    in place, or append it: hand-written sections that ``run.py`` carries over."""
+    heading = lines[0]
+    text = open(path).read().rstrip("\n").splitlines() if os.path.exists(path) else []
+    out, skip, done = [], False, False
+    for line in text:
+        if line.startswith("## "):
+            skip = line == heading
+            if skip and not done:
+                out += lines + [""]
+                done = True
+        if not skip:
+            out.append(line)
+    if not done:
+        out += ["", *lines]
+    with open(path, "w") as handle:
+        handle.write("\n".join(out).rstrip("\n") + "\n")
