@@ -98,3 +98,39 @@ def test_the_fastest_statistic_drops_time_that_noise_adds_to_both_models():
         settle_in_band(plan, oracle, counts, target, 0.05, statistic="mean")
     with pytest.raises(ValueError, match="check_statistic"):
         KnapsackLabelSelector(1.0, count, check_statistic="min")
+
+
+def test_a_check_reading_far_outside_the_band_takes_no_extra_pairs():
+    """Pairs spread wider than the band double a check's pairs only while more could change what
+    it concludes: a reading outside the band by more than half its spread steps at once."""
+    ir, count, full, plan, oracle, counts, _ = band_case(lambda x, full: EveryThirdSlow(x, full, 0.10), 0.48)
+    truth = true_latency(ir, count, plan, counts)
+    table = MacsTable(torch.randn(2, 3, 16, 16))
+    far = settle_in_band(plan, oracle, counts, truth / 1.3, 0.05, table=table, max_checks=1)
+    near = settle_in_band(plan, oracle, counts, truth / 0.975, 0.05, table=table, max_checks=1)
+    assert far.checks[0].spread == pytest.approx(1.10) and near.checks[0].spread == pytest.approx(1.10)
+    assert far.latency_calls == 2 * 3     # three pairs: 1.3x the target, whatever the noise
+    assert near.latency_calls == 2 * 6    # inside the band's reach: twice the pairs
+
+
+class StuckNearTheFloor:
+    """Every pruned model reads 0.955 x ``target`` (every third reading 4% slower), the unpruned
+    model its MACs: in the band, never centred, whatever the step."""
+
+    def __init__(self, x: torch.Tensor, unpruned: float):
+        self.unpruned, self.target, self.reading = unpruned, None, -1
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        if self.target is None or sum(p.numel() for p in model.parameters()) == self.parameters:
+            return self.unpruned
+        self.reading += 1
+        return 0.955 * self.target * (1.04 if self.reading % 3 == 1 else 1.0)
+
+
+def test_steps_towards_the_middle_stop_two_checks_after_the_first_in_the_band():
+    ir, count, full, plan, oracle, counts, function = band_case(StuckNearTheFloor, 0.48)
+    function.target, function.parameters = 0.5 * full, sum(p.numel() for p in ir.model.parameters())
+    result = settle_in_band(plan, oracle, counts, 0.5 * full, 0.05, table=MacsTable(torch.randn(2, 3, 16, 16)),
+                            max_checks=6)
+    assert [round(r.measured / (0.5 * full), 3) for r in result.checks] == [0.955] * 3
+    assert result.in_band and not centred(result.checks[-1], 0.95 * 0.5 * full, 0.5 * full)

@@ -10,8 +10,9 @@ latency the selection started from (load that comes and goes hits both models al
 second saved (or adds back those that keep the most score per second spent) until the
 predicted change covers the gap to the middle of the band, priced by the latency table's
 marginal costs where there is one (else every label costs the same), corrects its price from
-the change the step really made, and checks again, at most ``max_checks`` times. It returns the
-best checked selection: inside the band if one was, else the feasible one keeping the most
+the change the step really made, and checks again, at most ``max_checks`` times. A noisy check
+inside the band steps towards its middle (``centred``) for at most two more checks. It returns
+the best checked selection: inside the band if one was, else the feasible one keeping the most
 score, and says so.
 """
 
@@ -39,6 +40,7 @@ _RADII = (3, 12, None)      # allowed counts each way a group may move in one st
 _WEIGHT_UNITS = 100_000_000  # integer seconds for CP-SAT: 1e-8 of the checked latency
 _SCORE_UNITS = 1_000_000     # integer score: 1e-6 of the total |score|
 _SOLVER_SECONDS = 10.0
+_CENTRING_CHECKS = 2         # checks after the first in the band that may step towards its middle
 CHECK_STATISTICS = ("median", "fastest")
 
 
@@ -157,8 +159,9 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
     scaled to (default: the oracle's, cached from the start of the selection: on a machine whose
     load drifts, a reference measured later is in another load's seconds). ``table``: prices each group's step
     (None: every label the same). ``repeats``: fresh pruned/unpruned pairs per check, up to
-    twice as many while their ratios spread wider than the band (a deterministic function is
-    detected on the first pair and measured once). ``max_checks``:
+    twice as many while their ratios spread wider than the band and the reading is not outside
+    the band by more than half that spread (a deterministic function is detected on the first
+    pair and measured once). ``max_checks``:
     checks in all, the first included. ``statistic``: how a check reads its pairs: ``"median"``
     of the pruned/unpruned ratios (one odd reading cannot move it), or ``"fastest"`` pruned
     reading over the fastest unpruned one, as ``compare_latency`` compares models measured in
@@ -194,7 +197,8 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
         if deterministic:
             return fresh(selection), 1.0
         ratios, pruned, unpruneds, repeat = [], [], [], 0
-        while repeat < repeats or (repeat < 2 * repeats and ratios and max(ratios) > (1 + tolerance) * min(ratios)):
+        while repeat < repeats or (repeat < 2 * repeats and ratios and max(ratios) > (1 + tolerance) * min(ratios)
+                                   and not outside(read(ratios, pruned, unpruneds), max(ratios) / min(ratios))):
             first, second = (selection, base) if repeat % 2 == 0 else (base, selection)
             values = [fresh(first), fresh(second)]
             latency, unpruned = values if repeat % 2 == 0 else values[::-1]
@@ -209,8 +213,17 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
             repeat += 1   # noisier than the band is wide: up to twice the pairs
         if len(ratios) < len(pruned) or min(ratios) <= 0:   # a zero reading: no ratio to take
             return statistics.median(pruned), 1.0
+        return read(ratios, pruned, unpruneds), max(ratios) / min(ratios)
+
+    def read(ratios: list[float], pruned: list[float], unpruneds: list[float]) -> float:
         ratio = min(pruned) / min(unpruneds) if statistic == "fastest" else statistics.median(ratios)
-        return ratio * reference, max(ratios) / min(ratios)
+        return ratio * reference
+
+    def outside(latency: float, spread: float) -> bool:
+        """Whether a reading lies outside the band by more than half its spread: more pairs
+        would not change what the check concludes (step), only cost time."""
+        margin = latency * (spread - 1) / 2
+        return latency - margin > target or latency + margin < low
 
     cost = _LabelCost() if table is None else _TableCost(table, plan)
     say = tqdm.write if verbose else (lambda line: None)
@@ -231,6 +244,9 @@ def settle_in_band(plan: SelectionPlan, oracle: LatencyOracle, counts: np.ndarra
             f"{record.removed_labels} labels removed")
         if centred(record, low, target):
             break
+        first_in_band = next((i for i, (r, _) in enumerate(checks) if low <= r.measured <= target), None)
+        if first_in_band is not None and number - first_in_band >= _CENTRING_CHECKS:
+            break   # in the band, not centred after as many steps towards its middle: good enough, and time
         if previous is None:
             gain = cost.gain(current, predicted, latency, reference)
         elif predicted != previous[1]:   # the price the last step really paid, within limits of the one assumed
