@@ -115,7 +115,8 @@ def steady_allocator() -> bool:
     selection reads that history instead of the model. Caching allocators (jemalloc, tcmalloc,
     which tuned CPU deployments preload) behave like the steady heap. Process-wide and one-way
     (glibc cannot return to its adaptive thresholds): the process keeps freed memory for reuse.
-    Returns whether glibc's settings now apply (False elsewhere: another allocator is in charge).
+    Returns whether glibc's settings were applied (False off glibc; under a preloaded caching
+    allocator they are set but moot, the heap already steady).
     """
     global _steady
     if _steady is None:

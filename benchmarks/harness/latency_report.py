@@ -79,7 +79,7 @@ def markdown(result: dict) -> str:
                   f"Median noise within a check: {noise:.2f}{', wider than the band' if noise > 1 + tolerance else ''}. "
                   f"Rotated over checked: median {statistics.median(offsets):.3f}, {min(offsets):.3f} to "
                   f"{max(offsets):.3f} (the check scales the median pruned/unpruned pair ratio by the fastest of 3 "
-                  "unpruned calls taken before selecting; rotated takes the fastest of 5 rounds of each model)."]
+                  f"unpruned calls taken before selecting; rotated takes the fastest of {rounds} rounds of each model)."]
         repeated = [r for r in measured if "rotated_again_over_target" in r]
         if repeated:
             drift = [abs(r["rotated_again_over_target"] / r["rotated_over_target"] - 1) for r in repeated]
