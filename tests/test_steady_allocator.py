@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pruning_ir import LatencyTable, TableLatency
-from pruning_ir.latency import allocator_mode, measure_latency
+from pruning_ir.latency import allocator_mode
 from pruning_ir.selectors.latency_table import machine_key
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
