@@ -79,26 +79,31 @@ VERBOSE = "--verbose" in sys.argv   # print every check
 CHECK_STATISTIC = "fastest" if "--check-fastest" in sys.argv else "median"   # settle_in_band(statistic=)
 
 
-def model_ir(name: str, width: str | None = None) -> PruningIR:
-    """``name`` at ``width`` (a key of ``WIDTHS[name]``; default: the benchmarked one), magnitude-scored."""
+def model_ir(name: str, width: str | None = None, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> PruningIR:
+    """``name`` at ``width`` (a key of ``WIDTHS[name]``; default: the benchmarked one) on ``device`` in
+    ``dtype``, traced there and magnitude-scored."""
     build = WIDTHS[name][BENCHMARKED[name] if width is None else width]
-    ir = PruningIR(build()).infer_labels(*ZOO[name].example_inputs())
+    inputs = [x.to(device, dtype) for x in ZOO[name].example_inputs()]
+    ir = PruningIR(build().to(device, dtype)).infer_labels(*inputs)
     MagnitudeCriterion(ir).apply()
     return ir
 
 
-def image(batch: int) -> torch.Tensor:
-    return torch.randn(batch, 3, INPUTS[batch], INPUTS[batch], generator=torch.Generator().manual_seed(0))
+def image(batch: int, size: int | None = None) -> torch.Tensor:
+    size = INPUTS[batch] if size is None else size
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def remeasure(model: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
-    return statistics.median(measure_latency(model, x, warmup=3, repeats=10, statistic="min", threads=threads)
+def remeasure(model: torch.nn.Module, x: torch.Tensor, timing: dict) -> float:
+    """The model re-measured alone: median of 3 minima of 10 runs (``timing``: ``threads`` or ``device``)."""
+    return statistics.median(measure_latency(model, x, warmup=3, repeats=10, statistic="min", **timing)
                              for _ in range(3))
 
 
-def rotated_share(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, threads: int) -> float:
+def rotated_share(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, timing: dict) -> float:
     """pruned / original latency measured in rotation: load that comes and goes hits both alike."""
-    fast, slow = compare_latency([pruned, original], x, rounds=ROUNDS, threads=threads)
+    fast, slow = compare_latency([pruned, original], x, rounds=ROUNDS, **timing)
     return fast / slow
 
 
@@ -116,9 +121,10 @@ def settle(ir: PruningIR, selector: KnapsackLabelSelector, labels: list, referen
                                       "spread": max((r.spread for r in band.checks), default=1.0)}
 
 
-def select(ir: PruningIR, selector: KnapsackLabelSelector, x: torch.Tensor, threads: int,
+def select(ir: PruningIR, selector: KnapsackLabelSelector, x: torch.Tensor, timing: dict,
            share: float, check: bool = True) -> tuple[dict, torch.nn.Module]:
-    """Select (and check, settle) to ``selector.target_latency`` = ``share`` x the unpruned latency."""
+    """Select (and check, settle) to ``selector.target_latency`` = ``share`` x the unpruned latency;
+    ``timing``: the referee's ``threads`` (CPU) or ``device``."""
     start = time.perf_counter()
     labels = selector.select(ir)
     loop_s = time.perf_counter() - start
@@ -127,9 +133,9 @@ def select(ir: PruningIR, selector: KnapsackLabelSelector, x: torch.Tensor, thre
         labels, checked = settle(ir, selector, labels, selector.target_latency / share)
     seconds = time.perf_counter() - start
     pruned = ir.prune(labels=labels).model
-    achieved = remeasure(pruned, x, threads)
-    rotated = rotated_share(ir.model, pruned, x, threads) / share
-    rotated_again = rotated_share(ir.model, pruned, x, threads) / share   # the referee's own repeatability
+    achieved = remeasure(pruned, x, timing)
+    rotated = rotated_share(ir.model, pruned, x, timing) / share
+    rotated_again = rotated_share(ir.model, pruned, x, timing) / share   # the referee's own repeatability
     table = selector.latency_table
     return {"achieved": achieved, "achieved_over_target": achieved / selector.target_latency,
             "rotated_over_target": rotated, "rotated_again_over_target": rotated_again,
@@ -149,7 +155,7 @@ def floor_rows(batches: tuple) -> list[dict]:
             floor = ir.prune(labels=plan.labels(plan.max_counts())).model
             for batch in batches:
                 x = image(batch)
-                share = rotated_share(ir.model, floor, x, 1)
+                share = rotated_share(ir.model, floor, x, {"threads": 1})
                 rows.append({"model": title, "width": width, "batch": batch,
                              "floor_share": share, "macs_share": macs(floor, x[:1]) / macs(ir.model, x[:1]),
                              "original_ms": measure_latency(ir.model, x, warmup=2, repeats=5, statistic="min",
@@ -179,7 +185,7 @@ def table_rows(models: dict, batches: tuple, threads_list: tuple, shares: tuple,
                     row = {"model": title, "batch": batch, "image": INPUTS[batch], "threads": threads, "share": share,
                            "original": original, "target": share * original, "original_macs": macs(ir.model, x[:1])}
                     try:
-                        result, model = select(ir, selector, x, threads, share)
+                        result, model = select(ir, selector, x, {"threads": threads}, share)
                         row.update(result)
                         pruned[(name, batch, threads, share)] = model
                         print(f"{title:<12} b{batch:<3} t{threads} {share:.1f} rotated {row['rotated_over_target']:.3f} "
@@ -210,7 +216,7 @@ def linear_rows(models: dict) -> list[dict]:
                "target": 0.5 * original, "method": "linearized knapsack"}
         try:
             with time_limit(LINEAR_LIMIT_S):
-                result, _ = select(ir, selector, x, 1, 0.5, check=False)
+                result, _ = select(ir, selector, x, {"threads": 1}, 0.5, check=False)
             row.update(result)
             print(f"linear {title:<18} achieved/target {row['achieved_over_target']:.3f} time "
                   f"{row['selection_s']:.1f} s calls {row['latency_calls']}", flush=True)

@@ -231,6 +231,25 @@ def test_table_latency_drives_the_multiple_choice_knapsack_on_a_real_cpu():
     assert min(ratios) <= 1.15 * 0.5   # loose: CI machines are noisy
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_cuda_model_is_timed_selected_and_pruned_on_its_device(dtype):
+    torch.manual_seed(0)
+    ir = PruningIR(ConvNet(64).cuda().to(dtype)).infer_labels(torch.randn(2, 3, 16, 16, device="cuda", dtype=dtype))
+    MagnitudeCriterion(ir).apply()
+    x = torch.randn(32, 3, 128, 128, device="cuda", dtype=dtype)   # large enough not to be launch-bound
+    function = TableLatency(x, device="cuda", repeats=10, op_repeats=5)
+    target = 0.7 * min(function(ir.model) for _ in range(3))
+    selector = KnapsackLabelSelector(target, function, constraint=ChannelConstraint(step=8), verbose=False)
+    pruned = ir.prune(labels=selector.select(ir)).model
+    table = selector.latency_table
+    assert table.measurements > 0 and "device=" + torch.cuda.get_device_name() in table.machine
+    assert {p.device.type for p in pruned.parameters()} == {"cuda"} and {p.dtype for p in pruned.parameters()} == {dtype}
+    assert pruned(x).dtype == dtype and macs(pruned, x) < macs(ir.model, x)
+    pruned_s, unpruned_s = compare_latency([pruned, ir.model], x, rounds=5, device="cuda")
+    assert pruned_s <= 1.15 * 0.7 * unpruned_s
+
 # -- settling in the band on the real model ---------------------------------------------------------
 class LuckyFirst:
     """MACs, except that each pruned model's first measurement reads ``luck`` too low: what a

@@ -1,5 +1,5 @@
-"""RESULTS.md's section 4b (measured-latency budgets from a latency table) from the JSON that
-``benchmarks/latency_table.py`` writes: rendering apart from measuring, so a stage rerun alone
+"""RESULTS.md's sections 4b and 4d (measured-latency budgets from a latency table, on a CPU and a
+GPU) from the JSON that ``benchmarks/latency_table.py`` and ``benchmarks/latency_gpu.py`` write: rendering apart from measuring, so a stage rerun alone
 renders the whole section again."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import statistics
 
-__all__ = ["markdown", "accuracy_md"]
+__all__ = ["markdown", "accuracy_md", "gpu_markdown"]
 
 COLUMNS = ("pruned", "bn", "ft1")
 
@@ -146,3 +146,50 @@ def accuracy_md(rows: list[dict]) -> list[str]:
             cells.append(f"{statistics.mean(gaps):+.1f} ({sum(g >= 0 for g in gaps)} of {len(gaps)})")
         lines.append(f"| {task} | {ratio:.3f} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _in_band(value: float) -> bool:
+    return 0.95 <= value <= 1.02
+
+
+def gpu_markdown(result: dict) -> str:
+    """RESULTS.md's section 4d from ``benchmarks/latency_gpu.py``'s JSON."""
+    settings, env = result["settings"], result["environment"]
+    lines = ["## 4d. Latency budget on a GPU (issue 25)", "",
+             f"`python benchmarks/latency_gpu.py` on {result['device']}, torch {env['torch']}, "
+             f"{result['seconds'] / 60:.0f} min. ResNet-50 and MobileNetV2 at their real widths, {settings['image']} px, "
+             f"magnitude scores, widths in multiples of {settings['step']}; `KnapsackLabelSelector(share x u, "
+             "TableLatency(x, device=...))` with u the fastest of 3 calls on the unpruned model, checked on the real "
+             "model and settled in the band (`settle_in_band`). Timings are CUDA events after a synchronisation. "
+             f"Rotated and again: pruned/unpruned latency measured in rotation (fastest of {settings['rounds']} "
+             "rounds) over the budget share, twice; alone: the pruned model re-measured alone over the target.", "",
+             "Floor: the smallest reachable model over the unpruned one (latency, MACs).", "",
+             "| model | dtype | batch | unpruned (ms) | floor: latency | MACs |", "|---|---|---|---|---|---|"]
+    for r in result["floor"]:
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['original_ms']:.2f} | "
+                     f"{r['floor_share']:.3f} | {r['macs_share']:.3f} |")
+    lines += ["", "| model | dtype | batch | budget | rotated | again | alone | checked (checks) | noise | "
+              "selection s (loop) | real-model calls | ops timed | TP at equal MACs / table (latency) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["table"]:
+        head = f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['share']} |"
+        if "unreachable" in r:
+            lines.append(f"{head} unreachable: {r['unreachable'].split(';')[0].split('(')[0].strip()}"
+                         " | | | | | | | | |")
+            continue
+        rival = f"{r['tp_over_table']:.3f}" if "tp_over_table" in r else r.get("tp_error", "-")
+        lines.append(f"{head} {r['rotated_over_target']:.3f} | {r['rotated_again_over_target']:.3f} | "
+                     f"{r['achieved_over_target']:.3f} | {r['checked_over_target']:.3f} ({r['checks']}"
+                     f"{'' if r['in_band'] else ', not in band'}) | {r['spread']:.2f} | {r['selection_s']:.1f} "
+                     f"({r['loop_s']:.1f}) | {r['latency_calls']} | {r['ops_timed']} | {rival} |")
+    measured = [r for r in result["table"] if "unreachable" not in r]
+    if measured:
+        both = sum(_in_band(r["rotated_over_target"]) and _in_band(r["rotated_again_over_target"]) for r in measured)
+        lines += ["", f"{len(measured)} of {len(result['table'])} settings reachable and run; rotated within "
+                  f"[0.95, 1.02]: {sum(_in_band(r['rotated_over_target']) for r in measured)} of {len(measured)}, "
+                  f"both referee readings in the band: {both}; at most 1.02x: "
+                  f"{sum(r['rotated_over_target'] <= 1.02 for r in measured)}; selection "
+                  f"{min(r['selection_s'] for r in measured):.1f}-{max(r['selection_s'] for r in measured):.1f} s."]
+    if result.get("skipped"):
+        lines += ["", f"Not run (the time budget ran out): {len(result['skipped'])} stages."]
+    return "\n".join(lines) + "\n"
