@@ -9,8 +9,9 @@ to remove) -> ``pruning`` (remove them physically).
 from .batchnorm import batch_statistics, tune_batchnorm_statistics
 from .criteria import (ActivationCriterion, Criterion, LossAwareCriterion, MagnitudeCriterion, RandomCriterion,
                        measure_removal_costs)
-from .errors import (InvalidLabelsError, LabelsNotInferredError, LatencyFunctionError, LatencyMeasurementError,
-                     ModelExecutionError, PrunedModelFormatError, PruningError, PruningIRError, TracingError)
+from .errors import (BudgetUnreachableError, InvalidLabelsError, LabelsNotInferredError, LatencyFunctionError,
+                     LatencyMeasurementError, ModelExecutionError, PrunedModelFormatError, PruningError, PruningIRError,
+                     TracingError)
 from .gradual import GradualPruner
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
@@ -38,6 +39,7 @@ __all__ = [
     "RefitTarget",
     "sync_config", "expressible", "save_pretrained_pruned", "load_pretrained_pruned",
     "PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
-    "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError",
+    "LatencyMeasurementError", "LatencyFunctionError", "BudgetUnreachableError", "PrunedModelFormatError",
+    "PruningError",
 ]
 __version__ = "0.1.0"

@@ -43,6 +43,12 @@ class TensorLayout:
         return TensorLayout((None,) * ndim, dead_is_zero)
 
 
+def owner_path(tensor_name: str) -> str:
+    """The module a parameter or buffer belongs to: ``conv`` for ``conv.weight``, and for a
+    parametrized tensor too (``conv.parametrizations.weight.original0``, from ``weight_norm``)."""
+    return tensor_name.rpartition(".")[0].split(".parametrizations.")[0]
+
+
 def pinned(size: int) -> np.ndarray:
     """Atoms for ``size`` positions without channel identity."""
     return np.full(size, PINNED, dtype=np.int64)

@@ -31,6 +31,15 @@ class LatencyFunctionError(PruningIRError, RuntimeError):
     """The latency function raised an unexpected error, or returned something that is not a number."""
 
 
+class BudgetUnreachableError(PruningIRError, ValueError):
+    """A latency selector's target lies below the smallest model pruning can reach (every group as
+    narrow as its constraint allows); ``target`` and ``smallest`` are in the latency function's units."""
+
+    def __init__(self, message: str, target: float, smallest: float):
+        super().__init__(message)
+        self.target, self.smallest = target, smallest
+
+
 class PrunedModelFormatError(PruningIRError, ValueError):
     """The saved configuration does not fit the model it is loaded into, or the folder is not a saved model."""
 
@@ -41,4 +50,5 @@ class PruningError(PruningIRError):
 
 
 __all__ = ["PruningIRError", "TracingError", "ModelExecutionError", "LabelsNotInferredError", "InvalidLabelsError",
-           "LatencyMeasurementError", "LatencyFunctionError", "PrunedModelFormatError", "PruningError"]
+           "LatencyMeasurementError", "LatencyFunctionError", "BudgetUnreachableError", "PrunedModelFormatError",
+           "PruningError"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .channels import PINNED, AttributeBinding, ParameterBinding
+from .channels import PINNED, AttributeBinding, ParameterBinding, owner_path
 from .propagation_state import PropagationState
 
 _MAX_REASONS = 6
@@ -250,7 +250,7 @@ class ChannelIndex:
             for binding in self.parameter_bindings:
                 for gid in self._groups_touching(binding.classes):
                     groups[gid].parameters.append(f"{binding.target.name}[{binding.target.dim}]")
-                    owner = binding.target.name.rpartition(".")[0]
+                    owner = owner_path(binding.target.name)
                     if owner not in groups[gid].modules:
                         groups[gid].modules.append(owner)
             for site in self.sites:

@@ -67,8 +67,18 @@ def macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> float:
     Deterministic and device independent: counted by ``torch.utils.flop_counter`` from the
     shapes of the matmuls and convolutions that actually run.
     """
-    with eval_mode(model), one_thread(), FlopCounterMode(display=False) as counter:
-        _run(model, inputs, kwargs)
+    with eval_mode(model), one_thread():
+        try:
+            with FlopCounterMode(display=False) as counter:
+                _run(model, inputs, kwargs)
+        except LatencyMeasurementError as error:
+            # the counter's module tracker hooks module inputs for backward, which fails without
+            # gradients on a parameter passed to a submodule (DeBERTa's relative embeddings)
+            with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+                try:
+                    _run(model, inputs, kwargs)
+                except LatencyMeasurementError:
+                    raise error from None
     return counter.get_total_flops() / 2.0
 
 

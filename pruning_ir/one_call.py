@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_share
 from .criteria import LossAwareCriterion, MagnitudeCriterion
+from .errors import BudgetUnreachableError
 from .ir import PruningIR
 from .labels import DependencyGroup, Label
 from .latency import bind, measure_latency, parameter_count, to_device
@@ -214,7 +215,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
                 return KnapsackLabelSelector(budget, cost, constraint=constraint, verbose=False,
                                              normalize="mean" if data_free else None)
             target = value * before[kind]
-        with _timed(timings, "prune"):
+        with _timed(timings, "prune"), _budget_in_its_terms(kind, value, before):
             pruned = prune_in_rounds(
                 ir, factory, target, None if data_free else _calibration(data, loss, forward, device),
                 rounds=1 if data_free else rounds, criterion=MagnitudeCriterion if data_free else LossAwareCriterion,
@@ -249,6 +250,20 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
     report = PruneReport(recipe, data_free, kind, value, reached, macs_before, macs_after, params_before,
                          params_after, latency_before, latency_after, groups, timings, notes)
     return result, report
+
+
+@contextmanager
+def _budget_in_its_terms(kind: str, value: float, before: dict[str, float | None]) -> Iterator[None]:
+    """An unreachable budget reported as the share the caller asked for, not in the selector's units."""
+    try:
+        yield
+    except BudgetUnreachableError as error:
+        floor = error.smallest / before[kind] if before.get(kind) else float("nan")
+        raise BudgetUnreachableError(
+            f"{kind}={value} cannot be reached: the smallest model pruning can reach keeps {floor:.3f} of the "
+            f"{kind} (every prunable group at its narrowest; the rest is kept whole: print(PruningIR(model)"
+            f".infer_labels(...)) says which channels and why); ask for {kind} >= {floor:.3f}",
+            error.target, error.smallest) from error
 
 
 def _budget(**budgets: float | None) -> tuple[str, float]:

@@ -21,7 +21,7 @@ from .propagation_state import PropagationState, named_tensor
 from .recorded_ints import AttributeInt
 from .tracing import TracedGraph
 
-__all__ = ["PropagationState", "propagate", "pin_unseen_paths", "pin_compared_counts"]
+__all__ = ["PropagationState", "propagate", "pin_unseen_paths", "pin_compared_counts", "bind_layer_sizes"]
 
 
 def _barrier(ctx: RuleContext, reason: str) -> None:
@@ -44,7 +44,7 @@ def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "query_head
     """Run every node's channel rule in graph order and pin what reaches the model outputs
     (``gqa_unit``: the label of grouped-query attention, see ``channel_rules.attention``)."""
     state = PropagationState(model, gqa_unit)
-    state.node_named = {node.name: node for node in traced.graph.nodes}  # sizes name the node they were read from
+    state.node_named = {node.name: node for node in traced.graph.nodes}
     for node in traced.graph.nodes:
         if node.op == "placeholder" or node.meta.get("external"):
             state.layouts[node] = TensorLayout.empty(len(node.meta["shape"]))
@@ -84,7 +84,40 @@ def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "query_head
                     if isinstance(layout, TensorLayout):
                         ctx.pin_layout(layout, "leaf module declared with prunable_output=False")
     pin_unseen_paths(state, traced)
+    bind_layer_sizes(state)
     return state
+
+
+def _size_relations(module: nn.Module) -> list[tuple[str, str, int, int | None]]:
+    """(attribute, parameter, dim, tuple index): the size attributes of a torch layer that equal one
+    dimension of its own parameter (grouped convolutions' depend on ``groups``: left to their rule)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1:
+            return []
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        return [("out_channels", "weight", int(transposed), None), ("in_channels", "weight", int(not transposed), None)]
+    if isinstance(module, nn.Linear):
+        return [("out_features", "weight", 0, None), ("in_features", "weight", 1, None)]
+    if isinstance(module, nn.Embedding):
+        return [("embedding_dim", "weight", 1, None)]
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return [("num_features", "weight" if module.affine else "running_mean", 0, None)]
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        return [("normalized_shape", "weight", index, index) for index in range(len(module.normalized_shape))]
+    return []
+
+
+def bind_layer_sizes(state: PropagationState) -> None:
+    """Bind the size attributes of torch layers that no rule bound, to the parameter dimension they
+    describe: a subclass that reads its weight its own way (Whisper's positional embedding indexes
+    ``self.weight``) keeps ``embedding_dim`` and its other sizes true to the pruned weight."""
+    bound = {(b.module_path, b.attribute, b.tuple_index) for b in state.attribute_bindings}
+    for path, module in state.modules.items():
+        for attribute, parameter, dim, index in _size_relations(module):
+            binding = state.parameter_bindings.get((f"{path}.{parameter}" if path else parameter, dim))
+            if binding is not None and (path, attribute, index) not in bound:
+                state.attribute_bindings.append(AttributeBinding(path, attribute, binding.atoms, 1, index))
+                bound.add((path, attribute, index))
 
 
 def _unseen_parameters(state: PropagationState, traced: TracedGraph) -> list[str]:
@@ -207,17 +240,6 @@ def _pin_across_branches(state: PropagationState, nodes: list[fx.Node], never: l
     return where
 
 
-def _channel_reads(state: PropagationState, size: Any) -> list[tuple[fx.Node, int, Any]]:
-    """The ``(node, dim, atoms)`` reads of channel-carrying dimensions a ShapeInt was computed from."""
-    reads = []
-    for name, dim in getattr(size, "sources", ()):
-        node = state.node_named.get(name)
-        layout = state.layouts.get(node) if node is not None else None
-        if isinstance(layout, TensorLayout) and dim < layout.ndim and layout.dims[dim] is not None:
-            reads.append((node, dim, layout.dims[dim]))
-    return reads
-
-
 def pin_compared_counts(state: PropagationState, traced: TracedGraph) -> None:
     """Pin every channel count the model's Python compared with a number (``if y.shape[1] >= 8:``):
     the branch would flip after pruning. A test for divisibility (``== 0``), or a comparison with a
@@ -226,8 +248,8 @@ def pin_compared_counts(state: PropagationState, traced: TracedGraph) -> None:
         other = comparison.other
         if isinstance(other, AttributeInt) or (comparison.symbol in ("==", "!=") and other == 0):
             continue
-        reads = _channel_reads(state, comparison.size)
-        if not reads or _channel_reads(state, other):
+        reads = state.channel_reads(comparison.size)
+        if not reads or state.channel_reads(other):
             continue
         for node, dim, atoms in reads:
             stack = node.meta.get("module_stack", ())

@@ -30,6 +30,7 @@ class PropagationState:
         self.parameter_bindings: dict[tuple[str, int], ParameterBinding] = {}
         self.attribute_bindings: list[AttributeBinding] = []
         self.parameter_derived: set[fx.Node] = set()
+        self.node_named: dict[str, fx.Node] = {}   # sizes name the node they were read from
 
     def parameter_atoms(self, name: str, dim: int) -> np.ndarray | None:
         """Atoms of one dimension of a parameter or buffer, made once (size-1 dims have none)."""
@@ -58,6 +59,17 @@ class PropagationState:
         if isinstance(layout, tuple) and not allow_tuple:
             return None
         return layout
+
+    def channel_reads(self, size: Any) -> list[tuple[fx.Node, int, np.ndarray]]:
+        """The ``(node, dim, atoms)`` reads of channel-carrying dimensions a recorded size (a
+        ``ShapeInt`` or ``ShapeFloat``) was computed from; none for anything else."""
+        reads = []
+        for name, dim in getattr(size, "sources", ()):
+            node = self.node_named.get(name)
+            layout = self.layouts.get(node) if node is not None else None
+            if isinstance(layout, TensorLayout) and dim < layout.ndim and layout.dims[dim] is not None:
+                reads.append((node, dim, layout.dims[dim]))
+        return reads
 
 
 def named_tensor(modules: dict[str, nn.Module], name: str) -> Any:

@@ -75,6 +75,14 @@ def tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, boo
     return holders
 
 
+def computed_attributes(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors modules hold as plain attributes, computed with gradients (``nn.utils.weight_norm`` sets
+    ``weight`` from ``weight_g`` and ``weight_v`` before each forward): ``copy.deepcopy`` refuses such
+    a tensor, so a copy takes it detached (the next forward recomputes it)."""
+    return [value for module in model.modules() for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None]
+
+
 def _set_attribute(module: nn.Module, attribute: str, value: int, tuple_index: int | None) -> None:
     *owners, attribute = attribute.split(".")  # "config.num_attention_heads": a field of the module's config
     for owner in owners:
@@ -100,7 +108,7 @@ def prune_model(model: nn.Module, index: ChannelIndex, removed: np.ndarray, inpl
         _replace_one_at_a_time(model, modules, {key: (name, plans[name]) for key, name in first_name.items()})
         target = model
     else:
-        memo = {}
+        memo = {id(tensor): tensor.detach().clone() for tensor in computed_attributes(model)}
         for key, name in first_name.items():
             path, _, attribute = name.rpartition(".")
             memo[key] = sliced_tensor(getattr(modules[path], attribute), plans[name])

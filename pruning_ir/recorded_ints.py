@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ShapeInt", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints", "comparisons_to"]
+__all__ = ["ShapeInt", "ShapeFloat", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints", "comparisons_to"]
 
 # Listeners of ShapeInt comparisons (the active recorder's); only the innermost one hears them.
 _LISTENERS: list[Callable[[str, "ShapeInt", Any], None]] = []
@@ -48,6 +48,40 @@ class ShapeInt(int):
         return (ShapeInt, (int(self),))
 
     __hash__ = int.__hash__
+
+
+class ShapeFloat(float):
+    """A float computed from a :class:`ShapeInt` (``x.shape[1] ** -0.5``, ``total / x.shape[1]``): a
+    channel count used as a number. Its value changes when channels are removed, so an arithmetic rule
+    meeting one as an operand marks the channels counted (``sources``) inexact."""
+
+    def __new__(cls, value: float, sources: frozenset, attributes: frozenset = frozenset()):
+        obj = super().__new__(cls, value)
+        obj.sources, obj.attributes = sources, attributes
+        return obj
+
+    def __reduce__(self):
+        return (float, (float(self),))
+
+    __hash__ = float.__hash__
+
+
+def _float_op(name: str):
+    """``name`` on a ShapeInt or ShapeFloat giving a float: a ShapeFloat that remembers the counts it was
+    computed from (an int op that declines a float operand is done in floats)."""
+    def op(self, *others):
+        result = getattr(type(self).__mro__[1], name)(self, *others)
+        if result is NotImplemented and isinstance(self, int):
+            result = getattr(float, name)(float(self), *others)
+        if type(result) is int:
+            return _combined(result, (self, *others))
+        if type(result) is not float:
+            return result
+        sources = frozenset().union(*(o.sources for o in (self, *others) if isinstance(o, (ShapeInt, ShapeFloat))))
+        return ShapeFloat(result, sources, _attributes_of(self))
+
+    op.__name__ = name
+    return op
 
 
 class AttributeInt(int):
@@ -201,6 +235,13 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
     if _name not in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__neg__"):
         setattr(AttributeTerms, _name, _int_op(_name))
     setattr(DerivedInt, _name, _int_op(_name))
+
+
+for _name in ("__truediv__", "__rtruediv__", "__pow__", "__rpow__"):
+    setattr(ShapeInt, _name, _float_op(_name))
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+              "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__"):
+    setattr(ShapeFloat, _name, _float_op(_name))
 
 
 def _comparison(name: str, symbol: str):

@@ -158,8 +158,18 @@ def _checked_shape(shape: Any, tensor: torch.Tensor, what: str) -> list[int]:
     return list(shape)
 
 
-def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any) -> tuple[bool, Any]:
-    """(changes, new value) for ``module.<name> = value``, or a PrunedModelFormatError saying why not."""
+def _resized_dimensions(module: nn.Module, plan: LoadPlan) -> set[tuple[int, int]]:
+    """(old, new) of every dimension the plan shrinks in ``module``'s own and its submodules' tensors."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return {(old, new) for tensor in tensors for old, new in zip(tensor.shape, plan.shape(tensor)) if old != new}
+
+
+def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any,
+                       resized: set[tuple[int, int]]) -> tuple[bool, Any]:
+    """(changes, new value) for ``module.<name> = value``, or a PrunedModelFormatError saying why not.
+    On a user module pruning rewrites any int attribute forward() reads as a size (a split size such
+    as Res2Net's ``width``): one outside the known names may change as a dimension in the module
+    changes (``resized``: the (old, new) sizes the plan gives its tensors)."""
     label = f"{path}.{name}" if path else _short(name)
 
     def refuse(why: str) -> NoReturn:
@@ -179,7 +189,9 @@ def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any) -> t
     if new == current:
         return False, current
     allowed = allowed_attributes(module)
-    if allowed is not None and name not in allowed:
+    follows_a_dimension = type(current) is int and (current, new) in resized and \
+        not type(module).__module__.startswith("torch.")
+    if allowed is not None and name not in allowed and not follows_a_dimension:
         refuse(f"pruning_ir never changes {name} on a {type(module).__qualname__} "
                f"(it changes only {sorted(allowed)})")
     olds, news = (current, new) if isinstance(current, (tuple, list)) else ((current,), (new,))
@@ -207,7 +219,7 @@ def plan_configuration(model: nn.Module, config: Any, where: str = "the configur
     if unknown or absent:
         _fail(f"the model's modules differ from the saved ones: unexpected {_short(unknown[:5])} (not in the model), "
               f"missing {absent[:5]} (was it built with the same arguments?)")
-    plan, first_at = LoadPlan(), {}
+    plan, first_at, pending = LoadPlan(), {}, []
     created = _planned_creations(config.get("created_parameters", []), modules)
     for path, entry in saved.items():
         module, name_of = modules[path], path or "<model>"
@@ -241,8 +253,11 @@ def plan_configuration(model: nn.Module, config: Any, where: str = "the configur
         attributes = entry.get("attributes", {})
         if not isinstance(attributes, dict):
             _fail(f"module {name_of}: attributes must be an object, got {_short(attributes)}")
+        pending.append((module, path, attributes))
+    for module, path, attributes in pending:   # after every shape: an attribute may follow a submodule's
+        resized = _resized_dimensions(module, plan) if attributes else set()
         for name, value in attributes.items():
-            changes, new = _checked_attribute(module, path, name, value)
+            changes, new = _checked_attribute(module, path, name, value, resized)
             if changes:
                 plan.attributes[(id(module), name)] = (module, name, new)
     check_consistency(model, plan)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .channels import owner_path
 from .labels import ChannelIndex
 from .modes import kept_training_flags
 from .text_tables import format_count
@@ -91,7 +92,7 @@ def group_rows(model: nn.Module, index: ChannelIndex, inputs: tuple[tuple, dict]
         if tensor is None:
             continue  # a buffer
         groups = index.group_of_class[binding.classes]
-        path = name.rpartition(".")[0]
+        path = owner_path(name)
         for group_id in np.unique(groups[groups >= 0]):
             share = float(np.mean(groups == group_id))
             held_parameters[int(group_id)] += share * tensor.numel()

@@ -27,7 +27,7 @@ from torch import nn
 
 from .labels import ChannelIndex
 from .modes import kept_training_flags
-from .pruning import prune_model, slice_plans
+from .pruning import computed_attributes, prune_model, slice_plans
 
 __all__ = ["OutputSignature", "output_signature", "Culprit", "RemovalCheck", "without_culprits"]
 
@@ -70,7 +70,7 @@ class Culprit:
 
 def _meta_copy(model: nn.Module) -> nn.Module:
     """``model`` with every parameter and buffer replaced by an empty ``meta`` tensor of its shape."""
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {id(tensor): torch.empty_like(tensor, device="meta") for tensor in computed_attributes(model)}
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) in memo:
             continue

@@ -69,6 +69,15 @@ def broadcast(ctx: RuleContext, operands: list) -> list:
     return dims
 
 
+def count_operands(ctx: RuleContext, operands: list) -> None:
+    """A channel count used as a number (``x * x.shape[1] ** -0.5``, ``x.sum(1) / x.shape[1]``) changes
+    when channels are removed: the channels it counts are not removed exactly."""
+    for value in operands:
+        if not isinstance(value, fx.Node):
+            for _, _, atoms in ctx.state.channel_reads(value):
+                ctx.mark_inexact(atoms, "their count is a number in this arithmetic: removing one changes it")
+
+
 def _dead_is_zero(ctx: RuleContext, value) -> bool:
     if isinstance(value, fx.Node):
         layout = ctx.layout(value)
@@ -81,6 +90,7 @@ def _dead_is_zero(ctx: RuleContext, value) -> bool:
 def additive(ctx: RuleContext) -> TensorLayout:
     operands = list(ctx.node.args) + [v for k, v in ctx.node.kwargs.items() if k in ("other", "input")]
     dims = broadcast(ctx, operands)
+    count_operands(ctx, operands)
     if ctx.op == "where":
         operands = operands[1:]
     return TensorLayout(tuple(dims), all(_dead_is_zero(ctx, v) for v in operands if not isinstance(v, bool)))
@@ -90,6 +100,7 @@ def additive(ctx: RuleContext) -> TensorLayout:
 def multiply(ctx: RuleContext) -> TensorLayout:
     operands = list(ctx.node.args) + [v for k, v in ctx.node.kwargs.items() if k == "other"]
     dims = broadcast(ctx, operands)
+    count_operands(ctx, operands)
     return TensorLayout(tuple(dims), any(_dead_is_zero(ctx, v) for v in operands))
 
 
@@ -97,6 +108,7 @@ def multiply(ctx: RuleContext) -> TensorLayout:
 def divide(ctx: RuleContext) -> TensorLayout:
     numerator, denominator = ctx.argument(0, "input"), ctx.argument(1, "other")
     dims = broadcast(ctx, [numerator, denominator])
+    count_operands(ctx, [numerator, denominator])
     denominator_layout = ctx.layout(denominator)
     varies = denominator_layout is not None and any(a is not None for a in denominator_layout.dims)
     return TensorLayout(tuple(dims), _dead_is_zero(ctx, numerator) and not varies)
@@ -108,6 +120,7 @@ def divide(ctx: RuleContext) -> TensorLayout:
 def position_wise(ctx: RuleContext) -> TensorLayout:
     """Position-wise ops whose value for a dead channel is not zero (``0 >= 0`` is True)."""
     dims = broadcast(ctx, [v for v in ctx.node.args if isinstance(v, fx.Node)])
+    count_operands(ctx, list(ctx.node.args))
     return TensorLayout(tuple(dims), False)
 
 

@@ -51,6 +51,8 @@ def convolution(ctx: RuleContext) -> TensorLayout:
     if isinstance(bias, fx.Node):
         ctx.union(out_atoms, ctx.atoms_of(bias, 0))
     kernel_in = ctx.atoms_of(weight, 1)
+    if kernel_in is None:   # a weight computed without channel identity (einsum over experts): its size stays
+        kernel_in = pinned(in_per_group)
     if groups == 1:
         in_atoms = consume(ctx, layout, channel_dim, in_channels, kernel_in)
         bind_sizes(ctx, weight, in_channels=kernel_in if in_atoms is not None else None, out_channels=out_atoms)
@@ -100,7 +102,9 @@ def linear(ctx: RuleContext) -> TensorLayout:
     source, weight, bias = ctx.argument(0, "input"), ctx.argument(1, "weight"), ctx.argument(2, "bias")
     layout = ctx.layout(source)
     shape = ctx.shape(source)
-    in_atoms = consume(ctx, layout, len(shape) - 1, shape[-1], ctx.atoms_of(weight, 1))
+    kernel_in = ctx.atoms_of(weight, 1)
+    in_atoms = consume(ctx, layout, len(shape) - 1, shape[-1],
+                       kernel_in if kernel_in is not None else pinned(shape[-1]))
     out_atoms = ctx.atoms_of(weight, 0)
     if out_atoms is not None and isinstance(bias, fx.Node):
         ctx.union(out_atoms, ctx.atoms_of(bias, 0))
@@ -193,7 +197,9 @@ def grouped_matmul(ctx: RuleContext) -> TensorLayout:
 
 @channel_rule("addmm", "baddbmm", "addbmm")
 def add_matmul(ctx: RuleContext) -> TensorLayout:
-    bias, left, right = ctx.argument(0, "input"), ctx.argument(1), ctx.argument(2)
+    bias = ctx.argument(0, "input")   # addmm names its factors mat1/mat2, baddbmm/addbmm batch1/batch2
+    left = ctx.argument(1, "mat1", ctx.argument(1, "batch1"))
+    right = ctx.argument(2, "mat2", ctx.argument(2, "batch2"))
     dims = matmul_dims(ctx, left, right)
     bias_shape = ctx.shape(bias)
     for local in range(len(bias_shape)):
@@ -282,6 +288,27 @@ def layer_norm(ctx: RuleContext) -> TensorLayout | None:
         elif owner is None:
             ctx.size_follows(size, atoms, "normalized_shape")
     return TensorLayout(layout.dims, dead_is_zero=isinstance(weight, fx.Node))
+
+
+@channel_rule("_weight_norm")
+def weight_norm(ctx: RuleContext) -> TensorLayout | None:
+    """``torch._weight_norm(v, g, dim)`` (``nn.utils.parametrizations.weight_norm``): the weight is v
+    rescaled per slice of ``dim`` by g; the norm runs over the other dims, so removing one of their
+    channels changes it."""
+    v, g, dim = ctx.argument(0, "v"), ctx.argument(1, "g"), ctx.argument(2, "dim", 0)
+    layout = ctx.layout(v)
+    if layout is None:
+        return None
+    if dim is None or dim == -1 and layout.ndim > 1:   # one norm over the whole tensor
+        for atoms in layout.dims:
+            ctx.mark_inexact(atoms, "a weight norm over the whole weight")
+        return TensorLayout(layout.dims, dead_is_zero=False)
+    dim %= layout.ndim
+    ctx.union(dim_atoms(layout, dim, ctx.shape(v)[dim]), ctx.atoms_of(g, dim))
+    for other, atoms in enumerate(layout.dims):
+        if other != dim:
+            ctx.mark_inexact(atoms, "the weight norm of each slice runs over these channels")
+    return TensorLayout(layout.dims, dead_is_zero=False)
 
 
 @channel_rule("embedding")

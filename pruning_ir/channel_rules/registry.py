@@ -18,7 +18,7 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from ..channels import AttributeBinding, TensorLayout
+from ..channels import AttributeBinding, TensorLayout, owner_path
 from ..recorded_ints import AttributeTerms, DerivedInt
 from ..tracing import AttributeInt, ShapeInt
 
@@ -174,14 +174,28 @@ class RuleContext:
         return None
 
     def owner_module(self, parameter: Any) -> tuple[str, nn.Module] | None:
-        """The enclosing module that owns this parameter directly (``conv.weight`` -> ``conv``)."""
-        name = self.parameter_name(parameter)
-        if name is None or not self.module_stack:
+        """The enclosing module that owns this parameter directly (``conv.weight`` -> ``conv``), also
+        when the op reads a tensor computed from it alone, of its shape (a weight standardised or
+        scaled in ``forward``, as BiT's ``StdConv2d``): the module's size attributes follow it."""
+        if not self.module_stack or not isinstance(parameter, fx.Node):
             return None
-        owner = name.rpartition(".")[0]
-        if owner != self.module_path:
+        name = self.parameter_name(parameter) or self._computed_from(parameter)
+        if name is None or owner_path(name) != self.module_path:
             return None
-        return owner, self.state.modules[owner]
+        return self.module_path, self.state.modules[self.module_path]
+
+    def _computed_from(self, value: fx.Node, depth: int = 8) -> str | None:
+        """The one parameter of ``value``'s shape that ``value`` is computed from within ``depth`` ops
+        in the current module (None if none, or several)."""
+        found, frontier, seen = set(), [value], {value}
+        for _ in range(depth):
+            frontier = [n for node in frontier for n in node.all_input_nodes if n not in seen]
+            seen.update(frontier)
+            for node in frontier:
+                if node.op == "get_attr" and tuple(node.meta.get("shape", ())) == self.shape(value):
+                    found.add(node.target)
+            frontier = [n for n in frontier if n.op in ("call_function", "call_method")]
+        return found.pop() if len(found) == 1 else None
 
     def where(self) -> str:
         return f"{self.op} in '{self.module_path or '<model>'}'"

@@ -8,7 +8,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import LatencyMeasurementError
+from ..errors import BudgetUnreachableError, LatencyMeasurementError
 from .base import LabelSelector
 from .constraint import ChannelConstraint
 from .oracle import LatencyOracle, check_function, check_target
@@ -24,9 +24,9 @@ def check_reachable(oracle: LatencyOracle, plan: SelectionPlan, target: float) -
     except LatencyMeasurementError:
         return None
     if target < lowest:
-        raise ValueError(
+        raise BudgetUnreachableError(
             f"target_latency {target:.6g} is below the smallest reachable latency {lowest:.6g} (every group "
-            f"pruned as far as the channel constraint allows); choose a target >= {lowest:.6g}")
+            f"pruned as far as the channel constraint allows); choose a target >= {lowest:.6g}", target, lowest)
     return lowest
 
 

@@ -1,0 +1,248 @@
+"""Layers used their own way: a weight computed in ``forward`` (weight standardisation, a mixture of
+expert kernels), a subclass that reads its parameter directly (Whisper's positional embedding), a
+split size in a user attribute (Res2Net), a channel count used as a number, ``baddbmm`` called with
+keywords (BLOOM), a parameter fed to a submodule (DeBERTa's MACs), and a budget below what pruning
+can reach. Each either prunes exactly, saves and loads, or is kept and reported, never broken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import pruning_ir
+from helpers import assert_exact_pruning
+from pruning_ir import (BudgetUnreachableError, LossAwareCriterion, PruningIR, UniformLabelSelector, load_pruned,
+                        save_pruned)
+from pruning_ir.latency import macs
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised convolution (BiT's ``StdConv2d``): the weight is normalised in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StdConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = StdConv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_standardised_weight_keeps_its_module_sizes_true_and_saves(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruned = pruning_ir.prune(StdConvNet(), x, ratio=0.5, verbose=False)
+    weight = pruned.conv.weight
+    assert weight.shape[0] < 16 and weight.shape[1] < 16
+    assert (pruned.conv.out_channels, pruned.conv.in_channels) == tuple(weight.shape[:2])
+    save_pruned(pruned, tmp_path)
+    torch.manual_seed(1)
+    loaded = load_pruned(StdConvNet(), tmp_path)
+    torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
+
+
+class ExpertConv(nn.Module):
+    """A grouped convolution whose kernel mixes experts by einsum (CondConv): no channel identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.experts = nn.Parameter(torch.randn(3, 8, 4, 3, 3) * 0.1)
+        self.route = nn.Linear(8, 3)
+        self.head, self.tail = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        weights = torch.softmax(self.route(x.mean((2, 3))), -1).mean(0)
+        kernel = torch.einsum("k,koixy->oixy", weights, self.experts)
+        x = torch.relu(self.head(torch.relu(F.conv2d(x, kernel, padding=1, groups=2))))
+        return self.tail(x).mean((2, 3))
+
+
+def test_a_grouped_convolution_of_a_computed_kernel_keeps_its_input_and_prunes_the_rest():
+    torch.manual_seed(0)
+    model, x = ExpertConv().eval(), torch.randn(2, 3, 6, 6)
+    ir = PruningIR(model).infer_labels(x)
+    stem = next(g for g in ir.groups if "stem" in g.modules)
+    assert not stem.prunable   # the einsum kernel's input width cannot shrink
+    assert [g.modules for g in ir.groups if g.prunable] == [["head", "tail"]]
+    assert_exact_pruning(model, x)
+
+
+class Res2Block(nn.Module):
+    """Res2Net's split: ``torch.split(x, self.width, 1)`` with the split size in a user attribute."""
+
+    def __init__(self, channels: int = 16, scale: int = 2) -> None:
+        super().__init__()
+        self.width = channels // scale
+        self.conv1 = nn.Conv2d(3, channels, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(self.width, self.width, 3, padding=1) for _ in range(scale))
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(self.conv1(x), self.width, 1)
+        y = torch.cat([conv(torch.relu(part)) for conv, part in zip(self.convs, parts)], 1)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_split_size_in_a_user_attribute_is_saved_and_loaded(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruned = pruning_ir.prune(Res2Block(), x, ratio=0.5, verbose=False)
+    assert pruned.width < 8 and pruned.width == pruned.convs[0].in_channels
+    save_pruned(pruned, tmp_path)
+    loaded = load_pruned(Res2Block(), tmp_path)
+    assert loaded.width == pruned.width
+    torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
+
+
+class PositionTable(nn.Embedding):
+    """Whisper's positional embedding: indexes ``self.weight`` instead of calling ``F.embedding``."""
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.weight[positions]
+
+
+class PositionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(20, 16)
+        self.positions = PositionTable(10, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+        return self.fc(torch.relu(h))
+
+
+def test_an_embedding_that_indexes_its_weight_keeps_embedding_dim_true_and_saves(tmp_path):
+    torch.manual_seed(0)
+    model, ids = PositionNet().eval(), torch.randint(0, 20, (2, 6))
+    _, pruned, _ = assert_exact_pruning(model, ids)
+    table = pruned.model.positions
+    assert table.embedding_dim == table.weight.shape[1] < 16
+    save_pruned(pruned.model, tmp_path)
+    torch.manual_seed(1)
+    loaded = load_pruned(PositionNet(), tmp_path)
+    torch.testing.assert_close(loaded(ids), pruned.model(ids), atol=0, rtol=0)
+
+
+class CountScaled(nn.Module):
+    """A channel count used as a number: ``x * C ** -0.5``, or a mean written as ``sum / C``."""
+
+    def __init__(self, manual_mean: bool) -> None:
+        super().__init__()
+        self.manual_mean = manual_mean
+        self.a, self.b = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        if self.manual_mean:
+            return self.b(x - x.sum(1, keepdim=True) / x.shape[1])
+        return self.b(x * x.shape[1] ** -0.5)
+
+
+@pytest.mark.parametrize("manual_mean", [False, True])
+def test_a_channel_count_used_as_a_number_makes_its_channels_inexact(manual_mean):
+    torch.manual_seed(0)
+    model, x = CountScaled(manual_mean).eval(), torch.randn(2, 3, 6, 6)
+    ir = PruningIR(model).infer_labels(x)
+    group = next(g for g in ir.groups if "a" in g.modules)
+    assert group.prunable and not group.exact
+    assert "their count is a number" in ir.describe()
+    ir.zero_labels(group.labels[:4])
+    with torch.no_grad():
+        before = model(x)
+        after = ir.prune(labels=group.labels[:4]).model(x)
+    assert (after - before).abs().max() > 1e-4   # what the flag says: removing them changes the output
+
+
+class AlibiScores(nn.Module):
+    """BLOOM's scores: ``alibi.baddbmm(batch1=q, batch2=k, beta=, alpha=)``, all by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alibi = torch.zeros(x.shape[0], x.shape[1], x.shape[1])
+        scores = alibi.baddbmm(batch1=self.q(x), batch2=self.k(x).transpose(1, 2), beta=1.0, alpha=0.25)
+        return self.out(torch.softmax(scores, -1) @ self.v(x))
+
+
+def test_baddbmm_with_keyword_factors_is_traced_and_prunes_exactly():
+    torch.manual_seed(0)
+    assert_exact_pruning(AlibiScores(), torch.randn(2, 5, 8))
+
+
+def test_macs_counts_a_model_that_feeds_a_parameter_to_a_submodule():
+    """DeBERTa's relative embeddings: torch's counter fails on them without gradients."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=32, relative_attention=True,
+                                          pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=-1)
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(config).eval()
+    ids = torch.randint(1, 50, (1, 8))
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        model(ids)
+    assert macs(model, ids) == counter.get_total_flops() / 2 > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+class MostlyPinned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))).view(-1, 8 * 36)   # a literal width pins b's output
+
+
+def test_an_unreachable_budget_is_named_in_the_budget_the_caller_gave():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(BudgetUnreachableError, match=r"macs=0\.1 cannot be reached: the smallest model pruning can "
+                                                     r"reach keeps 0\.\d+ of the macs") as caught:
+        pruning_ir.prune(MostlyPinned(), x, macs=0.1, verbose=False)
+    assert isinstance(caught.value, ValueError) and caught.value.smallest > caught.value.target
+
+
+def weight_normed(parametrized: bool) -> nn.Sequential:
+    """A vocoder-style stack of weight-normed Conv1d (``parametrizations.weight_norm``, or the older
+    ``nn.utils.weight_norm`` that recomputes ``weight`` in a forward pre-hook)."""
+    norm = nn.utils.parametrizations.weight_norm if parametrized else nn.utils.weight_norm
+    torch.manual_seed(0)
+    return nn.Sequential(norm(nn.Conv1d(2, 12, 3, padding=1)), nn.ReLU(), norm(nn.Conv1d(12, 12, 3, padding=1)),
+                         nn.ReLU(), norm(nn.Conv1d(12, 2, 1)))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # nn.utils.weight_norm is deprecated, still common
+@pytest.mark.parametrize("parametrized", [True, False])
+def test_weight_normed_convolutions_are_pruned_after_calibration(tmp_path, parametrized):
+    model, x = weight_normed(parametrized), torch.randn(2, 2, 16)
+    ir = PruningIR(model)
+    with LossAwareCriterion(ir) as collector:   # a forward with gradients: the old API's weight is non-leaf
+        collector(x).pow(2).mean().backward()
+    assert [len(g.labels) for g in ir.groups if g.prunable] == [12, 12]
+    assert all(not g.exact for g in ir.groups if g.prunable)   # the norm runs over each kernel's inputs
+    pruned = ir.prune(labels=UniformLabelSelector(0.5).select(ir)).model
+    for conv, (out_channels, in_channels) in zip(pruned[::2], [(6, 2), (6, 6), (2, 6)]):
+        g = conv.parametrizations.weight.original0 if parametrized else conv.weight_g
+        assert (conv.out_channels, conv.in_channels, g.shape[0]) == (out_channels, in_channels, out_channels)
+    assert pruned(torch.randn(3, 2, 20)).shape == (3, 2, 20)
+    if parametrized:
+        save_pruned(pruned, tmp_path)
+        loaded = load_pruned(weight_normed(True), tmp_path)
+        torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
