@@ -90,6 +90,7 @@ class AtomTable:
         self.union_right: list[np.ndarray] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.inexact: list[tuple[np.ndarray, str]] = []
+        self.multiples: list[tuple[np.ndarray, int, str]] = []
 
     def fresh(self, n: int) -> np.ndarray:
         atoms = np.arange(self.count, self.count + n, dtype=np.int64)
@@ -132,6 +133,12 @@ class AtomTable:
         atoms = atoms[atoms != PINNED]
         if atoms.size:
             self.inexact.append((atoms, reason))
+
+    def require_multiple(self, atoms: np.ndarray, multiple: int, reason: str) -> None:
+        """Of ``atoms`` (one dimension of one tensor), a multiple of ``multiple`` must remain, or all."""
+        atoms = np.asarray(atoms, dtype=np.int64).ravel()
+        if multiple > 1 and atoms.size and (atoms != PINNED).any():
+            self.multiples.append((atoms, multiple, reason))
 
     def classes(self) -> np.ndarray:
         """Class id of every atom (its component's smallest atom); pins are not unions, so

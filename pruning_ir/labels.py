@@ -10,6 +10,8 @@ re-traces or re-propagates.
 
 from __future__ import annotations
 
+import math
+
 import uuid
 from dataclasses import dataclass, field
 
@@ -73,6 +75,8 @@ class GroupDescription:
     inexact_reasons: list[str] = field(default_factory=list)
     parameters: list[str] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)
+    width_multiple: int = 1
+    width_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -100,6 +104,12 @@ class DependencyGroup:
     @property
     def modules(self) -> list[str]:
         return self.index.descriptions()[self.id].modules
+
+    @property
+    def width_multiple(self) -> int:
+        """Kept labels must be a multiple of this, or the group untouched: what a kernel the group
+        feeds needs (``torch._grouped_mm``'s aligned strides); selectors combine it with their step."""
+        return self.index.descriptions()[self.id].width_multiple
 
     @property
     def labels(self) -> list[Label]:
@@ -146,7 +156,8 @@ class ChannelIndex:
     def __init__(self, class_count: int, parameter_bindings: list[ClassBinding],
                  attribute_bindings: list[ClassBinding], sites: list[ChannelSite],
                  pinned: np.ndarray, pin_reasons: list[tuple[np.ndarray, str]],
-                 inexact: list[tuple[np.ndarray, str]], class_scores: np.ndarray | None = None):
+                 inexact: list[tuple[np.ndarray, str]], class_scores: np.ndarray | None = None,
+                 multiples: list[tuple[np.ndarray, int, str]] | None = None):
         self.token = uuid.uuid4().hex
         self.class_count = class_count
         self.parameter_bindings = parameter_bindings
@@ -155,6 +166,7 @@ class ChannelIndex:
         self.pinned = pinned
         self.pin_reasons = pin_reasons
         self.inexact = inexact
+        self.multiples = multiples or []   # (class of each position of a dimension, multiple, reason)
         self.class_scores = np.zeros(class_count) if class_scores is None else class_scores
         self._groups: list[DependencyGroup] | None = None
         self._descriptions: list[GroupDescription] | None = None
@@ -185,7 +197,8 @@ class ChannelIndex:
             for dim, atoms in enumerate(layout.dims):
                 if atoms is not None:
                     sites.append(ChannelSite(node.name, stack[-1] if stack else "", dim, class_of[atoms]))
-        return cls(len(class_of), parameters, attributes, sites, pinned, pin_reasons, inexact)
+        multiples = [(class_of[atoms], multiple, reason) for atoms, multiple, reason in state.atoms.multiples]
+        return cls(len(class_of), parameters, attributes, sites, pinned, pin_reasons, inexact, multiples=multiples)
 
     # -- groups ---------------------------------------------------------------------------
     def _build_groups(self) -> list[DependencyGroup]:
@@ -247,6 +260,15 @@ class ChannelIndex:
             for classes, reason in self.inexact:
                 for gid in self._groups_touching(classes):
                     _add_reason(groups[gid].inexact_reasons, reason)
+            for positions, multiple, reason in getattr(self, "multiples", []):   # older saved IRs have none
+                free = positions[~self.pinned[positions]]
+                if not free.size:
+                    continue
+                per_label = len(free) // len(np.unique(free))   # positions a label stands for
+                for gid in self._groups_touching(free):
+                    needed = multiple // math.gcd(multiple, per_label)
+                    groups[gid].width_multiple = math.lcm(groups[gid].width_multiple, needed)
+                    _add_reason(groups[gid].width_reasons, reason)
             for binding in self.parameter_bindings:
                 for gid in self._groups_touching(binding.classes):
                     groups[gid].parameters.append(f"{binding.target.name}[{binding.target.dim}]")
@@ -290,5 +312,6 @@ class ChannelIndex:
         pinned = self.pinned.copy()
         for classes, _ in pins:
             pinned[classes] = True
+        multiples = [(keep(classes), multiple, reason) for classes, multiple, reason in getattr(self, "multiples", [])]
         return ChannelIndex(self.class_count, parameters, attributes, sites, pinned,
-                            self.pin_reasons + list(pins), self.inexact, self.class_scores.copy())
+                            self.pin_reasons + list(pins), self.inexact, self.class_scores.copy(), multiples)

@@ -105,6 +105,8 @@ def group_rows(model: nn.Module, index: ChannelIndex, inputs: tuple[tuple, dict]
         reasons = group.unprunable_reasons if not group.prunable else group.inexact_reasons
         status = ("pinned: " if not group.prunable else "inexact: " if reasons else "exact") + \
             (reasons[0] if reasons else "")
+        if group.prunable and group.width_multiple > 1:
+            status = f"widths in multiples of {group.width_multiple}; {status}"
         size = int(per_class[group.classes].max()) if group.prunable else 1
         rows.append(GroupRow(str(group.id), len(group.classes), size, group.channel_count * size,
                              held_parameters[group.id], None if module_macs is None else held_macs[group.id],

@@ -180,3 +180,26 @@ def test_families_a_config_cannot_describe_warn_and_round_trip_through_the_prune
         warnings.simplefilter("ignore")
         loaded = load_pretrained_pruned(type(pruned), tmp_path)
     torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
+
+
+def test_fused_experts_keep_aligned_widths_and_the_one_call_reaches_its_budget():
+    """Qwen2-MoE runs its experts through ``torch._grouped_mm``, whose rows must stay 16-byte aligned:
+    the groups its weights span keep multiples of 8 channels, so no selection breaks the kernel."""
+    import pruning_ir
+    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    ir = PruningIR(model).infer_labels(ids)
+    experts = [g for g in ir.groups if g.prunable and any(".experts." in p for p in g.parameters)]
+    assert experts and all(g.width_multiple == 8 for g in experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no group kept back because its removal broke the kernel
+        pruned = pruning_ir.prune(model, (ids,), params=0.7, verbose=False)
+    assert sum(p.numel() for p in pruned.parameters()) <= 0.7 * sum(p.numel() for p in model.parameters())
+    for name, parameter in pruned.named_parameters():
+        if ".experts." in name:
+            assert all(size % 8 == 0 for size in parameter.shape[1:]), (name, parameter.shape)
+    assert pruned(ids).logits.shape == (2, 8, VOCAB)

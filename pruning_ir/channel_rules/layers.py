@@ -10,6 +10,9 @@ from ..channels import TensorLayout, dim_atoms, pinned
 from .registry import RuleContext, channel_rule
 
 
+GROUPED_MM_MULTIPLE = 8   # channels: torch._grouped_mm's 16-byte strides in float16/bfloat16 (4 in float32)
+
+
 def consume(ctx: RuleContext, layout: TensorLayout | None, dim: int, size: int,
             parameter_atoms: np.ndarray | None) -> np.ndarray | None:
     """Tie the channels an op contracts over (input ``dim``) to the parameter slice reading them."""
@@ -190,6 +193,8 @@ def grouped_matmul(ctx: RuleContext) -> TensorLayout:
     ctx.pin(ctx.atoms_of(right, 0), "the experts of a grouped matmul are kept")
     consume(ctx, ctx.layout(left), 1, left_shape[1], ctx.atoms_of(right, 1))
     out_atoms = ctx.atoms_of(right, 2)
+    for atoms in (ctx.atoms_of(right, 1), out_atoms):   # 16-byte strides, also once cast to half precision
+        ctx.require_multiple(atoms, GROUPED_MM_MULTIPLE, "a grouped matmul needs 16-byte aligned rows")
     if isinstance(bias, fx.Node):
         ctx.union(out_atoms if out_atoms is not None else pinned(right_shape[2]), ctx.atoms_of(bias, -1))
     return TensorLayout((ctx.atoms_of(left, 0), out_atoms), dead_is_zero=True)

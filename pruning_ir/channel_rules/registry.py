@@ -239,6 +239,11 @@ class RuleContext:
             for atoms in layout.dims:
                 self.pin(atoms, reason)
 
+    def require_multiple(self, atoms: np.ndarray | None, multiple: int, reason: str) -> None:
+        """A kernel needs this dimension's width to stay a multiple of ``multiple`` (selectors keep it so)."""
+        if atoms is not None:
+            self.atoms.require_multiple(atoms, multiple, f"{self.where()}: {reason}")
+
     def mark_inexact(self, atoms: np.ndarray | None, reason: str) -> None:
         if atoms is not None:
             self.atoms.mark_inexact(atoms, f"{self.where()}: {reason}")

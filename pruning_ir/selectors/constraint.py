@@ -115,7 +115,8 @@ class ChannelConstraint:
         low, high = self._bounds(channels)
         removed = np.arange(labels + 1)
         kept = channels - removed
-        allowed = (kept >= low) & (kept <= high) & ((kept % self.step == 0) | (removed == 0))
+        step = math.lcm(self.step, group.width_multiple)   # a kernel's alignment (a grouped matmul's) too
+        allowed = (kept >= low) & (kept <= high) & ((kept % step == 0) | (removed == 0))
         if self.allow is not None:
             allowed = np.array([ok and (r == 0 or bool(self.allow(group, int(k))))
                                 for ok, r, k in zip(allowed, removed, kept)], dtype=bool)
@@ -125,5 +126,5 @@ class ChannelConstraint:
             raise ValueError(
                 f"{self} allows no width for group {group.id} ({channels} channels, {labels} prunable, "
                 f"modules {', '.join(group.modules[:3]) or '-'}): keeping between {low} and {high} "
-                f"channels in steps of {self.step}{extra} is impossible")
+                f"channels in steps of {step}{extra} is impossible")
         return counts
