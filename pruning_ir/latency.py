@@ -50,6 +50,21 @@ def _run(model: nn.Module, inputs: tuple, kwargs: dict) -> Any:
 
 
 @contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Without torch's fused fast path for ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
+    (taken in eval mode without gradients): its fused kernels are invisible to the FLOP counter."""
+    mha = getattr(torch.backends, "mha", None)
+    before = mha.get_fastpath_enabled() if mha is not None else None
+    if mha is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(before)
+
+
+@contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Counting is bound by op dispatch: intra-op threads only add contention (up to 50x
     slower on a loaded machine), so count on one thread and restore the setting after."""
@@ -67,7 +82,7 @@ def macs(model: nn.Module, *inputs: Any, **kwargs: Any) -> float:
     Deterministic and device independent: counted by ``torch.utils.flop_counter`` from the
     shapes of the matmuls and convolutions that actually run.
     """
-    with eval_mode(model), one_thread():
+    with eval_mode(model), one_thread(), unfused_attention():
         try:
             with FlopCounterMode(display=False) as counter:
                 _run(model, inputs, kwargs)

@@ -21,7 +21,8 @@ from .propagation_state import PropagationState, named_tensor
 from .recorded_ints import AttributeInt
 from .tracing import TracedGraph
 
-__all__ = ["PropagationState", "propagate", "pin_unseen_paths", "pin_compared_counts", "bind_layer_sizes"]
+__all__ = ["PropagationState", "propagate", "pin_unseen_paths", "pin_compared_counts", "bind_layer_sizes",
+           "mark_counted_attributes"]
 
 
 def _barrier(ctx: RuleContext, reason: str) -> None:
@@ -85,7 +86,17 @@ def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "query_head
                         ctx.pin_layout(layout, "leaf module declared with prunable_output=False")
     pin_unseen_paths(state, traced)
     bind_layer_sizes(state)
+    mark_counted_attributes(state)
     return state
+
+
+def mark_counted_attributes(state: PropagationState) -> None:
+    """The channels a module attribute counts are inexact where ``forward`` also used that attribute as a
+    number (``h.view(B, self.hidden_dim) / self.hidden_dim``): pruning rewrites it, and the number changes."""
+    for binding in state.attribute_bindings:
+        reason = state.counted_attributes.get((binding.module_path, binding.attribute))
+        if reason is not None:
+            state.atoms.mark_inexact(binding.atoms, reason)
 
 
 def _size_relations(module: nn.Module) -> list[tuple[str, str, int, int | None]]:

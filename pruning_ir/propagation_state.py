@@ -31,6 +31,7 @@ class PropagationState:
         self.attribute_bindings: list[AttributeBinding] = []
         self.parameter_derived: set[fx.Node] = set()
         self.node_named: dict[str, fx.Node] = {}   # sizes name the node they were read from
+        self.counted_attributes: dict[tuple[str, str], str] = {}   # (module path, attribute) used as a number
 
     def parameter_atoms(self, name: str, dim: int) -> np.ndarray | None:
         """Atoms of one dimension of a parameter or buffer, made once (size-1 dims have none)."""

@@ -57,9 +57,18 @@ def sliced_tensor(tensor: torch.Tensor, plan: list[tuple[int, np.ndarray]]) -> t
     data = tensor.detach()
     for dim, keep in plan:  # index_select copies: the result never shares the original's storage
         data = data.index_select(dim, torch.as_tensor(keep, device=data.device))
+    data = data.contiguous(memory_format=_memory_format(tensor))
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(data, requires_grad=tensor.requires_grad)
     return data
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The layout a sliced copy keeps: channels-last weights (a model converted for speed) stay so."""
+    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if tensor.dim() == rank and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
 
 
 def tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:

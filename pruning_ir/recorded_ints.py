@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ShapeInt", "ShapeFloat", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints", "comparisons_to"]
+__all__ = ["ShapeInt", "ShapeFloat", "attributes_of", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints", "comparisons_to"]
 
 # Listeners of ShapeInt comparisons (the active recorder's); only the innermost one hears them.
 _LISTENERS: list[Callable[[str, "ShapeInt", Any], None]] = []
@@ -51,9 +51,10 @@ class ShapeInt(int):
 
 
 class ShapeFloat(float):
-    """A float computed from a :class:`ShapeInt` (``x.shape[1] ** -0.5``, ``total / x.shape[1]``): a
-    channel count used as a number. Its value changes when channels are removed, so an arithmetic rule
-    meeting one as an operand marks the channels counted (``sources``) inexact."""
+    """A float computed from a :class:`ShapeInt` or a module attribute (``x.shape[1] ** -0.5``,
+    ``total / self.hidden_dim``): a channel count used as a number. Its value changes when channels are
+    removed, so an arithmetic rule meeting one as an operand marks the channels counted (``sources``,
+    and those bound to ``attributes``) inexact."""
 
     def __new__(cls, value: float, sources: frozenset, attributes: frozenset = frozenset()):
         obj = super().__new__(cls, value)
@@ -77,8 +78,9 @@ def _float_op(name: str):
             return _combined(result, (self, *others))
         if type(result) is not float:
             return result
-        sources = frozenset().union(*(o.sources for o in (self, *others) if isinstance(o, (ShapeInt, ShapeFloat))))
-        return ShapeFloat(result, sources, _attributes_of(self))
+        operands = (self, *others)
+        sources = frozenset().union(*(o.sources for o in operands if isinstance(o, (ShapeInt, ShapeFloat))))
+        return ShapeFloat(result, sources, frozenset().union(*(attributes_of(o) for o in operands)))
 
     op.__name__ = name
     return op
@@ -138,13 +140,13 @@ class DerivedInt(int):
     __hash__ = int.__hash__
 
 
-def _attributes_of(value: Any) -> frozenset:
-    """The ``(module path, attribute)`` an attribute-derived int was computed from."""
+def attributes_of(value: Any) -> frozenset:
+    """The ``(module path, attribute)`` an attribute-derived int (or a ShapeFloat) was computed from."""
     if isinstance(value, AttributeInt):
         return frozenset({(value.module_path, value.attribute)})
     if isinstance(value, AttributeTerms):
         return frozenset(key[:2] for key in value.values)
-    if isinstance(value, (DerivedInt, ShapeInt)):
+    if isinstance(value, (DerivedInt, ShapeInt, ShapeFloat)):
         return value.attributes
     return frozenset()
 
@@ -204,7 +206,7 @@ def _combined(result: Any, operands: tuple) -> Any:
     from) when any operand was one, a DerivedInt when any was computed from attributes, else a plain int."""
     if type(result) is not int:
         return result
-    attributes = frozenset().union(*(_attributes_of(o) for o in operands))
+    attributes = frozenset().union(*(attributes_of(o) for o in operands))
     if not any(isinstance(o, ShapeInt) for o in operands):
         return DerivedInt(result, attributes) if attributes else result
     sources = frozenset().union(*(o.sources for o in operands if isinstance(o, ShapeInt)))
@@ -237,8 +239,9 @@ for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__
     setattr(DerivedInt, _name, _int_op(_name))
 
 
-for _name in ("__truediv__", "__rtruediv__", "__pow__", "__rpow__"):
-    setattr(ShapeInt, _name, _float_op(_name))
+for _name in ("__truediv__", "__rtruediv__", "__pow__", "__rpow__"):   # a count used as a number
+    for _kind in (ShapeInt, AttributeInt, AttributeTerms, DerivedInt):
+        setattr(_kind, _name, _float_op(_name))
 for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
               "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__"):
     setattr(ShapeFloat, _name, _float_op(_name))

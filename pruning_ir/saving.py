@@ -33,7 +33,7 @@ from torch.nn.utils import prune as torch_prune
 from .errors import PrunedModelFormatError, PruningIRError
 from .pruning import tensor_holders
 from .saving_checks import (FIRST_VERSION, FORMAT, FORMAT_VERSION, LoadPlan, check_weights, is_size, model_class,
-                            plan_configuration)
+                            non_persistent_buffers, plan_configuration)
 
 __all__ = ["save_pruned", "load_pruned", "PrunedModelFormatError", "CONFIG_FILE", "TORCH_WEIGHTS_FILE",
            "SAFETENSORS_WEIGHTS_FILE"]
@@ -116,13 +116,21 @@ def save_pruned(model: Any, path: str | os.PathLike, *, weights_format: str = "t
     text = json.dumps(channel_configuration(model, created), indent=1)
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
+    buffers = {key: buffer.detach() for key, buffer in non_persistent_buffers(model).items()}
     if weights_format == "torch":
         weights_file, stale = TORCH_WEIGHTS_FILE, SAFETENSORS_WEIGHTS_FILE
-        write_weights = functools.partial(torch.save, model.state_dict())
+        write_weights = functools.partial(torch.save, {**model.state_dict(), **buffers})
     else:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
         weights_file, stale = SAFETENSORS_WEIGHTS_FILE, TORCH_WEIGHTS_FILE
-        write_weights = functools.partial(save_model, model)
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, tensor in model.state_dict(keep_vars=True).items():   # a tied tensor once, as save_model does
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensors[key] = tensor.detach().contiguous()
+        tensors.update({key: buffer.contiguous() for key, buffer in buffers.items()})
+        write_weights = functools.partial(save_file, tensors, metadata={"format": "pt"})
     temporaries = {weights_file: _write_temporary(folder, weights_file, write_weights)}
     try:
         temporaries[CONFIG_FILE] = _write_temporary(folder, CONFIG_FILE, lambda name: _write_text(name, text))
@@ -206,7 +214,8 @@ def _write(model: nn.Module, plan: LoadPlan, state: dict[str, Any] | None) -> No
     new_data: list[tuple[torch.Tensor, torch.Tensor]] = []
     extra_state: dict[str, Any] = {}
     seen: set[int] = set()
-    tensors = model.state_dict(keep_vars=True) if state is not None else {}
+    tensors = {**model.state_dict(keep_vars=True), **{key: buffer for key, buffer in non_persistent_buffers(model).items()
+                                                       if key in state}} if state is not None else {}
     for key, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             extra_state[key] = state[key]

@@ -168,8 +168,9 @@ def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any,
                        resized: set[tuple[int, int]]) -> tuple[bool, Any]:
     """(changes, new value) for ``module.<name> = value``, or a PrunedModelFormatError saying why not.
     On a user module pruning rewrites any int attribute forward() reads as a size (a split size such
-    as Res2Net's ``width``): one outside the known names may change as a dimension in the module
-    changes (``resized``: the (old, new) sizes the plan gives its tensors)."""
+    as Res2Net's ``width``, a head count named ``nh``): one outside the known names may shrink in the
+    proportion a dimension of the module's tensors does (``resized``: the (old, new) sizes the plan
+    gives them)."""
     label = f"{path}.{name}" if path else _short(name)
 
     def refuse(why: str) -> NoReturn:
@@ -189,8 +190,8 @@ def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any,
     if new == current:
         return False, current
     allowed = allowed_attributes(module)
-    follows_a_dimension = type(current) is int and (current, new) in resized and \
-        not type(module).__module__.startswith("torch.")
+    follows_a_dimension = type(current) is int and not type(module).__module__.startswith("torch.") and \
+        any(new * old == size * current for old, size in resized)
     if allowed is not None and name not in allowed and not follows_a_dimension:
         refuse(f"pruning_ir never changes {name} on a {type(module).__qualname__} "
                f"(it changes only {sorted(allowed)})")
@@ -386,13 +387,21 @@ def check_consistency(model: nn.Module, plan: LoadPlan) -> None:
                           f"{plan.value(module, 'input_size')}")
 
 
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers the state dict leaves out (ALiBi slopes, a sinusoidal table): a fresh model rebuilds them at
+    full width, so a saved pruned model holds their values too."""
+    return {f"{path}.{name}" if path else name: module._buffers[name] for path, module in model.named_modules()
+            for name in sorted(module._non_persistent_buffers_set) if module._buffers.get(name) is not None}
+
+
 def check_weights(model: nn.Module, plan: LoadPlan, state: Any, tied_may_be_missing: bool = False) -> dict[str, Any]:
     """Require ``state`` to be exactly the planned model's state dict (with the created parameters): same
     keys, planned shapes, and floating values where the model's are floating. Returns it with tied aliases filled in when
     ``tied_may_be_missing`` (safetensors stores a tied tensor once)."""
     if not isinstance(state, Mapping) or not all(isinstance(key, str) for key in state):
         _fail(f"the weights are not a state dict (a mapping of names to tensors): got {type(state).__name__}")
-    expected = model.state_dict(keep_vars=True)
+    expected = model.state_dict(keep_vars=True)   # and the non-persistent buffers saved (files from 0.1 have none)
+    expected.update({key: value for key, value in non_persistent_buffers(model).items() if key in state})
     present = {id(value): key for key, value in expected.items() if key in state}
     state = dict(state)
     if tied_may_be_missing:
@@ -425,5 +434,5 @@ def check_weights(model: nn.Module, plan: LoadPlan, state: Any, tied_may_be_miss
         labels = {id(t): f"{path}.{name}" if path else name for path, module in model.named_modules()
                   for name, t in {**module._parameters, **module._buffers}.items() if t is not None}
         _fail(f"the configuration resizes {sorted(labels[key] for key in uncovered)[:5]}, which the weights do "
-              f"not hold (non-persistent buffers): their values could not be restored")
+              f"not hold (non-persistent buffers, saved by an older pruning_ir): their values could not be restored")
     return state

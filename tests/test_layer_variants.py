@@ -246,3 +246,94 @@ def test_weight_normed_convolutions_are_pruned_after_calibration(tmp_path, param
         save_pruned(pruned, tmp_path)
         loaded = load_pruned(weight_normed(True), tmp_path)
         torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
+
+
+class HiddenScaled(nn.Module):
+    """``self.hidden_dim`` is both a size (a view) and a number (a divisor): pruning rewrites both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden_dim = 48
+        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h.view(x.shape[0], self.hidden_dim) / self.hidden_dim)
+
+
+def test_an_attribute_used_as_a_number_makes_the_channels_it_counts_inexact():
+    ir = PruningIR(HiddenScaled().eval()).infer_labels(torch.randn(4, 16))
+    group = next(g for g in ir.groups if g.prunable)
+    assert not group.exact and "hidden_dim is a number" in group.inexact_reasons[0]
+
+
+class HeadAttention(nn.Module):
+    """Hand-written attention with its head count in ``self.nh`` and an ALiBi-like non-persistent buffer."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.nh, self.hd = heads, width // heads
+        self.qkv, self.o = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.register_buffer("slopes", torch.linspace(0.1, 1.0, heads).view(heads, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.nh, self.hd).permute(2, 0, 3, 1, 4)
+        bias = -self.slopes * (torch.arange(t)[None, :] - torch.arange(t)[:, None]).abs()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class HeadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(8, 32), HeadAttention(), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.attn(h))
+
+
+@pytest.mark.parametrize("weights_format", ["torch", "safetensors"])
+def test_a_head_count_attribute_and_a_non_persistent_buffer_are_saved_and_loaded(tmp_path, weights_format):
+    if weights_format == "safetensors":
+        pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    ir = PruningIR(HeadNet().eval()).infer_labels(x)
+    heads = next(g for g in ir.groups if any("slopes" in p for p in g.parameters))
+    pruned = ir.prune(labels=heads.labels[:2]).model
+    assert pruned.attn.nh == 2 and pruned.attn.slopes.shape == (2, 1, 1)
+    save_pruned(pruned, tmp_path, weights_format=weights_format)
+    torch.manual_seed(1)
+    loaded = load_pruned(HeadNet(), tmp_path)
+    assert loaded.attn.nh == 2
+    torch.testing.assert_close(loaded.attn.slopes, pruned.attn.slopes, atol=0, rtol=0)
+    torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
+
+
+def test_an_orthogonal_parametrization_keeps_the_layer_sizes_true(tmp_path):
+    torch.manual_seed(0)
+    build = lambda: nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.utils.parametrizations.orthogonal(  # noqa: E731
+        nn.Linear(32, 32)), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(3, 8)
+    pruned = pruning_ir.prune(build(), x, ratio=0.5, verbose=False)
+    square = pruned[2]
+    assert (square.out_features, square.in_features) == tuple(square.weight.shape)
+    save_pruned(pruned, tmp_path)
+    torch.testing.assert_close(load_pruned(build(), tmp_path)(x), pruned(x), atol=1e-6, rtol=1e-5)
+
+
+def test_macs_count_attention_that_torch_would_run_fused():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 8, 32)
+    with FlopCounterMode(display=False) as counter:   # with gradients: torch's unfused path
+        layer(x)
+    assert macs(layer, x) == counter.get_total_flops() / 2 > 0
+
+
+def test_channels_last_weights_stay_channels_last():
+    model = StdConvNet().to(memory_format=torch.channels_last)
+    pruned = pruning_ir.prune(model, torch.randn(2, 3, 8, 8), ratio=0.5, verbose=False)
+    assert pruned.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pruned.stem.weight.shape[0] < 16 and not pruned.stem.weight.is_contiguous()

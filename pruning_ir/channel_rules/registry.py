@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..channels import AttributeBinding, TensorLayout, owner_path
+from ..propagation_state import named_tensor
 from ..recorded_ints import AttributeTerms, DerivedInt
 from ..tracing import AttributeInt, ShapeInt
 
@@ -195,6 +196,8 @@ class RuleContext:
                 if node.op == "get_attr" and tuple(node.meta.get("shape", ())) == self.shape(value):
                     found.add(node.target)
             frontier = [n for n in frontier if n.op in ("call_function", "call_method")]
+        if len(found) > 1:   # a parametrization's buffers of the same shape (orthogonal's ``base``) are not it
+            found = {name for name in found if isinstance(named_tensor(self.state.modules, name), nn.Parameter)}
         return found.pop() if len(found) == 1 else None
 
     def where(self) -> str:
