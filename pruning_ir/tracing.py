@@ -376,6 +376,11 @@ def trace_model(model: nn.Module, args: tuple, kwargs: dict, leaf_policy: LeafPo
     The model runs in eval mode under ``torch.no_grad()`` (so batch-norm statistics are
     not updated); the train/eval flag of every submodule is restored afterwards.
     """
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise TracingError(f"{type(model).__name__} has lazy parameters not yet materialised ({', '.join(lazy[:3])}"
+                           f"{', ...' if len(lazy) > 3 else ''}): run the model once on an example input first "
+                           "(torch gives nn.LazyLinear and the other lazy modules their sizes on the first call)")
     recorder = Recorder(model, leaf_policy, strict)
     with kept_training_flags(model):
         model.eval()

@@ -337,3 +337,12 @@ def test_channels_last_weights_stay_channels_last():
     pruned = pruning_ir.prune(model, torch.randn(2, 3, 8, 8), ratio=0.5, verbose=False)
     assert pruned.stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert pruned.stem.weight.shape[0] < 16 and not pruned.stem.weight.is_contiguous()
+
+
+def test_lazy_modules_not_yet_materialised_are_named_and_left_as_they_were():
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(4))
+    with pytest.raises(pruning_ir.TracingError, match=r"lazy parameters not yet materialised \(0\.weight.*run the "
+                                                      r"model once"):
+        PruningIR(model).infer_labels(torch.randn(2, 8))
+    assert model(torch.randn(2, 8)).shape == (2, 4)   # still lazy, materialised by this first call
+    assert_exact_pruning(model, torch.randn(2, 8))
