@@ -346,3 +346,35 @@ def test_lazy_modules_not_yet_materialised_are_named_and_left_as_they_were():
         PruningIR(model).infer_labels(torch.randn(2, 8))
     assert model(torch.randn(2, 8)).shape == (2, 4)   # still lazy, materialised by this first call
     assert_exact_pruning(model, torch.randn(2, 8))
+
+
+class ComplexRotaryAttention(nn.Module):
+    """Meta's LLaMA attention: rotary embeddings applied in complex numbers (``view_as_complex``)."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = heads, width // heads
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(width, width, bias=False) for _ in range(4))
+        angles = torch.outer(torch.arange(16).float(), 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2) / self.head_dim))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * self.freqs_cis[: x.shape[1], None, :]).flatten(3).type_as(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.n_heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        q, k = self.rotate(q), self.rotate(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_complex_rotary_embeddings_keep_heads_prunable_and_exact():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 32), ComplexRotaryAttention(), nn.Linear(32, 4)).eval(), torch.randn(2, 6, 8)
+    ir = PruningIR(model).infer_labels(x)
+    heads = [g for g in ir.groups if g.prunable and "1.wq.weight[0]" in g.parameters]
+    assert [len(g.labels) for g in heads] == [4] and heads[0].exact
+    _, pruned, _ = assert_exact_pruning(model, x)
+    assert pruned.model[1].n_heads < 4

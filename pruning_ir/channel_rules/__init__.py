@@ -8,9 +8,10 @@ Where each op's rule lives:
 - ``spatial``: pooling, interpolate, pad, pixel shuffle, channel shuffle.
 - ``attention``: scaled_dot_product_attention, nn.MultiheadAttention, grouped-query attention's two units (``GQA_UNITS``).
 - ``recurrent``: LSTM/GRU/RNN.
+- ``complex_views``: view_as_complex/view_as_real (rotary embeddings in complex numbers).
 """
 
-from . import attention, elementwise, factories, layers, recurrent, shapes, spatial  # noqa: F401  (registration)
+from . import attention, complex_views, elementwise, factories, layers, recurrent, shapes, spatial  # noqa: F401
 from .attention import GQA_UNITS
 from .registry import RuleContext, channel_rule, find_rule, module_rule, registered_ops
 
