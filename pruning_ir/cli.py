@@ -139,7 +139,10 @@ def inspect_command(args: argparse.Namespace) -> None:
 
 def _selector(args: argparse.Namespace, model: nn.Module, inputs: tuple):
     if args.round_to < 0:
-        raise CommandLineError(f"--round-to must be a positive number of channels, got {args.round_to}")
+        raise CommandLineError(f"--round-to takes a number of channels (0: no rounding), got {args.round_to}")
+    if args.ratio is not None and args.target_macs is not None:
+        raise CommandLineError("give one budget: --ratio (a share of labels removed) or --macs (a fraction of the "
+                               "MACs kept), as pruning_ir.prune() takes one")
     constraint = ChannelConstraint(step=args.round_to) if args.round_to else None
     selector = args.selector or ("knapsack" if args.target_macs is not None else "uniform")
     if selector == "knapsack":
@@ -162,7 +165,18 @@ def _selector(args: argparse.Namespace, model: nn.Module, inputs: tuple):
         raise CommandLineError(f"--ratio {args.ratio}: {error}") from error
 
 
+def _output_folder(path: str) -> None:
+    """Create ``--out`` before any work, so a path that cannot be written is reported at once."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise CommandLineError(f"--out {path!r} cannot be a folder: {error.strerror or error}") from None
+    if not os.access(path, os.W_OK):
+        raise CommandLineError(f"--out {path!r} is not writable")
+
+
 def prune_command(args: argparse.Namespace) -> None:
+    _output_folder(args.out)
     ir, inputs = _traced_ir(args)
     model = ir.model
     selector = _selector(args, model, inputs)
@@ -173,7 +187,6 @@ def prune_command(args: argparse.Namespace) -> None:
         output_ok = _same_structure(model(*inputs), pruned(*inputs))
     before = {"parameters": parameter_count(model), "macs": macs(model, *inputs)}
     after = {"parameters": parameter_count(pruned), "macs": macs(pruned, *inputs)}
-    os.makedirs(args.out, exist_ok=True)
     save_pruned(pruned, os.path.join(args.out, "pruned-model"))
     table = markdown_table(("", "before", "after", "after / before"), [
         (name, format_count(before[key]), format_count(after[key]), f"{after[key] / before[key]:.3f}")
@@ -235,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
                        "as pruning_ir.prune(ratio=)")
     prune.add_argument("--macs", "--target-macs", dest="target_macs", type=float,
                        help="fraction of the original MACs kept (knapsack), as pruning_ir.prune(macs=)")
-    prune.add_argument("--round-to", type=int, default=0, metavar="N", help="keep widths in multiples of N")
+    prune.add_argument("--round-to", type=int, default=0, metavar="N", help="keep widths in multiples of N (0: any)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, metavar="DIR")
     prune.add_argument("--quiet", action="store_true", help="no progress output")

@@ -13,12 +13,12 @@ from torch import nn
 
 from . import masking
 from .errors import InvalidLabelsError, LabelsNotInferredError, PruningError, PruningIRError
-from .huggingface import sync_config
+from .huggingface import sync_config as write_config
 from .labels import ChannelIndex, DependencyGroup, Label
 from .channel_rules import GQA_UNITS
 from .propagation import propagate
 from .optimizer_state import move_optimizer, plan_optimizer_move
-from .pruning import prune_model, slice_plans
+from .pruning import check_recorded_shapes, prune_model, slice_plans
 from .recorded_paths import examples_of, trace_paths
 from .summary import describe_groups, summary
 from .tracing import LeafModule, LeafPolicy, trace_model
@@ -211,7 +211,8 @@ class PruningIR:
     def prune(self, name: str | Iterable[Label] = "main", *, labels: Iterable[Label] | None = None,
               inplace: bool = False, skip_label_checking: bool = False,
               optimizer: torch.optim.Optimizer | None = None, verify: bool = True,
-              strict: bool = False, reconstruct: "Reconstruction | str | None" = "auto") -> "PruningIR":
+              strict: bool = False, reconstruct: "Reconstruction | str | None" = "auto",
+              sync_config: bool = True) -> "PruningIR":
         """Remove ``labels`` physically; returns the IR of the pruned model.
 
         ``ir.prune(labels=labels)`` (ENOT's form, ``name`` a snapshot name) and ``ir.prune(labels)``
@@ -234,6 +235,8 @@ class PruningIR:
         ``"auto"`` (default): a least-squares refit (no bias created) from the statistics the criterion
         left with this IR (:meth:`hold_statistics`) when they still describe its weights; otherwise none,
         the reason in the pruned IR's ``reconstruction_note``. None: no refit (ENOT's exact slicing).
+        ``sync_config``: write a transformers model's new sizes into its config (or warn that no config
+        can describe them); False for a copy that is only measured (a selector's candidates).
         """
         if not isinstance(name, str):  # ir.prune(labels): the labels given positionally
             if labels is not None:
@@ -254,8 +257,11 @@ class PruningIR:
         pins: list[tuple[np.ndarray, str]] = []   # groups the check keeps: pinned in the returned IR
         if verify and removed.any():
             removed, pins = self._verified(removed, inplace, strict)
+        check_recorded_shapes(self._model, index)
         plans = slice_plans(index, removed)
         move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
+        if inplace:   # from here on the model is being changed: this IR no longer describes it, even on an error
+            self._consumed = True
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
         refit = None if reconstruct is None else reconstruct.prepare(plain, index, removed)  # from unpruned weights
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
@@ -265,13 +271,12 @@ class PruningIR:
             names = {name for name, _ in model.named_parameters()}
             refit(model, kept_index)  # writes the refit weights (a created bias is bound in kept_index)
             created = [name for name, _ in model.named_parameters() if name not in names]
-        sync_config(model, stacklevel=3)  # a transformers model's config gets the pruned sizes, or a warning
+        if sync_config:   # a transformers model's config gets the pruned sizes, or a warning
+            write_config(model, stacklevel=3)
         if move is not None:
             move_optimizer(optimizer, move, model, created)
         pruned = PruningIR._derived(self, model, kept_index, created)
         pruned.reconstruction, pruned.reconstruction_note = reconstruct, note
-        if inplace:
-            self._consumed = True
         return pruned
 
     def hold_statistics(self, statistics: "InputStatistics | None") -> None:
@@ -381,7 +386,8 @@ class PruningIR:
 
     def _check_usable(self) -> None:
         if self._consumed:
-            raise PruningIRError("this PruningIR was pruned with inplace=True; use the IR that prune() returned")
+            raise PruningIRError("this PruningIR was pruned with inplace=True; use the IR that prune() returned (if that "
+                                 "prune failed midway, its model is partly pruned: PruningIR(model) describes it anew)")
 
     def _require_index(self) -> ChannelIndex:
         self._check_usable()

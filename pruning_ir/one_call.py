@@ -12,13 +12,11 @@ untouched unless ``inplace=True``; ``return_report=True`` adds a :class:`PruneRe
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
 from typing import Any
@@ -35,99 +33,14 @@ from .labels import DependencyGroup, Label
 from .latency import bind, measure_latency, parameter_count, to_device
 from .latency import macs as count_macs
 from .modes import kept_training_flags
+from .prune_report import BUDGETS, GroupReport, PruneReport
 from .reconstruction import METHODS, Reconstruction
 from .rounds import prune_in_rounds
 from .selectors import ChannelConstraint, KnapsackLabelSelector, UniformLabelSelector
 
 __all__ = ["prune", "PruneReport", "GroupReport"]
 
-_BUDGETS = {"macs": "MACs kept", "params": "parameters kept", "latency": "latency kept",
-            "ratio": "labels removed"}
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
-
-
-@dataclass(frozen=True)
-class GroupReport:
-    """One dependency group: its modules, labels before and removed (``channels``: the removed
-    labels' positions in ``group.labels`` of the original IR), and the parameters and MACs their
-    removal alone saves on the original model (None with ``inplace=True``: no original is left)."""
-
-    group: int
-    modules: tuple[str, ...]
-    labels: int
-    removed: int
-    channels: tuple[int, ...]
-    parameters_removed: int | None
-    macs_removed: float | None
-
-
-@dataclass
-class PruneReport:
-    """What :func:`prune` did: the recipe, the budget asked and reached, every group, the time
-    of each phase. ``*_before`` / ``*_after`` are measured on ``example_inputs``."""
-
-    recipe: str
-    data_free: bool
-    budget: str                      # "macs", "params", "latency" or "ratio"
-    asked: float                     # the fraction (share of labels, for "ratio") asked for
-    reached: float                   # the same quantity, measured on the pruned model
-    macs_before: float
-    macs_after: float
-    params_before: float
-    params_after: float
-    latency_before: float | None = None
-    latency_after: float | None = None
-    groups: list[GroupReport] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 1.0
-
-    @property
-    def params_ratio(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    @property
-    def latency_ratio(self) -> float | None:
-        if self.latency_before is None or self.latency_after is None or not self.latency_before:
-            return None
-        return self.latency_after / self.latency_before
-
-    @property
-    def labels_removed(self) -> int:
-        return sum(g.removed for g in self.groups)
-
-    def plot(self, path: str | os.PathLike, title: str = "", *, max_rows: int | None = 60) -> str:
-        """A PNG of what was removed per group (labels, parameters, MACs), readable at hundreds of
-        groups: past ``max_rows`` consecutive groups fold by block or stage. Needs matplotlib."""
-        from .demo.report import plot_report
-
-        return plot_report(self, path, title, max_rows=max_rows)
-
-    def __str__(self) -> str:
-        lines = [f"pruning_ir.prune: {self.recipe}",
-                 f"budget: {self.budget}={self.asked:g} ({_BUDGETS[self.budget]}), reached {self.reached:.4f}",
-                 f"MACs:       {self.macs_before:14,.0f} -> {self.macs_after:14,.0f} ({self.macs_ratio:.4f})",
-                 f"parameters: {self.params_before:14,.0f} -> {self.params_after:14,.0f} ({self.params_ratio:.4f})"]
-        if self.latency_ratio is not None:
-            lines.append(f"latency:    {self.latency_before * 1e3:12.4f} ms -> {self.latency_after * 1e3:12.4f} ms "
-                         f"({self.latency_ratio:.4f})")
-        total = sum(g.labels for g in self.groups)
-        lines.append(f"labels removed: {self.labels_removed} of {total} in {len(self.groups)} prunable groups "
-                     "(parameters and MACs: what removing that group's labels alone saves)")
-        lines.append(f"{'group':>5} {'labels':>7} {'removed':>8} {'parameters removed':>19} {'MACs removed':>16}  "
-                     "modules")
-        for g in self.groups:
-            params = "-" if g.parameters_removed is None else f"{g.parameters_removed:,}"
-            flops = "-" if g.macs_removed is None else f"{g.macs_removed:,.0f}"
-            modules = ", ".join(g.modules[:2]) + (", ..." if len(g.modules) > 2 else "")
-            row = f"{g.group:>5} {g.labels:>7} {g.removed:>8} {params:>19} {flops:>16}  {modules}"
-            lines.append(row if len(row) <= 120 else row[:116] + " ...")
-        lines.append("time: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.timings.items()))
-        lines.extend(f"note: {note}" for note in self.notes)
-        return "\n".join(_wrap(line, 120) for line in lines)
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float | None = None,
@@ -172,6 +85,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
     if data is not None and loss is None and forward is None:
         raise TypeError("data= needs loss=, loss(model_output, targets) -> scalar, or forward=, "
                         "forward(model, batch) -> loss")
+    for name, function in (("loss", loss), ("forward", forward)):
+        if function is not None and not callable(function):
+            raise TypeError(f"{name}= must be a function ({'loss(model_output, targets)' if name == 'loss' else 'forward(model, batch)'}"
+                            f" -> scalar), got {type(function).__name__} {function!r}")
     if data is not None and iter(data) is data:
         raise TypeError("data must be re-iterable (a list or a DataLoader, not an iterator or generator): "
                         "it is read once per round and for the batch norms")
@@ -215,7 +132,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
                 return KnapsackLabelSelector(budget, cost, constraint=constraint, verbose=False,
                                              normalize="mean" if data_free else None)
             target = value * before[kind]
-        with _timed(timings, "prune"), _budget_in_its_terms(kind, value, before):
+        with _timed(timings, "prune"), _budget_in_its_terms(kind, value, before), _inplace_failure(model, inplace):
             pruned = prune_in_rounds(
                 ir, factory, target, None if data_free else _calibration(data, loss, forward, device),
                 rounds=1 if data_free else rounds, criterion=MagnitudeCriterion if data_free else LossAwareCriterion,
@@ -259,11 +176,31 @@ def _budget_in_its_terms(kind: str, value: float, before: dict[str, float | None
         yield
     except BudgetUnreachableError as error:
         floor = error.smallest / before[kind] if before.get(kind) else float("nan")
+        if floor >= 1 - 1e-9:
+            raise BudgetUnreachableError(
+                f"{kind}={value} cannot be reached: nothing in this model can be pruned, every group is kept whole "
+                "(print(PruningIR(model).infer_labels(...)) says which channels and why)",
+                error.target, error.smallest) from error
         raise BudgetUnreachableError(
             f"{kind}={value} cannot be reached: the smallest model pruning can reach keeps {floor:.3f} of the "
             f"{kind} (every prunable group at its narrowest; the rest is kept whole: print(PruningIR(model)"
             f".infer_labels(...)) says which channels and why); ask for {kind} >= {floor:.3f}",
             error.target, error.smallest) from error
+
+
+@contextmanager
+def _inplace_failure(model: nn.Module, inplace: bool) -> Iterator[None]:
+    """With ``inplace=True`` a failure leaves the model as far as pruning got: say so, and clear the gradients
+    the calibration left (with ``inplace=False`` the model was never touched)."""
+    try:
+        yield
+    except BaseException as error:
+        if inplace:
+            model.zero_grad(set_to_none=True)
+            if hasattr(error, "add_note"):
+                error.add_note("pruning_ir.prune(inplace=True) failed midway: the model is left as far as pruning got "
+                               "(possibly partly pruned; gradients cleared). Pass inplace=False to keep it untouched.")
+        raise
 
 
 def _budget(**budgets: float | None) -> tuple[str, float]:
@@ -275,7 +212,7 @@ def _budget(**budgets: float | None) -> tuple[str, float]:
     if len(given) > 1:
         raise TypeError(f"prune takes exactly one budget, got {len(given)}: {', '.join(f'{k}=' for k in given)}")
     kind, value = given.popitem()
-    return kind, check_share(f"{kind}= ({_BUDGETS[kind]}, as a fraction)", value, "(0, 1)")
+    return kind, check_share(f"{kind}= ({BUDGETS[kind]}, as a fraction)", value, "(0, 1)")
 
 
 def _recipe(kind: str, data_free: bool, rounds: int, has_norms: bool, tunable: bool, bn_each_round: bool,
@@ -375,7 +312,8 @@ def _group_reports(ir: PruningIR, original: list[tuple[DependencyGroup, list[Lab
             if removed:
                 with warnings.catch_warnings():  # a measuring copy: what its prune says is not news
                     warnings.simplefilter("ignore")
-                    alone = ir.prune(labels=removed, verify=False, reconstruct=None).model  # from the verified result
+                    alone = ir.prune(labels=removed, verify=False, reconstruct=None,  # from the verified result
+                                     sync_config=False).model
                 params = int(params_before - parameter_count(alone))
                 flops = macs_before - count_macs(alone, *inputs)
         modules = tuple(name or "<model>" for name in group.modules)
@@ -415,18 +353,3 @@ def _recorded_warnings(notes: list[str], verbose: bool) -> Iterator[None]:
             notes.append(text if counts[key] == 1 else f"{text} ({counts[key]} similar warnings; the last shown)")
             if verbose:
                 warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-
-
-def _wrap(line: str, width: int) -> str:
-    """``line`` broken at spaces into lines of at most ``width`` characters (continuations indented)."""
-    if len(line) <= width:
-        return line
-    out, current = [], ""
-    for word in line.split(" "):
-        if current and len(current) + 1 + len(word) > width:
-            out.append(current)
-            current = "    " + word
-        else:
-            current = f"{current} {word}" if current else word
-    out.append(current)
-    return "\n".join(out)

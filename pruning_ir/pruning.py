@@ -33,6 +33,21 @@ def slice_plans(index: ChannelIndex, removed: np.ndarray) -> dict[str, list[tupl
     return plans
 
 
+def check_recorded_shapes(model: nn.Module, index: ChannelIndex) -> None:
+    """Every bound tensor still has the size the labels were inferred from: a layer replaced or resized
+    since would be sliced at recorded positions that no longer mean the same channels."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for binding in index.parameter_bindings:
+        name, dim = binding.target.name, binding.target.dim
+        path, _, attribute = name.rpartition(".")
+        tensor = getattr(modules.get(path), attribute, None)
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim or tensor.shape[dim] != len(binding.classes):
+            now = "is gone" if not isinstance(tensor, torch.Tensor) else f"has shape {tuple(tensor.shape)}"
+            raise PruningIRError(f"the model changed since its labels were inferred: {name} {now}, but the labels "
+                                 f"were inferred with {len(binding.classes)} positions along dim {dim}; infer them "
+                                 "again (PruningIR(model).infer_labels(...)) and select anew")
+
+
 def _new_attribute_values(index: ChannelIndex, removed: np.ndarray) -> dict[tuple[str, str], tuple]:
     values: dict[tuple[str, str], tuple] = {}
     for binding in index.attribute_bindings:

@@ -39,12 +39,11 @@ from tqdm.auto import tqdm
 from .input_statistics import ConsumerStatistics, InputStatistics, collect_statistics
 from .channels import ParameterBinding
 from .labels import ChannelIndex, ClassBinding
-from .sequential_refit import RefitTarget, check_batches, refit_sequentially
+from .sequential_refit import METHODS, RefitTarget, check_batches, refit_sequentially
 
 __all__ = ["Reconstruction", "ReconstructionReport", "ConsumerOutcome", "InputStatistics", "collect_statistics",
            "METHODS"]
 
-METHODS = ("bias", "least_squares")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ from .modes import kept_training_flags
 __all__ = ["RefitTarget", "refit_sequentially", "check_batches"]
 
 _OPS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d"}
+METHODS = ("bias", "least_squares")   # how a consumer is refit (pruning_ir.reconstruction)
+_INTO = ("bias", "create", "running_mean", None)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,15 @@ class RefitTarget:
     kept_out: np.ndarray | None
     into: str | None
     target: str | None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"RefitTarget {self.name}: method must be one of {METHODS}, got {self.method!r}")
+        if self.into not in _INTO:
+            raise ValueError(f"RefitTarget {self.name}: into must be one of {_INTO}, got {self.into!r}")
+        if self.into is not None and not isinstance(self.target, str):
+            raise ValueError(f"RefitTarget {self.name}: into={self.into!r} needs the name of its target, "
+                             f"got {self.target!r}")
 
 
 def _rows(kind: str, args: tuple, kwargs: dict, max_positions: int | None,

@@ -133,6 +133,10 @@ BAD_SPECS = {
     "knapsack without target": (["prune", "cli_models:small_net", "--selector", "knapsack", "--out", "o"],
                                 "needs --macs"),
     "uniform without ratio": (["prune", "cli_models:small_net", "--out", "o"], "needs --ratio"),
+    "two budgets": (["prune", "cli_models:small_net", "--ratio", "0.5", "--macs", "0.5", "--out", "o"],
+                    "give one budget"),
+    "out is a file": (["prune", "cli_models:small_net", "--ratio", "0.5", "--out", "cli_models.py"],
+                      "--out 'cli_models.py' cannot be a folder"),
 }
 
 

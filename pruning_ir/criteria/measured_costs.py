@@ -162,7 +162,8 @@ def _measure_group(ir: PruningIR, labels: list[Label], sizes: np.ndarray, base: 
         finally:
             _copy_back(parameters, saved)
     else:  # a normalization over the channels sees zeros: measure the pruned copy
-        increases.extend(measure(ir.prune(labels=labels[:size], reconstruct=None).model) - base for size in sizes[1:])
+        increases.extend(measure(ir.prune(labels=labels[:size], reconstruct=None, sync_config=False).model) - base
+                         for size in sizes[1:])
     return RemovalCurve(group, sizes, np.asarray(increases))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ..one_call import PruneReport
+    from ..prune_report import PruneReport
 
 __all__ = ["layer_widths", "fold_names", "channels_figure", "plot_channels", "report_figure", "plot_report",
            "knapsack_rows", "KNAPSACK_HEADERS"]

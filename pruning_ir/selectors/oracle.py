@@ -61,7 +61,8 @@ class LatencyOracle:
 
     def _measure(self, counts: np.ndarray) -> _Result:
         labels = self.plan.labels(counts)
-        model = self.plan.ir.prune(labels=labels, reconstruct=None).model if labels else self.plan.ir.model
+        model = self.plan.ir.prune(labels=labels, reconstruct=None, sync_config=False).model if labels \
+            else self.plan.ir.model   # a candidate, only measured: its config is left as it was
         what = f"the model with {len(labels)} labels removed" if labels else "the unpruned model"
         self.calls += 1
         try:
