@@ -260,10 +260,11 @@ class PruningIR:
         check_recorded_shapes(self._model, index)
         plans = slice_plans(index, removed)
         move = None if optimizer is None else plan_optimizer_move(optimizer, self._model, plans)
-        if inplace:   # from here on the model is being changed: this IR no longer describes it, even on an error
-            self._consumed = True
+        # once an in-place prune changes the model this IR no longer describes it, even if it then fails
+        self._consumed = self._consumed or (inplace and self.masked)   # baking the masks changes it
         plain = masking.without_masks(self._model, index, inplace)  # masks baked (a copy unless inplace)
         refit = None if reconstruct is None else reconstruct.prepare(plain, index, removed)  # from unpruned weights
+        self._consumed = self._consumed or inplace
         model = prune_model(plain, index, removed, inplace or plain is not self._model, plans)
         kept_index = index.without(removed, pins)
         created: list[str] = []   # parameters the refit adds (a bias on a layer built without one)

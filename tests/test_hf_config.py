@@ -19,7 +19,6 @@ import functools
 import json
 import re
 import warnings
-from unittest import mock
 
 import pytest
 import torch
@@ -150,9 +149,7 @@ def _pruned(family: str, scenario: str) -> tuple[nn.Module, nn.Module, list[str]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pruned = ir.prune(labels=labels).model.eval()
-    with mock.patch("pruning_ir.ir.sync_config", return_value=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        unsynced = ir.prune(labels=labels).model.eval()
+    unsynced = ir.prune(labels=labels, sync_config=False).model.eval()
     return original, pruned, [str(w.message) for w in caught if "config cannot describe" in str(w.message)], unsynced
 
 
