@@ -213,13 +213,17 @@ def _keep_head_size(model: nn.Module, fields: dict[str, Any]) -> None:
 _SHAPES_FILES = ("pruning_config.json", "weights.pt", "model.safetensors")
 
 
-def save_pretrained_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> str:
+def save_pretrained_pruned(model: Any, path: str | os.PathLike, **kwargs: Any) -> str:
     """``model.save_pretrained(path, **kwargs)``, plus the per-layer shapes when no config describes the model.
 
     The config is synced first. When ``expressible(model)`` is false, ``save_pruned`` writes the
     shapes and weights into ``path/pruning_ir/`` (the weights twice: ``from_pretrained`` cannot
-    read them); ``load_pretrained_pruned`` reads either kind of folder. Returns ``path``.
+    read them); ``load_pretrained_pruned`` reads either kind of folder. ``model`` may be the
+    PruningIR that ``prune()`` returned: pass it when its refit created biases, which it records.
+    Returns ``path``.
     """
+    source = model
+    model = model if isinstance(model, nn.Module) else getattr(model, "model", model)   # a PruningIR's model
     if not is_transformers_model(model):
         raise TypeError(f"expected a Hugging Face transformers model, got {type(model).__name__}")
     sync_config(model, warn=False)
@@ -231,7 +235,7 @@ def save_pretrained_pruned(model: nn.Module, path: str | os.PathLike, **kwargs: 
             if os.path.isfile(os.path.join(shapes, name)):
                 os.remove(os.path.join(shapes, name))
     else:
-        save_pruned(model, shapes)
+        save_pruned(source, shapes)   # an IR records the biases its refit created
     return os.fspath(path)
 
 

@@ -207,7 +207,10 @@ def pin_unseen_paths(state: PropagationState, traced: TracedGraph) -> None:
                     "they are not pruned and a path that uses them (a training-only head?) may fail after pruning")
         listing += f" (parameters {', '.join(uncalled[:4])}{' ...' if len(uncalled) > 4 else ''})"
         warnings.warn(f"modules never run on the example inputs: {listing}; {told}. Pass example inputs that take "
-                      f"every path (ir.infer_labels(x, more_inputs=[...])) to prune them", stacklevel=4)
+                      f"every path (ir.infer_labels(x, more_inputs=[...])) to prune them. Labels are inferred in eval "
+                      f"mode: a path taken only in training (`if self.training:`, an auxiliary head) is never "
+                      f"recorded: remove such a head before pruning, or keep the channels it reads whole "
+                      f"(ChannelConstraint(keep=(...)))", stacklevel=4)
 
 
 STEERS = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__"}

@@ -158,19 +158,11 @@ def _checked_shape(shape: Any, tensor: torch.Tensor, what: str) -> list[int]:
     return list(shape)
 
 
-def _resized_dimensions(module: nn.Module, plan: LoadPlan) -> set[tuple[int, int]]:
-    """(old, new) of every dimension the plan shrinks in ``module``'s own and its submodules' tensors."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return {(old, new) for tensor in tensors for old, new in zip(tensor.shape, plan.shape(tensor)) if old != new}
-
-
-def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any,
-                       resized: set[tuple[int, int]]) -> tuple[bool, Any]:
+def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any, pruned: bool) -> tuple[bool, Any]:
     """(changes, new value) for ``module.<name> = value``, or a PrunedModelFormatError saying why not.
     On a user module pruning rewrites any int attribute forward() reads as a size (a split size such
-    as Res2Net's ``width``, a head count named ``nh``): one outside the known names may shrink in the
-    proportion a dimension of the module's tensors does (``resized``: the (old, new) sizes the plan
-    gives them)."""
+    as Res2Net's ``width``, a head count named ``nh``, FasterNet's ``dim_untouched``): one outside the
+    known names may shrink where the configuration prunes the model (``pruned``: it resizes a tensor)."""
     label = f"{path}.{name}" if path else _short(name)
 
     def refuse(why: str) -> NoReturn:
@@ -190,9 +182,8 @@ def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any,
     if new == current:
         return False, current
     allowed = allowed_attributes(module)
-    follows_a_dimension = type(current) is int and not type(module).__module__.startswith("torch.") and \
-        any(new * old == size * current for old, size in resized)
-    if allowed is not None and name not in allowed and not follows_a_dimension:
+    follows_pruning = pruned and type(current) is int and not type(module).__module__.startswith("torch.")
+    if allowed is not None and name not in allowed and not follows_pruning:
         refuse(f"pruning_ir never changes {name} on a {type(module).__qualname__} "
                f"(it changes only {sorted(allowed)})")
     olds, news = (current, new) if isinstance(current, (tuple, list)) else ((current,), (new,))
@@ -255,10 +246,10 @@ def plan_configuration(model: nn.Module, config: Any, where: str = "the configur
         if not isinstance(attributes, dict):
             _fail(f"module {name_of}: attributes must be an object, got {_short(attributes)}")
         pending.append((module, path, attributes))
-    for module, path, attributes in pending:   # after every shape: an attribute may follow a submodule's
-        resized = _resized_dimensions(module, plan) if attributes else set()
+    pruned = bool(plan.resized())
+    for module, path, attributes in pending:   # after every shape: whether the configuration prunes at all
         for name, value in attributes.items():
-            changes, new = _checked_attribute(module, path, name, value, resized)
+            changes, new = _checked_attribute(module, path, name, value, pruned)
             if changes:
                 plan.attributes[(id(module), name)] = (module, name, new)
     check_consistency(model, plan)

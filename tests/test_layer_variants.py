@@ -6,6 +6,8 @@ can reach. Each either prunes exactly, saves and loads, or is kept and reported,
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -378,3 +380,105 @@ def test_complex_rotary_embeddings_keep_heads_prunable_and_exact():
     assert [len(g.labels) for g in heads] == [4] and heads[0].exact
     _, pruned, _ = assert_exact_pruning(model, x)
     assert pruned.model[1].n_heads < 4
+
+
+class FunctionalGroupNorm(nn.Module):
+    """``F.group_norm(h, self.groups, self.w, self.b)``: the group count is the module's own attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.groups, self.w, self.b = 4, nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(F.group_norm(self.conv(x), self.groups, self.w, self.b)))
+
+
+def test_a_functional_group_norm_keeps_its_channels_and_the_module_its_attributes():
+    torch.manual_seed(0)
+    model = FunctionalGroupNorm().eval()
+    ir = PruningIR(model).infer_labels(torch.randn(2, 3, 8, 8))
+    group = next(g for g in ir.groups if "conv.weight[0]" in g.parameters)
+    assert not group.prunable and "num_groups is an argument of a functional group_norm" in group.unprunable_reasons[0]
+    pruned = pruning_ir.prune(model, torch.randn(2, 3, 8, 8), ratio=0.5, verbose=False)
+    assert not hasattr(pruned, "num_groups") and pruned.groups == 4
+
+
+class PoolOverChannels(nn.Module):
+    """A max pool along the channel axis (channels moved last): neighbouring channels mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        b, c, height, width = h.shape
+        pooled = F.max_pool1d(h.flatten(2).transpose(1, 2), 3, 1, 1).transpose(1, 2).reshape(b, c, height, width)
+        return self.head(pooled)
+
+
+def test_pooling_along_the_channel_axis_keeps_those_channels():
+    ir = PruningIR(PoolOverChannels().eval()).infer_labels(torch.randn(2, 3, 6, 6))
+    group = next(g for g in ir.groups if "conv.weight[0]" in g.parameters)
+    assert not group.prunable and "neighbouring positions mix" in group.unprunable_reasons[0]
+
+
+class NonLocal(nn.Module):
+    """A non-local block: ``self.inter_channels`` sizes the views of g, theta and phi alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.theta, self.phi, self.g, self.w = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1), \
+            nn.Conv2d(8, 16, 1)
+        self.inter_channels, self.fc = 8, nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        b = h.size(0)
+        g = self.g(h).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        theta = self.theta(h).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        phi = self.phi(h).view(b, self.inter_channels, -1)
+        y = torch.matmul(F.softmax(torch.matmul(theta, phi), dim=-1), g).permute(0, 2, 1)
+        return self.fc((self.w(y.reshape(b, self.inter_channels, *h.shape[2:])) + h).mean((2, 3)))
+
+
+def test_one_attribute_sizing_two_tensors_ties_their_channels():
+    torch.manual_seed(0)
+    model, x = NonLocal().eval(), torch.randn(2, 3, 8, 8)
+    ir = PruningIR(model).infer_labels(x)
+    inner = [g for g in ir.groups if g.prunable and "g.weight[0]" in g.parameters]
+    assert len(inner) == 1 and {"theta.weight[0]", "phi.weight[0]"} <= set(inner[0].parameters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no group kept back because its removal broke the model
+        pruned = pruning_ir.prune(model, x, macs=0.5, verbose=False)
+    assert pruned.inter_channels < 8 and pruned(x).shape == (2, 3)
+
+
+class PartialConv(nn.Module):
+    """FasterNet's partial convolution: ``split(x, [self.dim_conv3, self.dim_untouched], 1)``."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.dim_conv3, self.dim_untouched = dim // 4, dim - dim // 4
+        self.conv = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, rest = torch.split(x, [self.dim_conv3, self.dim_untouched], 1)
+        return torch.cat((self.conv(first), rest), 1)
+
+
+def partial_conv_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), PartialConv(), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+
+def test_a_split_size_of_a_module_without_those_channels_is_saved_and_loaded(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    pruned = pruning_ir.prune(partial_conv_net(), x, ratio=0.5, verbose=False)
+    assert pruned[2].dim_untouched < 12
+    save_pruned(pruned, tmp_path)
+    loaded = load_pruned(partial_conv_net(), tmp_path)
+    assert loaded[2].dim_untouched == pruned[2].dim_untouched
+    torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)

@@ -260,8 +260,8 @@ def group_norm(ctx: RuleContext) -> TensorLayout | None:
         if isinstance(value, fx.Node):
             ctx.union(atoms, ctx.atoms_of(value, 0))
     owner = ctx.owner_module(weight) if isinstance(weight, fx.Node) else None
-    if owner is None:
-        ctx.pin(atoms, "num_groups is a literal argument of a functional group_norm")
+    if owner is None or not isinstance(owner[1], nn.GroupNorm):   # a functional group_norm: its own count
+        ctx.pin(atoms, "num_groups is an argument of a functional group_norm")
     else:
         ctx.bind_attribute(owner[0], "num_groups", atoms, divisor=by_group.shape[1])
         ctx.bind_attribute(owner[0], "num_channels", atoms)

@@ -262,21 +262,22 @@ class RuleContext:
 
     def bind_attribute(self, module_path: str, attribute: str, atoms: np.ndarray,
                        divisor: int = 1, tuple_index: int | None = None) -> None:
-        """After pruning, ``module.attribute`` is the kept count of ``atoms`` over ``divisor``. A dotted
-        attribute (``config.num_attention_heads``) is a field of an object several modules share, which
-        holds one value for all of them: every binding of it is tied position by position to the first
-        (Phi-3's layers then lose the same heads), or pinned when their sizes differ."""
+        """After pruning, ``module.attribute`` is the kept count of ``atoms`` over ``divisor``. An attribute
+        holds one value for every place that reads it: a dotted one (``config.num_attention_heads``) is a
+        field of an object several modules share, and a plain one may size two tensors (a non-local
+        block's ``inter_channels``). A binding of it as wide as the first is tied to it position by
+        position (Phi-3's layers then lose the same heads); a dotted one of another width pins both (a
+        plain one of another width counts the same units otherwise: heads, and their channels)."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        if "." in attribute:
-            first = next((b for b in self.state.attribute_bindings if (b.module_path, b.attribute, b.tuple_index)
-                          == (module_path, attribute, tuple_index)), None)
-            if first is not None and (len(first.atoms), first.divisor) == (len(atoms), divisor):
-                self.atoms.union(first.atoms, atoms, f"{self.where()}: {attribute} is shared by every module "
-                                                     "reading it and one of them keeps these channels")
-            elif first is not None:
-                reason = f"{attribute} is shared by modules that read it as sizes of different widths"
-                self.pin(first.atoms, reason)
-                self.pin(atoms, reason)
+        first = next((b for b in self.state.attribute_bindings if (b.module_path, b.attribute, b.tuple_index)
+                      == (module_path, attribute, tuple_index)), None)
+        if first is not None and (len(first.atoms), first.divisor) == (len(atoms), divisor):
+            self.atoms.union(first.atoms, atoms, f"{self.where()}: {attribute} sizes several tensors and one of "
+                                                 "them keeps these channels")
+        elif first is not None and "." in attribute:
+            reason = f"{attribute} sizes tensors of different widths"
+            self.pin(first.atoms, reason)
+            self.pin(atoms, reason)
         self.state.attribute_bindings.append(AttributeBinding(module_path, attribute, atoms, divisor, tuple_index))
 
     def size_kind(self, value: Any) -> str:

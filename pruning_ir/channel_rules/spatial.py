@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ..channels import TensorLayout
@@ -18,6 +20,15 @@ PER_CHANNEL_SPATIAL = (
 )
 
 
+def _mixed_dims(op: str, ndim: int) -> int:
+    """How many trailing dims an op pools or resamples over (positions mix there): ``k`` for a ``*_pool{k}d``,
+    every dim after batch and channels for interpolate and grid_sample, none for pad."""
+    if op == "pad":
+        return 0
+    match = re.search(r"([123])d", op)
+    return int(match.group(1)) if match else max(ndim - 2, 0)
+
+
 @channel_rule(*PER_CHANNEL_SPATIAL)
 def per_channel_spatial(ctx: RuleContext):
     """Each channel is processed on its own; dims that keep their size keep their channels,
@@ -29,9 +40,13 @@ def per_channel_spatial(ctx: RuleContext):
     in_shape = ctx.shape(source)
     out_shape = ctx.out_shape if ctx.node.meta.get("shape") is not None else \
         next(iter(ctx.node.users)).meta["shape"]
+    mixed = _mixed_dims(ctx.op, layout.ndim)
     dims = []
     for d, atoms in enumerate(layout.dims):
-        if atoms is not None and in_shape[d] != out_shape[d]:
+        if atoms is not None and d >= layout.ndim - mixed:
+            ctx.pin(atoms, "pooled or resampled along this dimension: neighbouring positions mix")
+            atoms = None
+        elif atoms is not None and in_shape[d] != out_shape[d]:
             ctx.pin(atoms, "this dimension changes size")
             atoms = None
         dims.append(atoms)
