@@ -251,3 +251,38 @@ def test_loss_aware_keep_gradients_false_leaves_no_grad_and_same_scores():
     assert model.model.embed_tokens.weight.grad is None
     model(input_ids=input_ids, labels=input_ids).loss.backward()  # hooks are gone after the context
     assert model.model.embed_tokens.weight.grad is not None
+
+
+class TransposedWeightMlp(nn.Module):
+    """An MLP whose second layer is transformers' ``Conv1D`` (GPT-2's Linear, weight stored (in, out)) or
+    the nn.Linear with the transposed weight."""
+
+    def __init__(self, conv1d: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, linear = nn.Linear(8, 16), nn.Linear(16, 4)
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            self.down = Conv1D(4, 16)
+            with torch.no_grad():
+                self.down.weight.copy_(linear.weight.T)
+                self.down.bias.copy_(linear.bias)
+        else:
+            self.down = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("method", ["wanda", "flap"])
+def test_gpt2_conv1d_consumers_score_as_the_linear_they_are(method):
+    pytest.importorskip("transformers")
+    x = torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(1))
+    scores = []
+    for conv1d in (True, False):
+        ir = PruningIR(TransposedWeightMlp(conv1d))
+        with ActivationCriterion(ir, method=method) as collector:
+            collector(x)
+        scores.append(next(g for g in ir.groups if g.prunable).scores)
+    assert np.count_nonzero(scores[0]) == 16
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-6)

@@ -33,13 +33,23 @@ class _Consumer:
     name: str
     module: nn.Module
     classes: np.ndarray
+    input_dim: int = 1                    # the weight's input dimension: 0 for transformers' Conv1D
     count: float = 0.0
     sums: torch.Tensor | None = None      # float64 (2, channels): sum x, sum x^2
     handle: Any = field(default=None, repr=False)
 
 
+def _input_dim(module: nn.Module) -> int | None:
+    """The input dimension of a consumer's weight: 1 for Linear and dense convolutions, 0 for GPT-2's
+    ``Conv1D`` (a Linear storing its weight (in, out)); None for any other module."""
+    if isinstance(module, _CONSUMERS) and getattr(module, "groups", 1) == 1:
+        return 1
+    weight = getattr(module, "weight", None)
+    return 0 if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
 def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _input_dim(module) == 0:
         return x.dim() - 1
     return 1 if x.dim() == module.weight.dim() else 0  # batched or unbatched conv input
 
@@ -145,29 +155,31 @@ class ActivationCriterion(Criterion):
         model: nn.Module = self.ir.model
         labels = self.index.label_mask()
         names = {id(p): name for name, p in model.named_parameters()}
-        readers: dict[str, list[tuple[str, nn.Module]]] = {}
+        readers: dict[str, list[tuple[str, nn.Module, int]]] = {}
         for module_name, module in model.named_modules():
-            if isinstance(module, _CONSUMERS) and getattr(module, "groups", 1) == 1:
+            input_dim = _input_dim(module)
+            if input_dim is not None:
                 weight = getattr(module, "weight", None)
                 if isinstance(weight, torch.Tensor) and id(weight) in names:
-                    readers.setdefault(names[id(weight)], []).append((module_name, module))
+                    readers.setdefault(names[id(weight)], []).append((module_name, module, input_dim))
         consumers: dict[str, _Consumer] = {}
         covered = np.zeros(self.index.class_count, dtype=bool)
         for binding in self.index.parameter_bindings:
-            if binding.target.dim != 1 or binding.target.name not in readers:
+            if binding.target.name not in readers:
                 continue
             classes = np.asarray(binding.classes)
             if not labels[classes].any():
                 continue
-            for module_name, module in readers[binding.target.name]:
-                if module_name not in consumers and len(classes) == module.weight.shape[1]:
-                    consumers[module_name] = _Consumer(module_name, module, classes)
+            for module_name, module, input_dim in readers[binding.target.name]:
+                if binding.target.dim == input_dim and module_name not in consumers \
+                        and len(classes) == module.weight.shape[input_dim]:
+                    consumers[module_name] = _Consumer(module_name, module, classes, input_dim)
                     covered[classes] = True
         self._consumers = list(consumers.values())
         uncovered = int((labels & ~covered).sum())
         if uncovered:
-            self._warn_once("uncovered", f"ActivationCriterion: {uncovered} labels are read by no Linear or Conv "
-                            "module (an F.linear, a matmul, a model output); they score 0")
+            self._warn_once("uncovered", f"ActivationCriterion: {uncovered} labels are read by no Linear, Conv or "
+                            "Conv1D module (an F.linear, a matmul, a model output); they score 0")
         if hook:
             for consumer in self._consumers:
                 consumer.handle = consumer.module.register_forward_pre_hook(self._hook(consumer), with_kwargs=True)
@@ -181,7 +193,7 @@ class ActivationCriterion(Criterion):
         return pre_hook
 
     def _accumulate(self, consumer: _Consumer, x: torch.Tensor) -> None:
-        channels = consumer.module.weight.shape[1]
+        channels = consumer.module.weight.shape[consumer.input_dim]
         dim = _channel_dim(consumer.module, x)
         if x.dim() == 0 or x.shape[dim] != channels:
             self._warn_once("shape", f"ActivationCriterion: the input of {consumer.name} does not have "
@@ -207,12 +219,12 @@ class ActivationCriterion(Criterion):
         parts = []
         for consumer in self._consumers:
             sums = consumer.sums.cpu().numpy().ravel() if consumer.sums is not None \
-                else np.zeros(2 * consumer.module.weight.shape[1])
+                else np.zeros(2 * consumer.module.weight.shape[consumer.input_dim])
             parts += [np.array([consumer.count]), sums]
         packed = all_reduce_sum(np.concatenate(parts)) if parts else np.zeros(0)
         offset = 0
         for consumer in self._consumers:
-            channels = consumer.module.weight.shape[1]
+            channels = consumer.module.weight.shape[consumer.input_dim]
             consumer.count = float(packed[offset])
             sums = torch.as_tensor(packed[offset + 1:offset + 1 + 2 * channels].reshape(2, channels).copy())
             consumer.sums = sums.to(consumer.module.weight.device)
@@ -222,7 +234,7 @@ class ActivationCriterion(Criterion):
     def _column_terms(self, consumer: _Consumer) -> torch.Tensor:
         """Per input channel of ``consumer``: its score term (float64)."""
         weight = consumer.module.weight.detach()
-        dims = [d for d in range(weight.dim()) if d != 1]
+        dims = [d for d in range(weight.dim()) if d != consumer.input_dim]
         count = max(consumer.count, 1.0)
         first, second = consumer.sums.to(weight.device)
         if self.method == "wanda":
