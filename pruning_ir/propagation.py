@@ -260,6 +260,11 @@ def pin_compared_counts(state: PropagationState, traced: TracedGraph) -> None:
     module attribute or another channel count, follows pruning and pins nothing."""
     for comparison in traced.comparisons:
         other = comparison.other
+        if comparison.symbol == "float":   # float(C), math.sqrt(C): the count became a number
+            for _, _, atoms in state.channel_reads(comparison.size):
+                state.atoms.mark_inexact(atoms, f"Python in '{comparison.module_path or '<model>'}' turns their count "
+                                                "into a float (math.sqrt, float()): removing one changes it")
+            continue
         if isinstance(other, AttributeInt) or (comparison.symbol in ("==", "!=") and other == 0):
             continue
         reads = state.channel_reads(comparison.size)

@@ -264,6 +264,17 @@ for _name, _symbol in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("e
     setattr(ShapeInt, f"__{_name}__", _comparison(_name, _symbol))
 
 
+def _as_float(self: ShapeInt) -> float:
+    """``float(size)``, ``math.sqrt(size)``: a channel count becomes a plain number no operator follows;
+    reported to the listening recorder as the use ``"float"`` (propagation marks those channels inexact)."""
+    if _LISTENERS:
+        _LISTENERS[-1]("float", self, None)
+    return float(int(self))
+
+
+ShapeInt.__float__ = _as_float
+
+
 @contextlib.contextmanager
 def comparisons_to(listener: Callable[[str, ShapeInt, Any], None]) -> Iterator[None]:
     """Report every comparison of a :class:`ShapeInt` with a number to ``listener(symbol, size, other)``

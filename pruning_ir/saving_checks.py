@@ -42,7 +42,7 @@ KNOWN_SIZE_ATTRIBUTES: tuple[tuple[tuple[type, ...], tuple[str, ...]], ...] = (
     (FEATURE_NORMS, ("num_features",)),
     ((nn.GroupNorm,), ("num_channels", "num_groups")),
     (LAYER_NORMS, ("normalized_shape",)),
-    ((nn.Embedding,), ("embedding_dim",)),
+    ((nn.Embedding, nn.EmbeddingBag), ("embedding_dim",)),
     ((nn.MultiheadAttention,), ("embed_dim", "kdim", "vdim", "num_heads", "head_dim")),
     ((nn.PReLU,), ("num_parameters",)),
     ((nn.RNNBase,), ("input_size",)),
@@ -325,7 +325,7 @@ def _expected_shapes(module: nn.Module, value: Callable[[str], Any]) -> tuple[tu
     if isinstance(module, LAYER_NORMS):
         shape = list(value("normalized_shape"))
         return ("normalized_shape",), {"weight": shape, "bias": shape}
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return ("num_embeddings", "embedding_dim"), {"weight": [value("num_embeddings"), value("embedding_dim")]}
     if isinstance(module, nn.PReLU):
         return ("num_parameters",), {"weight": [value("num_parameters")]}

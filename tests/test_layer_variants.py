@@ -6,6 +6,7 @@ can reach. Each either prunes exactly, saves and loads, or is kept and reported,
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -482,3 +483,80 @@ def test_a_split_size_of_a_module_without_those_channels_is_saved_and_loaded(tmp
     loaded = load_pruned(partial_conv_net(), tmp_path)
     assert loaded[2].dim_untouched == pruned[2].dim_untouched
     torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
+
+
+class ModulatedConv(nn.Module):
+    """StyleGAN2's modulated convolution: a per-sample kernel, grouped by sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.style = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(4, 8)
+        self.weight = nn.Parameter(torch.randn(1, 8, 8, 3, 3) * 0.2)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        b = h.shape[0]
+        kernel = (self.weight * self.style(w)[:, None, :, None, None]).view(b * 8, 8, *self.weight.shape[3:])
+        h = F.conv2d(h.reshape(1, b * 8, *h.shape[2:]), kernel, padding=1, groups=b).view(b, 8, *h.shape[2:])
+        return self.head(h)
+
+
+def test_a_per_sample_kernel_keeps_its_spatial_size():
+    ir = PruningIR(ModulatedConv().eval()).infer_labels(torch.randn(2, 3, 6, 6), torch.randn(2, 4))
+    kernel_dims = [g for g in ir.groups if {"weight[3]", "weight[4]"} & set(g.parameters)]
+    assert kernel_dims and not any(g.prunable for g in kernel_dims)
+    assert all("spatial size is kept" in g.unprunable_reasons[0] for g in kernel_dims)
+
+
+class SqrtScaled(nn.Module):
+    """``x / math.sqrt(x.shape[1])``: the count turned into a float, where no operator follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h / math.sqrt(h.shape[1]))
+
+
+def test_a_channel_count_through_math_sqrt_makes_its_channels_inexact():
+    ir = PruningIR(SqrtScaled().eval()).infer_labels(torch.randn(2, 3, 6, 6))
+    group = next(g for g in ir.groups if "a.weight[0]" in g.parameters)
+    assert group.prunable and not group.exact and "into a float" in group.inexact_reasons[0]
+
+
+@pytest.mark.parametrize("norm", [nn.InstanceNorm2d(8), nn.GroupNorm(2, 8, affine=False)], ids=["instance", "group"])
+def test_norms_without_parameters_follow_the_pruning(norm):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(), nn.Conv2d(8, 2, 1)).eval(), \
+        torch.randn(2, 3, 6, 6)
+    ir = PruningIR(model).infer_labels(x)
+    group = next(g for g in ir.groups if "0.weight[0]" in g.parameters)
+    assert group.prunable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # InstanceNorm warns on every call when num_features is stale
+        pruned = ir.prune(labels=group.labels[:len(group.labels) // 2]).model
+        pruned(x)
+    size = pruned[1].num_features if isinstance(norm, nn.InstanceNorm2d) else pruned[1].num_channels
+    assert size == pruned[0].out_channels < 8
+
+
+class BagNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag, self.fc, self.out = nn.EmbeddingBag(20, 16, mode="sum"), nn.Linear(16, 8), nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.bag(ids, offsets))))
+
+
+def test_an_embedding_bag_prunes_its_columns_exactly_and_saves(tmp_path):
+    torch.manual_seed(0)
+    ids, offsets = torch.randint(0, 20, (10,)), torch.tensor([0, 4, 7])
+    _, pruned, _ = assert_exact_pruning(BagNet(), ids, offsets)
+    assert pruned.model.bag.embedding_dim == pruned.model.bag.weight.shape[1] < 16
+    save_pruned(pruned.model, tmp_path)
+    torch.manual_seed(0)
+    torch.testing.assert_close(load_pruned(BagNet(), tmp_path)(ids, offsets), pruned.model(ids, offsets), atol=0, rtol=0)

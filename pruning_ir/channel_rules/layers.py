@@ -43,9 +43,16 @@ def _conv_arguments(ctx: RuleContext) -> tuple:
     return source, weight, bias, ctx.argument(6, "groups", 1), ctx.layout(source), channel_dim
 
 
+def keep_kernel_size(ctx: RuleContext, weight) -> None:
+    """A kernel's spatial dims are its size, never channels (a weight computed in forward may give them atoms)."""
+    for dim in range(2, len(ctx.shape(weight))):
+        ctx.pin(ctx.atoms_of(weight, dim), "a kernel's spatial size is kept")
+
+
 @channel_rule("conv1d", "conv2d", "conv3d")
 def convolution(ctx: RuleContext) -> TensorLayout:
     source, weight, bias, groups, layout, channel_dim = _conv_arguments(ctx)
+    keep_kernel_size(ctx, weight)
     out_channels, in_per_group = ctx.shape(weight)[:2]
     in_channels = ctx.shape(source)[channel_dim]
     out_atoms = ctx.atoms_of(weight, 0)  # None: a single output channel, or a weight without identity
@@ -85,6 +92,7 @@ def convolution(ctx: RuleContext) -> TensorLayout:
 @channel_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def transposed_convolution(ctx: RuleContext) -> TensorLayout:
     source, weight, bias, groups, layout, channel_dim = _conv_arguments(ctx)
+    keep_kernel_size(ctx, weight)
     out_dims = [None] * len(ctx.out_shape)
     if groups != 1:
         ctx.pin_layout(layout, "grouped transposed convolutions are not pruned")
@@ -229,6 +237,11 @@ def normalization(ctx: RuleContext, parameters: tuple, dead_is_zero: bool) -> Te
             anchor = anchor or value
     if anchor is not None:
         bind_sizes(ctx, anchor, num_features=atoms)
+    else:   # no parameter or statistic (InstanceNorm2d's default): the norm module running this op
+        owner = next(((path, m) for path, m in ctx.enclosing_modules()
+                      if isinstance(m, nn.modules.batchnorm._NormBase)), None)
+        if owner is not None and owner[0] == ctx.module_path:
+            ctx.bind_attribute(owner[0], "num_features", atoms)
     return TensorLayout(layout.dims, dead_is_zero)
 
 
@@ -259,7 +272,8 @@ def group_norm(ctx: RuleContext) -> TensorLayout | None:
     for value in (weight, bias):
         if isinstance(value, fx.Node):
             ctx.union(atoms, ctx.atoms_of(value, 0))
-    owner = ctx.owner_module(weight) if isinstance(weight, fx.Node) else None
+    owner = ctx.owner_module(weight) if isinstance(weight, fx.Node) else \
+        next(((path, m) for path, m in ctx.enclosing_modules() if path == ctx.module_path), None)   # affine=False
     if owner is None or not isinstance(owner[1], nn.GroupNorm):   # a functional group_norm: its own count
         ctx.pin(atoms, "num_groups is an argument of a functional group_norm")
     else:
@@ -322,6 +336,15 @@ def embedding(ctx: RuleContext) -> TensorLayout:
     columns = ctx.atoms_of(weight, 1)
     bind_sizes(ctx, weight, embedding_dim=columns)
     return TensorLayout((None,) * len(ctx.shape(indices)) + (columns,))
+
+
+@channel_rule("embedding_bag")
+def embedding_bag(ctx: RuleContext) -> TensorLayout:
+    """``F.embedding_bag``: rows looked up and reduced per bag (sum, mean, max), each column on its own."""
+    weight = ctx.argument(1, "weight")
+    columns = ctx.atoms_of(weight, 1)
+    bind_sizes(ctx, weight, embedding_dim=columns)
+    return TensorLayout((None,) * (len(ctx.out_shape) - 1) + (columns,))
 
 
 @channel_rule("prelu")
