@@ -92,11 +92,14 @@ def propagate(model: nn.Module, traced: TracedGraph, gqa_unit: str = "query_head
 
 def mark_counted_attributes(state: PropagationState) -> None:
     """The channels a module attribute counts are inexact where ``forward`` also used that attribute as a
-    number (``h.view(B, self.hidden_dim) / self.hidden_dim``): pruning rewrites it, and the number changes."""
+    number (``h.view(B, self.hidden_dim) / self.hidden_dim``): pruning rewrites it, and the number changes;
+    and pinned where it also bounds a slice of a dim without channels (``h[:, :self.d]`` over time)."""
     for binding in state.attribute_bindings:
-        reason = state.counted_attributes.get((binding.module_path, binding.attribute))
-        if reason is not None:
-            state.atoms.mark_inexact(binding.atoms, reason)
+        key = (binding.module_path, binding.attribute)
+        if key in state.fixed_attributes:
+            state.atoms.pin(binding.atoms, state.fixed_attributes[key])
+        elif key in state.counted_attributes:
+            state.atoms.mark_inexact(binding.atoms, state.counted_attributes[key])
 
 
 def _size_relations(module: nn.Module) -> list[tuple[str, str, int, int | None]]:

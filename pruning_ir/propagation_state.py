@@ -32,6 +32,7 @@ class PropagationState:
         self.parameter_derived: set[fx.Node] = set()
         self.node_named: dict[str, fx.Node] = {}   # sizes name the node they were read from
         self.counted_attributes: dict[tuple[str, str], str] = {}   # (module path, attribute) used as a number
+        self.fixed_attributes: dict[tuple[str, str], str] = {}     # ... also sizing a dim without channels
 
     def parameter_atoms(self, name: str, dim: int) -> np.ndarray | None:
         """Atoms of one dimension of a parameter or buffer, made once (size-1 dims have none)."""

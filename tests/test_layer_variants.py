@@ -560,3 +560,21 @@ def test_an_embedding_bag_prunes_its_columns_exactly_and_saves(tmp_path):
     save_pruned(pruned.model, tmp_path)
     torch.manual_seed(0)
     torch.testing.assert_close(load_pruned(BagNet(), tmp_path)(ids, offsets), pruned.model(ids, offsets), atol=0, rtol=0)
+
+
+class SizeAndTimeSlice(nn.Module):
+    """``self.d`` sizes the channels of a view and bounds a slice over time: it cannot follow pruning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.d = nn.Linear(2, 8), nn.Linear(8, 3), 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)).reshape(x.shape[0], -1, self.d)
+        return self.b(h[:, :self.d])
+
+
+def test_an_attribute_that_also_bounds_a_slice_over_time_keeps_its_channels():
+    ir = PruningIR(SizeAndTimeSlice().eval()).infer_labels(torch.randn(2, 12, 2))
+    group = next(g for g in ir.groups if "a.weight[0]" in g.parameters)
+    assert not group.prunable and "d also bounds a slice of dim 1" in group.unprunable_reasons[0]

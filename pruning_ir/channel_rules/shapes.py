@@ -8,6 +8,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..channels import PINNED, TensorLayout, dim_atoms
+from ..recorded_ints import attributes_of
 from ..tracing import AttributeInt, ShapeInt
 from .attention import grouped_repeat, repeated_key_value
 from .registry import RuleContext, channel_rule
@@ -387,6 +388,9 @@ def index_layout(ctx: RuleContext, layout: TensorLayout, shape, index: tuple,
                 continue
             if not full:
                 ctx.pin(atoms, "sliced with fixed bounds")
+                for path, name in frozenset().union(*(attributes_of(b) for b in (item.start, item.stop))):
+                    ctx.state.fixed_attributes.setdefault((path, name), f"{ctx.where()}: {path + '.' if path else ''}"
+                                                          f"{name} also bounds a slice of dim {d}, which has no channels")
             dims.append(atoms if full else None)
         elif isinstance(item, fx.Node):
             ctx.pin(atoms, "indexed with a tensor")
