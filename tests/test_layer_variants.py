@@ -578,3 +578,28 @@ def test_an_attribute_that_also_bounds_a_slice_over_time_keeps_its_channels():
     ir = PruningIR(SizeAndTimeSlice().eval()).infer_labels(torch.randn(2, 12, 2))
     group = next(g for g in ir.groups if "a.weight[0]" in g.parameters)
     assert not group.prunable and "d also bounds a slice of dim 1" in group.unprunable_reasons[0]
+
+
+class Scan(nn.Module):
+    """A recurrent state made by ``torch.zeros(b, d)`` with ``d`` read from the input (a selective scan
+    written in plain torch): it carries the input's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 16), nn.Linear(16, 2)
+        self.decay = nn.Parameter(torch.rand(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.inp(x)
+        b, steps, d = u.shape
+        h, states = torch.zeros(b, d), []
+        for t in range(steps):
+            h = self.decay * h + u[:, t]
+            states.append(h)
+        return self.out(torch.stack(states, 1))
+
+
+def test_a_zero_state_sized_by_a_channel_count_keeps_those_channels_prunable():
+    torch.manual_seed(0)
+    _, pruned, _ = assert_exact_pruning(Scan(), torch.randn(2, 5, 4))
+    assert pruned.model.decay.shape[0] < 16

@@ -8,7 +8,7 @@ channels of its own along the dim sized by a module attribute, which prune() kee
 from __future__ import annotations
 
 from ..channels import TensorLayout
-from ..tracing import AttributeInt
+from ..tracing import AttributeInt, ShapeInt
 from .registry import RuleContext, channel_rule
 
 # Filled with one value everywhere (a removed channel of zeros is 0, so removing it is exact).
@@ -36,7 +36,8 @@ def _sizes(ctx: RuleContext) -> list:
 @channel_rule("zeros", "ones", "empty", "full", "rand", "randn")
 def filled(ctx: RuleContext) -> TensorLayout:
     """``torch.zeros(size)``: a dim sized by a module attribute (``self.n_heads``) gets channels of its
-    own, bound to that attribute so that it follows pruning; every other dim has no channel identity."""
+    own, bound to that attribute so that it follows pruning; a dim sized by a channel count read from a
+    tensor (a recurrent state ``zeros(b, x.shape[-1])``) has that tensor's channels; every other dim has none."""
     sizes = _sizes(ctx)
     dims: list = [None] * len(ctx.out_shape)
     if len(sizes) == len(dims):
@@ -44,4 +45,7 @@ def filled(ctx: RuleContext) -> TensorLayout:
             if isinstance(size, AttributeInt) and size > 1 and ctx.size_kind(size) == "attribute":
                 dims[d] = ctx.fresh(int(size))
                 ctx.size_follows(size, dims[d], f"the size of dim {d}", heads=True)
+            elif isinstance(size, ShapeInt) and size.origin is not None:   # zeros(b, x.shape[-1]): x's channels
+                reads = ctx.state.channel_reads(size)
+                dims[d] = reads[0][2] if len(reads) == 1 and len(reads[0][2]) == size else None
     return TensorLayout(tuple(dims), ctx.op in _ZERO_FILLED)
