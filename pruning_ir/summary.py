@@ -179,7 +179,7 @@ def describe_groups(model: nn.Module, index: ChannelIndex) -> str:
     for group in groups:
         status = "exact" if group.exact else "inexact"
         lines.append(f"group {group.id}: {len(group.classes)}/{group.channel_count} channels prunable "
-                     f"({status}); modules: {', '.join(group.modules[:6]) or '-'}"
+                     f"({status}); modules: {', '.join(m or '<model>' for m in group.modules[:6]) or '-'}"
                      f"{' ...' if len(group.modules) > 6 else ''}")
         lines.append(f"    parameters: {', '.join(group.parameters[:8]) or '-'}"
                      f"{' ...' if len(group.parameters) > 8 else ''}")
