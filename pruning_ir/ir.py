@@ -387,8 +387,9 @@ class PruningIR:
 
     def _check_usable(self) -> None:
         if self._consumed:
-            raise PruningIRError("this PruningIR was pruned with inplace=True; use the IR that prune() returned (if that "
-                                 "prune failed midway, its model is partly pruned: PruningIR(model) describes it anew)")
+            raise PruningIRError("this PruningIR was pruned with inplace=True; use the IR that prune() returned "
+                                 "(if that prune failed midway, its model is partly pruned: PruningIR(model) "
+                                 "describes it anew)")
 
     def _require_index(self) -> ChannelIndex:
         self._check_usable()

@@ -87,8 +87,9 @@ def prune(model: nn.Module, example_inputs: torch.Tensor | tuple, *, macs: float
                         "forward(model, batch) -> loss")
     for name, function in (("loss", loss), ("forward", forward)):
         if function is not None and not callable(function):
-            raise TypeError(f"{name}= must be a function ({'loss(model_output, targets)' if name == 'loss' else 'forward(model, batch)'}"
-                            f" -> scalar), got {type(function).__name__} {function!r}")
+            signature = "loss(model_output, targets)" if name == "loss" else "forward(model, batch)"
+            raise TypeError(f"{name}= must be a function ({signature} -> scalar), got {type(function).__name__} "
+                            f"{function!r}")
     if data is not None and iter(data) is data:
         raise TypeError("data must be re-iterable (a list or a DataLoader, not an iterator or generator): "
                         "it is read once per round and for the batch norms")

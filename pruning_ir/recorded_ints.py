@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ShapeInt", "ShapeFloat", "attributes_of", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints", "comparisons_to"]
+__all__ = ["ShapeInt", "ShapeFloat", "attributes_of", "AttributeInt", "AttributeTerms", "DerivedInt", "attribute_ints",
+           "comparisons_to"]
 
 # Listeners of ShapeInt comparisons (the active recorder's); only the innermost one hears them.
 _LISTENERS: list[Callable[[str, "ShapeInt", Any], None]] = []

@@ -214,8 +214,8 @@ def _write(model: nn.Module, plan: LoadPlan, state: dict[str, Any] | None) -> No
     new_data: list[tuple[torch.Tensor, torch.Tensor]] = []
     extra_state: dict[str, Any] = {}
     seen: set[int] = set()
-    tensors = {**model.state_dict(keep_vars=True), **{key: buffer for key, buffer in non_persistent_buffers(model).items()
-                                                       if key in state}} if state is not None else {}
+    buffers = {key: buffer for key, buffer in non_persistent_buffers(model).items() if state is not None and key in state}
+    tensors = {**model.state_dict(keep_vars=True), **buffers} if state is not None else {}
     for key, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             extra_state[key] = state[key]

@@ -1,5 +1,6 @@
 """RESULTS.md's sections 4b and 4d (measured-latency budgets from a latency table, on a CPU and a
-GPU) from the JSON that ``benchmarks/latency_table.py`` and ``benchmarks/latency_gpu.py`` write: rendering apart from measuring, so a stage rerun alone
+GPU) from the JSON that ``benchmarks/latency_table.py`` and ``benchmarks/latency_gpu.py`` write:
+rendering apart from measuring, so a stage rerun alone
 renders the whole section again."""
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def gpu_markdown(result: dict) -> str:
     settings, env = result["settings"], result["environment"]
     lines = ["## 4d. Latency budget on a GPU (issue 25)", "",
              f"`python benchmarks/latency_gpu.py` on {result['device']}, torch {env['torch']}, "
-             f"{result['seconds'] / 60:.0f} min. ResNet-50 and MobileNetV2 at their real widths, {settings['image']} px, "
+             f"{result['seconds'] / 60:.0f} min. ResNet-50 and MobileNetV2 at their real widths, "
+             f"{settings['image']} px, "
              f"magnitude scores, widths in multiples of {settings['step']}; `KnapsackLabelSelector(share x u, "
              "TableLatency(x, device=...))` with u the fastest of 3 calls on the unpruned model, checked on the real "
              "model and settled in the band (`settle_in_band`). Timings are CUDA events after a synchronisation. "

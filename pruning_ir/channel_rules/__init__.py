@@ -6,7 +6,8 @@ Where each op's rule lives:
 - ``shapes``: view/reshape/flatten, permute/transpose, expand/repeat, cat/stack, split/chunk, indexing.
 - ``factories``: new tensors: zeros_like and the like, torch.zeros/ones/full/empty/rand sized by module attributes.
 - ``spatial``: pooling, interpolate, pad, pixel shuffle, channel shuffle.
-- ``attention``: scaled_dot_product_attention, nn.MultiheadAttention, grouped-query attention's two units (``GQA_UNITS``).
+- ``attention``: scaled_dot_product_attention, nn.MultiheadAttention, grouped-query attention's two units
+  (``GQA_UNITS``).
 - ``recurrent``: LSTM/GRU/RNN.
 - ``complex_views``: view_as_complex/view_as_real (rotary embeddings in complex numbers).
 """
