@@ -27,7 +27,7 @@ HEAD_SIZE = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim
 MLP_UP = ("up_proj", "fc1", "c_fc", "dense_h_to_4h", "intermediate.dense", "w1", "wi", "wi_0", "fc_in", "lin1",
           "ffn", "intermediate_dense")  # GPT-J, DistilBERT, ALBERT, Wav2Vec2: the last four
 MLP_GATE_UP = ("gate_up_proj",)  # gate and up fused: twice the MLP width
-MLP_EXPERTS_DOWN = "experts.down_proj"  # Mixtral's experts in one parameter, (experts, hidden size, MLP width)
+MLP_EXPERTS_DOWN = "experts.down_proj"  # fused experts in one parameter (Mixtral, GPT-OSS)
 MLP_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "hidden_dim")
 KV_FIELDS = ("num_key_value_heads", "num_kv_heads")
 STACK_FIELDS = {"mlp": {"encoder": "encoder_ffn_dim", "decoder": "decoder_ffn_dim"}}  # one field per stack (BART)
@@ -117,8 +117,12 @@ def _layer_sizes(layer: nn.Module) -> list[dict[str, int]]:
     skip = attentions[0][0] if attentions else None
     up = _width(_find(layer, MLP_UP, skip=skip, linear=True)[1], "out")
     gate_up = _width(_find(layer, MLP_GATE_UP, skip=skip)[1], "out")
-    experts = next((int(p.shape[-1]) for name, p in layer.named_parameters() if name.endswith(MLP_EXPERTS_DOWN)
-                    and p.dim() == 3), None)  # fused experts: (experts, hidden size, MLP width)
+    down = next((p for name, p in layer.named_parameters() if name.endswith(MLP_EXPERTS_DOWN) and p.dim() == 3), None)
+    experts = None   # fused experts: (experts, hidden size, MLP width) as Mixtral, or (experts, MLP width, hidden)
+    if down is not None:
+        hidden = entries[0].get("hidden")
+        swapped = hidden is not None and down.shape[2] == hidden != down.shape[1]   # GPT-OSS's layout
+        experts = int(down.shape[1] if swapped else down.shape[2])
     if up or gate_up or experts:
         entries[0]["mlp"] = up or (gate_up // 2 if gate_up else experts)
     return entries

@@ -416,9 +416,10 @@ class PruningIR:
         if allow_empty_group:
             return
         removed = index.removal_mask(np.array([label.class_id for label in labels], dtype=np.int64))
-        emptied = index.emptied(removed)
-        if emptied is not None:
-            raise InvalidLabelsError(f"these labels would remove {emptied}; keep at least one label per group")
+        emptied, misaligned = index.emptied(removed), index.misaligned(removed)
+        if emptied is not None or misaligned is not None:
+            raise InvalidLabelsError(f"these labels would remove {emptied}; keep at least one label per group"
+                                     if emptied is not None else f"these labels would break a kernel: {misaligned}")
 
     # -- inspection -----------------------------------------------------------------------
     def describe(self) -> str:

@@ -298,6 +298,18 @@ class ChannelIndex:
                 return f"all {len(site.classes)} channels of the output of {site.node} in '{site.module_path}'"
         return None
 
+    def misaligned(self, removed: np.ndarray) -> str | None:
+        """A group a removal would leave at a width its kernel cannot run (``width_multiple``), if any."""
+        for group in self.groups:
+            dropped = int(removed[group.classes].sum())
+            kept = group.channel_count - dropped
+            if dropped and group.width_multiple > 1 and kept % group.width_multiple:
+                reasons = self.descriptions()[group.id].width_reasons
+                return (f"group {group.id} ({', '.join(group.modules[:2])}) would keep {kept} labels, but must keep a "
+                        f"multiple of {group.width_multiple} ({reasons[0] if reasons else 'a kernel needs it'}); every "
+                        "selector keeps it")
+        return None
+
     def without(self, removed: np.ndarray, pins: list[tuple[np.ndarray, str]] = ()) -> "ChannelIndex":
         """The index of the pruned model: every array keeps only the surviving positions;
         ``pins``: (classes, reason) pairs pinned from now on (groups prune() found it must keep)."""

@@ -171,6 +171,8 @@ def _checked_attribute(module: nn.Module, path: str, name: Any, value: Any, prun
         refuse("a private attribute is never a size")
     missing = object()
     current = getattr(module, name, missing)
+    if (current is missing or current is None) and is_size(value):
+        return False, None   # state forward writes (Funnel's seq_len, pooling_mult), not a size: left as built
     if current is missing:
         refuse("the module has no such attribute")
     if not is_size(current):

@@ -229,3 +229,28 @@ def test_biases_a_refit_created_round_trip_through_the_pruned_pair_given_the_ir(
     loaded = load_pretrained_pruned(T.AutoModelForCausalLM, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batches[1]).logits, pruned(batches[1]).logits, atol=0, rtol=0)
+
+
+def test_gpt_oss_experts_stored_the_other_way_round_are_read_right():
+    """GPT-OSS stores ``experts.down_proj`` as (experts, MLP width, hidden), Mixtral as (experts, hidden,
+    MLP width): the unpruned model is expressible, and its MLP width is read from the right axis."""
+    config = T.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=64, intermediate_size=48, head_dim=8,
+                            num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                            layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    model = seeded_build(lambda: T.GptOssForCausalLM(config))()
+    assert expressible(model) == (True, "")
+
+
+def test_labels_that_would_misalign_fused_experts_are_refused_before_anything_changes():
+    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64,
+                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
+    ir = PruningIR(model).infer_labels(torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)))
+    experts = next(g for g in ir.groups if g.prunable and g.width_multiple == 8)
+    from pruning_ir import InvalidLabelsError
+    with pytest.raises(InvalidLabelsError, match="must keep a multiple of 8"):
+        ir.prune(labels=experts.labels[:3])
+    assert ir.prune(labels=experts.labels[:8]).model(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 4, VOCAB)

@@ -603,3 +603,28 @@ def test_a_zero_state_sized_by_a_channel_count_keeps_those_channels_prunable():
     torch.manual_seed(0)
     _, pruned, _ = assert_exact_pruning(Scan(), torch.randn(2, 5, 4))
     assert pruned.model.decay.shape[0] < 16
+
+
+class RuntimeState(nn.Module):
+    """``torch.where(mask)`` (indices, as ``nonzero(as_tuple=True)``), and an int attribute that forward writes
+    (Funnel's ``seq_len``): neither is a size a saved model must restore."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.seq_len = nn.Linear(8, 16), nn.Linear(16, 8), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seq_len = x.shape[0]
+        h = torch.relu(self.a(x))
+        rows, = torch.where(x[:, 0] > 0)
+        return self.b(h).index_add(0, rows, torch.ones(len(rows), 8))
+
+
+def test_one_argument_where_and_state_written_by_forward(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    _, pruned, _ = assert_exact_pruning(RuntimeState(), x)
+    save_pruned(pruned.model, tmp_path)
+    torch.manual_seed(0)
+    fresh = RuntimeState()
+    torch.testing.assert_close(load_pruned(fresh, tmp_path)(x), pruned.model(x), atol=0, rtol=0)

@@ -91,7 +91,10 @@ def _dead_is_zero(ctx: RuleContext, value) -> bool:
 
 @channel_rule("add", "sub", "rsub", "radd", "subtract", "maximum", "minimum", "fmax", "fmin", "where",
               "lerp", "addcmul", "addcdiv")
-def additive(ctx: RuleContext) -> TensorLayout:
+def additive(ctx: RuleContext) -> TensorLayout | tuple | None:
+    if ctx.op == "where" and len(ctx.node.args) + len(ctx.node.kwargs) == 1:   # where(mask): nonzero's indices
+        ctx.pin_layout(ctx.layout(ctx.argument(0, "condition")), "where(mask) reads chosen positions")
+        return None
     operands = list(ctx.node.args) + [v for k, v in ctx.node.kwargs.items() if k in ("other", "input")]
     dims = broadcast(ctx, operands)
     count_operands(ctx, operands)
