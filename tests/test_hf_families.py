@@ -254,3 +254,21 @@ def test_labels_that_would_misalign_fused_experts_are_refused_before_anything_ch
     with pytest.raises(InvalidLabelsError, match="must keep a multiple of 8"):
         ir.prune(labels=experts.labels[:3])
     assert ir.prune(labels=experts.labels[:8]).model(torch.ones(1, 4, dtype=torch.long)).logits.shape == (1, 4, VOCAB)
+
+
+def test_removal_costs_of_fused_experts_are_measured_at_widths_their_kernel_runs():
+    from pruning_ir import measure_removal_costs
+    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64,
+                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    ir = PruningIR(model).infer_labels(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # no scores yet: measured in channel order, said once
+        curves = measure_removal_costs(ir, lambda m: m(ids, labels=ids).loss, points=4, verbose=False)
+    for curve in curves:
+        multiple = curve.group.width_multiple
+        counts = curve.removed_counts
+        assert len(counts) > 1 and all((curve.group.channel_count - n) % multiple == 0 for n in counts[1:]), counts

@@ -96,7 +96,7 @@ def measure_removal_costs(ir: PruningIR, loss_calculation_function: Callable[[nn
     if groups and not any(np.any(group[0].group.scores != 0) for group in groups):
         warnings.warn("measure_removal_costs: the IR has no scores, so each group is measured in channel order; "
                       "run a criterion first", RuntimeWarning, stacklevel=2)
-    plans = [(labels, _prefix_sizes(len(labels), points)) for labels in groups]
+    plans = [(labels, _prefix_sizes(len(labels), points, labels[0].group)) for labels in groups]
     progress = tqdm(total=1 + sum(len(sizes) - 1 for _, sizes in plans), desc="measuring removal costs",
                     disable=not verbose, leave=False)
     measure = _Measurement(loss_calculation_function, batchnorm_loader, progress)
@@ -142,9 +142,16 @@ class _Measurement:
         return value
 
 
-def _prefix_sizes(count: int, points: int) -> np.ndarray:
-    """0 and ``points`` evenly spaced prefix sizes up to ``count - 1`` (a group keeps one label)."""
-    return np.unique(np.rint(np.linspace(0, count - 1, points + 1)).astype(np.int64))
+def _prefix_sizes(count: int, points: int, group: DependencyGroup) -> np.ndarray:
+    """0 and ``points`` evenly spaced prefix sizes up to ``count - 1`` (a group keeps one label); for a
+    group whose kernel needs its width in multiples (``width_multiple``), the nearest sizes that keep one."""
+    sizes = np.rint(np.linspace(0, count - 1, points + 1)).astype(np.int64)
+    multiple = group.width_multiple
+    if multiple > 1:
+        offset = group.channel_count % multiple   # a size s keeps a multiple when s = offset (mod multiple)
+        sizes = offset + np.rint((sizes - offset) / multiple).astype(np.int64) * multiple
+        sizes = np.concatenate([[0], sizes[(sizes > 0) & (sizes <= count - 1)]])
+    return np.unique(sizes)
 
 
 def _measure_group(ir: PruningIR, labels: list[Label], sizes: np.ndarray, base: float,
