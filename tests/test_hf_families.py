@@ -182,16 +182,21 @@ def test_families_a_config_cannot_describe_warn_and_round_trip_through_the_prune
     torch.testing.assert_close(_output(loaded, inputs), _output(pruned, inputs), atol=1e-5, rtol=0)
 
 
+def _qwen2_moe(layers: int) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny Qwen2-MoE (its experts run through ``torch._grouped_mm``) and token ids."""
+    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, num_hidden_layers=layers, max_position_embeddings=64,
+                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
+                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
+    return model, torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
 def test_fused_experts_keep_aligned_widths_and_the_one_call_reaches_its_budget():
     """Qwen2-MoE runs its experts through ``torch._grouped_mm``, whose rows must stay 16-byte aligned:
     the groups its weights span keep multiples of 8 channels, so no selection breaks the kernel."""
     import pruning_ir
-    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                              num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
-                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
-                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
-    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
-    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    model, ids = _qwen2_moe(2)
     ir = PruningIR(model).infer_labels(ids)
     experts = [g for g in ir.groups if g.prunable and any(".experts." in p for p in g.parameters)]
     assert experts and all(g.width_multiple == 8 for g in experts)
@@ -243,12 +248,8 @@ def test_gpt_oss_experts_stored_the_other_way_round_are_read_right():
 
 
 def test_labels_that_would_misalign_fused_experts_are_refused_before_anything_changes():
-    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                              num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64,
-                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
-                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
-    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
-    ir = PruningIR(model).infer_labels(torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0)))
+    model, ids = _qwen2_moe(1)
+    ir = PruningIR(model).infer_labels(ids)
     experts = next(g for g in ir.groups if g.prunable and g.width_multiple == 8)
     from pruning_ir import InvalidLabelsError
     with pytest.raises(InvalidLabelsError, match="must keep a multiple of 8"):
@@ -258,12 +259,7 @@ def test_labels_that_would_misalign_fused_experts_are_refused_before_anything_ch
 
 def test_removal_costs_of_fused_experts_are_measured_at_widths_their_kernel_runs():
     from pruning_ir import measure_removal_costs
-    config = T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                              num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=64,
-                              moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4,
-                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
-    model = seeded_build(lambda: T.Qwen2MoeForCausalLM(config))()
-    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    model, ids = _qwen2_moe(1)
     ir = PruningIR(model).infer_labels(ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # no scores yet: measured in channel order, said once
