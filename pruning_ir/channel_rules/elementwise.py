@@ -7,7 +7,6 @@ import numbers
 import torch.fx as fx
 
 from ..channels import TensorLayout
-from ..recorded_ints import attributes_of
 from .registry import RuleContext, channel_rule
 
 # f(0) == 0: a dead (all-zero) channel stays dead through these.
@@ -77,9 +76,7 @@ def count_operands(ctx: RuleContext, operands: list) -> None:
         if not isinstance(value, fx.Node):
             for _, _, atoms in ctx.state.channel_reads(value):
                 ctx.mark_inexact(atoms, "their count is a number in this arithmetic: removing one changes it")
-            for path, name in attributes_of(value):   # ``h / self.hidden_dim``: marked once bindings are known
-                ctx.state.counted_attributes.setdefault((path, name), f"{ctx.where()}: {path + '.' if path else ''}"
-                                                        f"{name} is a number in this arithmetic and follows pruning")
+            ctx.note_attributes(value, "is a number in this arithmetic and follows pruning")   # h / self.hidden_dim
 
 
 def _dead_is_zero(ctx: RuleContext, value) -> bool:

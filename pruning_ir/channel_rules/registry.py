@@ -20,7 +20,7 @@ from torch import nn
 
 from ..channels import AttributeBinding, TensorLayout, owner_path
 from ..propagation_state import named_tensor
-from ..recorded_ints import AttributeTerms, DerivedInt
+from ..recorded_ints import AttributeTerms, DerivedInt, attributes_of
 from ..tracing import AttributeInt, ShapeInt
 
 if TYPE_CHECKING:
@@ -246,6 +246,14 @@ class RuleContext:
         """A kernel needs this dimension's width to stay a multiple of ``multiple`` (selectors keep it so)."""
         if atoms is not None:
             self.atoms.require_multiple(atoms, multiple, f"{self.where()}: {reason}")
+
+    def note_attributes(self, value: Any, reason: str, fixed: bool = False) -> None:
+        """The module attributes ``value`` was computed from are used here as a number (their channels
+        become inexact) or, ``fixed``, as the size of a dim without channels (pinned): applied once
+        propagation knows every binding of them (``propagation.mark_counted_attributes``)."""
+        uses = self.state.fixed_attributes if fixed else self.state.counted_attributes
+        for path, name in attributes_of(value):
+            uses.setdefault((path, name), f"{self.where()}: {path + '.' if path else ''}{name} {reason}")
 
     def mark_inexact(self, atoms: np.ndarray | None, reason: str) -> None:
         if atoms is not None:

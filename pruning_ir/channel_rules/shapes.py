@@ -8,7 +8,6 @@ import numpy as np
 import torch.fx as fx
 
 from ..channels import PINNED, TensorLayout, dim_atoms
-from ..recorded_ints import attributes_of
 from ..tracing import AttributeInt, ShapeInt
 from .attention import grouped_repeat, repeated_key_value
 from .registry import RuleContext, channel_rule
@@ -388,9 +387,8 @@ def index_layout(ctx: RuleContext, layout: TensorLayout, shape, index: tuple,
                 continue
             if not full:
                 ctx.pin(atoms, "sliced with fixed bounds")
-                for path, name in frozenset().union(*(attributes_of(b) for b in (item.start, item.stop))):
-                    ctx.state.fixed_attributes.setdefault((path, name), f"{ctx.where()}: {path + '.' if path else ''}"
-                                                          f"{name} also bounds a slice of dim {d}, which has no channels")
+                for bound in (item.start, item.stop):
+                    ctx.note_attributes(bound, f"also bounds a slice of dim {d}, which has no channels", fixed=True)
             dims.append(atoms if full else None)
         elif isinstance(item, fx.Node):
             ctx.pin(atoms, "indexed with a tensor")
